@@ -1,0 +1,1 @@
+"""novelty: choose which unlabeled images to label next."""

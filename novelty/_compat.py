@@ -1,0 +1,73 @@
+"""Environment workarounds, each explained. Import this before open_clip or timm.
+
+torchvision on a CPU-only torch
+-------------------------------
+On machines without CUDA we pin the CPU build of torch (see ``constraints.txt``), but
+the only torchvision wheels published for torch 2.13 are CUDA builds. Their compiled
+ops (``torchvision._C``) cannot load on the CPU torch, and ``import torchvision`` then
+dies in ``torchvision/_meta_registrations.py``::
+
+    RuntimeError: operator torchvision::nms does not exist      (pytorch/vision#9085)
+
+because it registers fake kernels for ops whose schemas only the compiled library
+defines. open_clip (and timm) import torchvision for its pure-Python transforms, which
+is all novelty needs: we never call nms or roi_align.
+
+``import_torchvision`` acts only on that exact error. It then defines placeholder
+schemas for the ops that module registers fakes for (``nms``, ``qnms``) through
+``torch.library`` and imports again. The placeholders have no kernel: calling them
+raises torch's own "no kernel" error rather than computing anything wrong. A machine
+whose torchvision loads (any CUDA torch, or a matching CPU pair) never reaches that
+branch, and any other import error is raised unchanged.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import sys
+
+log = logging.getLogger(__name__)
+
+# Schemas as torchvision's csrc/ops/*.cpp declares them.
+_PLACEHOLDER_SCHEMAS = {
+    "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+}
+_MISSING_OP = re.compile(r"operator torchvision::(\w+) does not exist")
+_placeholder_lib = None  # keep the Library alive: dropping it unregisters the schemas
+patched = False  # True once the placeholder branch ran in this process
+
+
+def _forget_partial_import() -> None:
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+
+
+def import_torchvision():
+    """Import torchvision, working around a CPU torch paired with a CUDA torchvision."""
+    global _placeholder_lib, patched
+    try:
+        import torchvision
+        return torchvision
+    except RuntimeError as e:
+        m = _MISSING_OP.search(str(e))
+        if m is None or m.group(1) not in _PLACEHOLDER_SCHEMAS:
+            raise
+        import torch
+
+        _forget_partial_import()
+        if _placeholder_lib is None:
+            _placeholder_lib = torch.library.Library("torchvision", "DEF")
+            for schema in _PLACEHOLDER_SCHEMAS.values():
+                _placeholder_lib.define(schema)
+        patched = True
+        log.debug("torchvision's compiled ops did not load (%s); placeholder schemas defined", e)
+        import torchvision
+        return torchvision
+
+
+def import_open_clip():
+    """Import open_clip after making sure torchvision imports."""
+    import_torchvision()
+    import open_clip
+    return open_clip

@@ -1,0 +1,167 @@
+"""open_clip encoders: create from a pretrained tag, a local weights file or random
+weights; encode image batches and text to L2-normalised float32 vectors."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import EncoderCfg
+from .errors import ConfigError, EncoderError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device")
+    return device
+
+
+def register_model_config(model: str) -> str:
+    """`--model` may be a JSON model config file (open_clip's format); register it and
+    return the name open_clip knows it by (the file's stem)."""
+    if model.endswith(".json"):
+        path = Path(model)
+        if not path.is_file():
+            raise ConfigError(f"model config {model} does not exist")
+        from ._compat import import_open_clip
+
+        import_open_clip().add_model_config(path)
+        return path.stem
+    return model
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_weights(model: str, pretrained: str) -> tuple[str | None, dict]:
+    """-> (value for open_clip, manifest record). Validates before anything is fetched."""
+    from ._compat import import_open_clip
+
+    oc = import_open_clip()
+    if model not in oc.list_models():
+        raise ConfigError(f"unknown open_clip model {model!r}; see `python -c 'import open_clip; print(open_clip.list_models())'`")
+    tags = oc.list_pretrained_tags_by_model(model)
+    if pretrained.lower() == "none":
+        return None, {"pretrained": "none"}
+    if pretrained == "auto":
+        laion = [t for t in tags if t.startswith("laion")]
+        # the best-known LAION tag first (laion2b_s34b_b79k for ViT-B-32)
+        preferred = sorted(laion, key=lambda t: (not t.startswith("laion2b_s"), t)) or list(tags)
+        if not preferred:
+            raise ConfigError(f"model {model!r} has no pretrained tag; pass --pretrained FILE or --pretrained none")
+        pretrained = preferred[0]
+    path = Path(pretrained).expanduser()
+    if path.suffix in WEIGHT_SUFFIXES or os.sep in pretrained:
+        if not path.is_file():
+            raise ConfigError(f"weights file {pretrained} does not exist")
+        return str(path), {"pretrained": str(path.resolve()), "weights_sha256": _sha256(path)}
+    if pretrained not in tags:
+        raise ConfigError(f"{pretrained!r} is neither a weights file nor a pretrained tag of {model}; tags: {', '.join(tags) or 'none'}")
+    return pretrained, {"pretrained": pretrained}
+
+
+@dataclass
+class Encoder:
+    model: object
+    tokenizer: object
+    preprocess: object
+    device: str
+    image_size: int
+    info: dict = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.info["dim"])
+
+    def encode_images(self, batch) -> np.ndarray:
+        """[b, 3, H, W] tensor -> [b, dim] float32, unit rows."""
+        import torch
+
+        with torch.inference_mode():
+            x = batch.to(self.device, non_blocking=True)
+            if self.device == "cuda":
+                x = x.half()
+            f = self.model.encode_image(x).float()
+            f = torch.nn.functional.normalize(f, dim=-1)
+        return f.cpu().numpy()
+
+    def encode_text(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            tokens = self.tokenizer(texts).to(self.device)
+            f = torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        return f.cpu().numpy()
+
+
+def create_encoder(cfg: EncoderCfg) -> Encoder:
+    """Build the open_clip model. Weights that cannot be fetched give a one-line
+    EncoderError that says how to pass a local file."""
+    import torch
+
+    from ._compat import import_open_clip
+
+    oc = import_open_clip()
+    model_name = register_model_config(cfg.model)
+    device = resolve_device(cfg.device)
+    weights, record = resolve_weights(model_name, cfg.pretrained)
+    try:
+        model, _, preprocess = oc.create_model_and_transforms(
+            model_name, pretrained=weights, device=device, precision="fp16" if device == "cuda" else "fp32"
+        )
+    except RuntimeError as e:
+        if "download" in str(e).lower() or "offline" in str(e).lower() or "connect" in str(e).lower():
+            raise EncoderError(
+                f"could not fetch weights {weights!r} for {model_name} (no network?); on a machine without internet "
+                f"download open_clip_pytorch_model.bin elsewhere and pass --pretrained /path/to/it"
+            ) from e
+        raise EncoderError(f"could not create {model_name} with weights {weights!r}: {e}") from e
+    except (OSError, ValueError, KeyError) as e:
+        raise EncoderError(f"could not load weights {weights!r} into {model_name}: {type(e).__name__}: {e}") from e
+    model.eval()
+    pcfg = model.visual.preprocess_cfg
+    size = pcfg["size"]
+    image_size = int(max(size) if isinstance(size, (tuple, list)) else size)
+    with torch.inference_mode():
+        probe = torch.zeros(1, 3, image_size, image_size, device=device, dtype=torch.float16 if device == "cuda" else None)
+        dim = int(model.encode_image(probe).shape[-1])
+    info = {
+        "kind": "open_clip",
+        "model": model_name,
+        **record,
+        "dim": dim,
+        "preprocess": {k: (list(v) if isinstance(v, tuple) else v) for k, v in pcfg.items()},
+    }
+    return Encoder(model, oc.get_tokenizer(model_name), preprocess, device, image_size, info)
+
+
+def library_versions() -> dict:
+    """Versions of what produced the vectors, for the manifest."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("novelty", "torch", "open_clip_torch", "faiss-cpu", "faiss-gpu-cu12", "numpy", "pillow"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out

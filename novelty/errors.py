@@ -1,0 +1,49 @@
+"""Errors by kind. The CLI turns each into a one-line message and its exit code."""
+
+
+class NoveltyError(Exception):
+    """Base class: anything novelty raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(NoveltyError):
+    """A bad argument or option value; the message names the value."""
+
+    exit_code = 2
+
+
+class SourceError(NoveltyError):
+    """A missing or empty image source."""
+
+    exit_code = 2
+
+
+class IndexMissingError(NoveltyError):
+    """No index at the given directory."""
+
+    exit_code = 3
+
+
+class IndexMismatchError(NoveltyError):
+    """Vectors from another model or dimension than the index holds."""
+
+    exit_code = 3
+
+
+class EncoderError(NoveltyError):
+    """The encoder could not be created (unknown model, weights unreachable)."""
+
+    exit_code = 4
+
+
+class ModelError(NoveltyError):
+    """A detector/segmenter spec that cannot be loaded or used."""
+
+    exit_code = 4
+
+
+class InputError(NoveltyError):
+    """A data file (vectors, ids, scores, selection) that is malformed."""
+
+    exit_code = 2

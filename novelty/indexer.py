@@ -1,0 +1,129 @@
+"""build-index: scan sources into the catalog, embed what is pending shard by shard,
+then refresh the FAISS index. The shard is the unit of work: `embed_shards` runs in
+process here, and a distributed runner can hand disjoint id ranges to workers that
+call `Store.commit_shard` themselves."""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import sources, vectors
+from .config import BuildCfg
+from .encoder import Encoder, create_encoder, library_versions
+from .reader import make_loader
+from .store import CATALOG, Store, create_store
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]  # called with the number of images just finished
+
+
+@dataclass
+class BuildSummary:
+    scanned: int = 0
+    new: int = 0
+    changed: int = 0
+    moved: int = 0
+    unchanged: int = 0
+    embedded: int = 0
+    failed: int = 0
+    failed_by_reason: dict = field(default_factory=dict)
+    duplicate_groups: int = 0
+    duplicate_images: int = 0
+    shards: int = 0
+    seconds: float = 0.0  # the whole run
+    embed_seconds: float = 0.0  # reading + encoding + committing shards
+
+    @property
+    def rate(self) -> float:
+        return (self.embedded + self.failed) / self.embed_seconds if self.embed_seconds > 0 else 0.0
+
+
+def reason_kind(reason: str) -> str:
+    return reason.split(":", 1)[0]
+
+
+def embed_shards(
+    store: Store,
+    encoder: Encoder,
+    ids: np.ndarray,
+    cfg: BuildCfg,
+    progress: Progress | None = None,
+) -> tuple[int, Counter, int]:
+    """Embed `ids` and commit them shard by shard. -> (embedded, failures by kind, shards).
+
+    Shards close on batch boundaries, at cfg.shard_size images or cfg.shard_seconds,
+    so a resumed run sees the same batches as an uninterrupted one."""
+    loader = make_loader(str(store.root / CATALOG), ids, encoder.preprocess, encoder.image_size, cfg.reader, encoder.device)
+    buf_ids: list[int] = []
+    buf_vecs: list[np.ndarray] = []
+    buf_hash: list[str] = []
+    buf_fail: list[tuple[int, str, str | None]] = []
+    embedded, shards, failed = 0, 0, Counter()
+    opened = time.monotonic()
+
+    def flush():
+        nonlocal embedded, shards, opened
+        if buf_ids or buf_fail:
+            vecs = np.concatenate(buf_vecs) if buf_vecs else np.empty((0, encoder.dim), np.float32)
+            if store.commit_shard(buf_ids, vecs, buf_hash, buf_fail):
+                shards += 1
+            embedded += len(buf_ids)
+            failed.update(reason_kind(r) for _, r, _ in buf_fail)
+        buf_ids.clear(), buf_vecs.clear(), buf_hash.clear(), buf_fail.clear()
+        opened = time.monotonic()
+
+    for batch_ids, batch, hashes, failures in loader:
+        if batch is not None:
+            buf_vecs.append(encoder.encode_images(batch))
+            buf_ids.extend(batch_ids)
+            buf_hash.extend(hashes)
+        buf_fail.extend(failures)
+        if progress:
+            progress(len(batch_ids) + len(failures))
+        if len(buf_ids) + len(buf_fail) >= cfg.shard_size or time.monotonic() - opened >= cfg.shard_seconds:
+            flush()
+    flush()
+    return embedded, failed, shards
+
+
+def build_index(
+    root: Path,
+    labeled: Sequence[Path],
+    unlabeled: Sequence[Path],
+    cfg: BuildCfg,
+    progress_factory: Callable[[int], Progress] | None = None,
+) -> BuildSummary:
+    """Scan, embed what is new or changed, refresh the FAISS index. Safe to re-run."""
+    t0 = time.monotonic()
+    sources.check_sources([*labeled, *unlabeled])
+    encoder = create_encoder(cfg.encoder)  # fails fast on a bad model or weights, before any write
+    with create_store(root) as store:
+        store.check_encoder(encoder.info, encoder.dim)
+        store.update_manifest(versions=library_versions())
+        run = store.start_run("build", {"labeled": [str(p) for p in labeled], "unlabeled": [str(p) for p in unlabeled],
+                                        "cfg": asdict(cfg)})
+        counts = store.sync_sources(sources.scan(labeled, unlabeled), retry_failed=cfg.retry_failed)
+        pending = store.pending_ids()
+        s = BuildSummary(scanned=counts["scanned"], new=counts["new"], changed=counts["changed"], moved=counts["moved"])
+        s.unchanged = s.scanned - s.new - s.changed
+        log.info("%d images scanned: %d new, %d changed, %d to embed", s.scanned, s.new, s.changed, len(pending))
+        progress = progress_factory(len(pending)) if progress_factory and len(pending) else None
+        t1 = time.monotonic()
+        s.embedded, failed, s.shards = embed_shards(store, encoder, pending, cfg, progress)
+        s.embed_seconds = time.monotonic() - t1
+        failed.update(reason_kind(r) for r in counts["failed_at_scan"])  # missing, unreadable
+        s.failed_by_reason = dict(failed.most_common())
+        s.failed = sum(failed.values())
+        s.duplicate_groups, s.duplicate_images = store.duplicate_hashes()
+        if store.vectors_version and not vectors.is_current(store):
+            vectors.build(store)
+        s.seconds = time.monotonic() - t0
+        store.finish_run(run, asdict(s))
+    return s

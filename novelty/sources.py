@@ -1,0 +1,81 @@
+"""Turn SRC arguments into image records: a directory (scanned recursively), a list
+file (one path per line, relative paths against the list's folder), or one image."""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from .config import IMAGE_EXTENSIONS
+from .errors import SourceError
+from .store import ImageRecord
+
+log = logging.getLogger(__name__)
+
+
+def _record(path: str, split: str) -> ImageRecord:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return ImageRecord(path, split, -1, 0.0, "not found")
+    except OSError as e:
+        return ImageRecord(path, split, -1, 0.0, f"unreadable: {type(e).__name__}: {e.strerror or e}")
+    if not os.path.isfile(path):
+        return ImageRecord(path, split, -1, 0.0, "not a file")
+    return ImageRecord(path, split, st.st_size, st.st_mtime)
+
+
+def _walk(root: Path) -> Iterator[str]:
+    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: log.warning("cannot list %s: %s", e.filename, e)):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                yield os.path.join(dirpath, name)
+
+
+def _read_list(list_file: Path) -> Iterator[str]:
+    base = list_file.parent
+    try:
+        with open(list_file, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    yield str(base / line) if not os.path.isabs(line) else line
+    except UnicodeDecodeError:
+        raise SourceError(f"{list_file} is not a directory, an image, or a UTF-8 list of image paths") from None
+
+
+def iter_source(src: Path, split: str) -> Iterator[ImageRecord]:
+    """Records for one SRC. Raises SourceError when it is missing or holds no image."""
+    src = Path(src)
+    if not src.exists():
+        raise SourceError(f"source {src} does not exist")
+    if src.is_dir():
+        paths: Iterator[str] = _walk(src)
+    elif src.suffix.lower() in IMAGE_EXTENSIONS:
+        paths = iter([str(src)])
+    else:
+        paths = _read_list(src)
+    n = 0
+    for p in paths:
+        n += 1
+        yield _record(os.path.abspath(p), split)
+    if n == 0:
+        kind = "directory" if src.is_dir() else "list file"
+        raise SourceError(f"{kind} {src} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+
+
+def scan(labeled: Sequence[Path], unlabeled: Sequence[Path]) -> Iterator[ImageRecord]:
+    """Records for every source of both splits."""
+    for src in labeled:
+        yield from iter_source(src, "labeled")
+    for src in unlabeled:
+        yield from iter_source(src, "unlabeled")
+
+
+def check_sources(paths: Sequence[Path]) -> None:
+    """Fail fast, before any work, on a source that does not exist."""
+    for p in paths:
+        if not Path(p).exists():
+            raise SourceError(f"source {p} does not exist")

@@ -1,0 +1,516 @@
+"""The index directory: a SQLite catalog, float16 vector shards and a manifest.
+
+Layout of an index directory::
+
+    catalog.sqlite       one row per image (or imported vector), shards, runs, scores
+    shards/<name>.npy    float16 [n, d] L2-normalised vectors, memory-mapped when read
+    vectors.faiss        FAISS index over every embedded vector (see vectors.py)
+    manifest.json        encoder, dim, preprocessing, library versions
+    .lock                held by the one process that writes
+
+Crash safety: a shard file is written under a temporary name, fsync'd and
+``os.replace``d into place; only then are the catalog rows that point into it
+committed, in one transaction. A shard file no committed row points to is an orphan
+from a killed run and is deleted the next time the index is opened for writing. So a
+run killed at any moment leaves an index that opens cleanly and loses at most the
+shard in flight. Shard names are unique tokens, not counters, so that workers on
+several machines can write shards independently (the shard is the unit of work).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import IndexMismatchError, IndexMissingError, InputError, NoveltyError
+
+log = logging.getLogger(__name__)
+
+CATALOG = "catalog.sqlite"
+MANIFEST = "manifest.json"
+SHARDS = "shards"
+SPLITS = ("labeled", "unlabeled")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS images(
+    id      INTEGER PRIMARY KEY,
+    path    TEXT UNIQUE,          -- absolute path of an image file; NULL for imported vectors
+    ext_id  TEXT UNIQUE,          -- id of an imported vector; NULL for image files
+    split   TEXT NOT NULL CHECK (split IN ('labeled', 'unlabeled')),
+    size    INTEGER,
+    mtime   REAL,
+    hash    TEXT,                 -- blake2b-128 of the file's bytes
+    status  TEXT NOT NULL CHECK (status IN ('pending', 'embedded', 'failed')),
+    reason  TEXT,                 -- why it failed
+    shard   TEXT,                 -- shard file holding its vector
+    row     INTEGER,              -- row in that shard
+    added   REAL NOT NULL,
+    labeled_at REAL,              -- when mark-labeled moved it
+    labeled_by INTEGER,           -- the selection run it came from, if any
+    CHECK ((path IS NULL) != (ext_id IS NULL))
+);
+CREATE INDEX IF NOT EXISTS images_split ON images(split, status);
+CREATE INDEX IF NOT EXISTS images_hash ON images(hash);
+CREATE INDEX IF NOT EXISTS images_shard ON images(shard);
+CREATE TABLE IF NOT EXISTS shards(
+    name    TEXT PRIMARY KEY,
+    n       INTEGER NOT NULL,
+    dim     INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs(
+    id      INTEGER PRIMARY KEY,
+    kind    TEXT NOT NULL,        -- build | import | select | uncertainty | mark-labeled
+    params  TEXT NOT NULL,        -- JSON
+    summary TEXT,                 -- JSON, set when the run finishes
+    started REAL NOT NULL,
+    finished REAL
+);
+CREATE TABLE IF NOT EXISTS picks(
+    run     INTEGER NOT NULL REFERENCES runs(id),
+    rank    INTEGER NOT NULL,
+    image   INTEGER NOT NULL REFERENCES images(id),
+    priority REAL,
+    PRIMARY KEY (run, rank)
+);
+CREATE TABLE IF NOT EXISTS uncertainty(
+    run     INTEGER NOT NULL REFERENCES runs(id),
+    image   INTEGER NOT NULL REFERENCES images(id),
+    value   REAL,                 -- NULL when scoring this image failed
+    reason  TEXT,
+    PRIMARY KEY (run, image)
+);
+"""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """What a source scan yields for one file."""
+
+    path: str  # absolute
+    split: str
+    size: int  # -1 when the file cannot be stat'ed
+    mtime: float
+    reason: str | None = None  # set when the file is already known to be unreadable
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where embedded vectors live: parallel arrays ordered by catalog id."""
+
+    ids: np.ndarray  # [n] int64 catalog ids
+    shard: np.ndarray  # [n] int64 index into names
+    row: np.ndarray  # [n] int64 row within that shard
+    names: list[str]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name, fsync, then os.replace into place."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def display_id(image_id: int, ext_id: str | None) -> str:
+    """The id users see: the imported id, else the catalog id."""
+    return ext_id if ext_id is not None else str(image_id)
+
+
+class Store:
+    """An index directory. Open with :func:`open_store` or :func:`create_store`."""
+
+    def __init__(self, root: Path, writable: bool):
+        self.root = Path(root)
+        self.writable = writable
+        self._lock_fd: int | None = None
+        if writable:
+            self._acquire_lock()
+        self.db = sqlite3.connect(self.root / CATALOG, timeout=60, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        if writable:
+            self.db.executescript(_SCHEMA)
+            self._remove_orphans()
+
+    # ----------------------------------------------------------------- lifecycle
+    def _acquire_lock(self) -> None:
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise NoveltyError(f"another novelty process is writing {self.root}; wait for it to finish") from None
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        self.db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _remove_orphans(self) -> None:
+        shard_dir = self.root / SHARDS
+        shard_dir.mkdir(exist_ok=True)
+        known = {name for (name,) in self.db.execute("SELECT name FROM shards")}
+        for f in shard_dir.iterdir():
+            if f.name.endswith(".tmp") or (f.suffix == ".npy" and f.stem not in known):
+                log.info("removing %s left by an interrupted run", f.name)
+                f.unlink()
+
+    # ------------------------------------------------------------------ manifest
+    @property
+    def manifest(self) -> dict:
+        path = self.root / MANIFEST
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def write_manifest(self, manifest: dict) -> None:
+        atomic_write_text(self.root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+
+    def update_manifest(self, **fields) -> None:
+        m = self.manifest
+        m.update(fields, updated=time.time())
+        self.write_manifest(m)
+
+    def check_encoder(self, encoder: dict, dim: int) -> None:
+        """Refuse vectors from another model or dim; record the encoder on first use."""
+        m = self.manifest
+        if not m.get("encoder"):
+            m.update(encoder=encoder, dim=dim, dtype="float16", normalized=True, created=time.time())
+            self.write_manifest(m)
+            return
+        old, new = _describe(m["encoder"], m["dim"]), _describe(encoder, dim)
+        if m["dim"] != dim or _encoder_key(m["encoder"]) != _encoder_key(encoder):
+            raise IndexMismatchError(f"index {self.root} holds vectors from {old}; refusing vectors from {new}")
+
+    @property
+    def dim(self) -> int | None:
+        return self.manifest.get("dim")
+
+    # ------------------------------------------------------------------- catalog
+    def meta_get(self, key: str, default: str | None = None) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def _bump_version(self) -> None:
+        """Called inside a transaction whenever the set of embedded vectors changes."""
+        self.db.execute(
+            "INSERT INTO meta(key, value) VALUES ('vectors_version', '1') ON CONFLICT(key) "
+            "DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+        )
+
+    @property
+    def vectors_version(self) -> int:
+        return int(self.meta_get("vectors_version", "0"))
+
+    def sync_sources(self, records: Iterable[ImageRecord], retry_failed: bool = False) -> dict:
+        """Merge a source scan into the catalog, in one transaction.
+
+        New paths are added as pending; paths whose size or mtime changed go back to
+        pending; unchanged ones are left alone (failed ones too, unless retry_failed).
+        A path listed under a new split moves to it. Returns counts.
+        """
+        now = time.time()
+        with self.transaction() as db:
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS scan(path TEXT PRIMARY KEY, split TEXT, size INT, mtime REAL, reason TEXT)")
+            db.execute("DELETE FROM scan")
+            # labeled wins when a path is given under both splits
+            db.executemany(
+                "INSERT INTO scan VALUES (?,?,?,?,?) ON CONFLICT(path) DO UPDATE SET split='labeled' "
+                "WHERE excluded.split='labeled'",
+                ((r.path, r.split, r.size, r.mtime, r.reason) for r in records),
+            )
+            counts = {"scanned": db.execute("SELECT COUNT(*) FROM scan").fetchone()[0]}
+            counts["failed_at_scan"] = [r for (r,) in db.execute(
+                "SELECT s.reason FROM scan s LEFT JOIN images i ON i.path = s.path WHERE s.reason IS NOT NULL "
+                "AND (i.id IS NULL OR i.size IS NOT s.size OR i.mtime IS NOT s.mtime)"
+            )]
+            counts["new"] = db.execute(
+                "INSERT INTO images(path, split, size, mtime, status, reason, added) "
+                "SELECT s.path, s.split, s.size, s.mtime, CASE WHEN s.reason IS NULL THEN 'pending' ELSE 'failed' END, "
+                "s.reason, ? FROM scan s WHERE NOT EXISTS (SELECT 1 FROM images i WHERE i.path = s.path)",
+                (now,),
+            ).rowcount
+            changed = db.execute(
+                "UPDATE images SET status = CASE WHEN s.reason IS NULL THEN 'pending' ELSE 'failed' END, "
+                "reason = s.reason, size = s.size, mtime = s.mtime, shard = NULL, row = NULL, hash = NULL "
+                "FROM scan s WHERE images.path = s.path AND (images.size IS NOT s.size OR images.mtime IS NOT s.mtime "
+                + ("OR images.status = 'failed'" if retry_failed else "")
+                + ")"
+            ).rowcount
+            counts["changed"] = changed
+            counts["moved"] = db.execute(
+                "UPDATE images SET split = s.split FROM scan s WHERE images.path = s.path AND images.split != s.split"
+            ).rowcount
+            if changed:
+                self._bump_version()
+            db.execute("DELETE FROM scan")
+        return counts
+
+    def pending_ids(self) -> np.ndarray:
+        """Catalog ids still to embed, labeled first, then by id."""
+        rows = self.db.execute(
+            "SELECT id FROM images WHERE status='pending' ORDER BY split='unlabeled', id"
+        ).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def path_of(self, image_id: int) -> str:
+        return self.db.execute("SELECT path FROM images WHERE id=?", (int(image_id),)).fetchone()[0]
+
+    def commit_shard(
+        self,
+        ids: Sequence[int],
+        vectors: np.ndarray,  # [n, d] float32 or float16, L2-normalised
+        hashes: Sequence[str | None] = (),
+        failures: Sequence[tuple[int, str, str | None]] = (),  # (id, reason, hash)
+    ) -> str | None:
+        """Write one shard and commit the catalog rows describing it, atomically."""
+        assert self.writable
+        assert len(ids) == len(vectors)
+        name = None
+        if len(ids):
+            name = f"shard-{time.strftime('%Y%m%d')}-{uuid.uuid4().hex[:12]}"
+            self.write_shard_file(name, vectors)
+        with self.transaction() as db:
+            if name is not None:
+                db.execute(
+                    "INSERT INTO shards(name, n, dim, created) VALUES (?,?,?,?)",
+                    (name, len(ids), vectors.shape[1], time.time()),
+                )
+                hashes = list(hashes) or [None] * len(ids)
+                db.executemany(
+                    "UPDATE images SET status='embedded', reason=NULL, shard=?, row=?, "
+                    "hash=COALESCE(?, hash) WHERE id=?",
+                    ((name, r, h, int(i)) for r, (i, h) in enumerate(zip(ids, hashes))),
+                )
+                self._bump_version()
+            db.executemany(
+                "UPDATE images SET status='failed', reason=?, hash=COALESCE(?, hash), shard=NULL, row=NULL WHERE id=?",
+                ((reason, h, int(i)) for i, reason, h in failures),
+            )
+        return name
+
+    def write_shard_file(self, name: str, vectors: np.ndarray) -> None:
+        v16 = np.ascontiguousarray(vectors, dtype=np.float16)
+        path = self.root / SHARDS / f"{name}.npy"
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, v16)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def add_imported(self, ext_ids: Sequence[str], blocks: Iterable[np.ndarray], split: str) -> int:
+        """Add vectors computed elsewhere under their own ids, all or nothing.
+
+        `blocks` yields unit-norm [b, d] arrays whose rows follow `ext_ids`; each becomes
+        a shard, and one transaction commits them all. An exception from `blocks` (a
+        validation error) removes what was written and adds nothing."""
+        if split not in SPLITS:
+            raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        clash = self._existing_ext_ids(ext_ids)
+        if clash:
+            raise InputError(f"{len(clash)} id(s) already in the index, e.g. {clash[0]!r}")
+        written: list[tuple[str, int, int]] = []  # (name, n, dim)
+        try:
+            for block in blocks:
+                name = f"shard-{time.strftime('%Y%m%d')}-{uuid.uuid4().hex[:12]}"
+                self.write_shard_file(name, block)
+                written.append((name, len(block), block.shape[1]))
+        except BaseException:
+            for name, _, _ in written:
+                (self.root / SHARDS / f"{name}.npy").unlink(missing_ok=True)
+            raise
+        assert sum(n for _, n, _ in written) == len(ext_ids)
+        now = time.time()
+        with self.transaction() as db:
+            db.executemany("INSERT INTO shards(name, n, dim, created) VALUES (?,?,?,?)", ((w[0], w[1], w[2], now) for w in written))
+            rows = ((name, r) for name, n, _ in written for r in range(n))
+            db.executemany(
+                "INSERT INTO images(ext_id, split, status, shard, row, added) VALUES (?,?,'embedded',?,?,?)",
+                ((e, split, name, r, now) for e, (name, r) in zip(ext_ids, rows)),
+            )
+            self._bump_version()
+        return len(ext_ids)
+
+    def _existing_ext_ids(self, ext_ids: Sequence[str]) -> list[str]:
+        found: list[str] = []
+        for start in range(0, len(ext_ids), 500):
+            chunk = list(ext_ids[start:start + 500])
+            q = f"SELECT ext_id FROM images WHERE ext_id IN ({','.join('?' * len(chunk))})"
+            found += [e for (e,) in self.db.execute(q, chunk)]
+        return found
+
+    # ------------------------------------------------------------------- vectors
+    def shard(self, name: str) -> np.ndarray:
+        """A shard's vectors, memory-mapped: float16 [n, d]."""
+        return np.load(self.root / SHARDS / f"{name}.npy", mmap_mode="r")
+
+    def embedded(self, split: str | None = None) -> Layout:
+        """Where the vectors of embedded images are, ordered by id. `split=None` means all."""
+        q = "SELECT id, shard, row FROM images WHERE status='embedded'"
+        args: tuple = ()
+        if split is not None:
+            q += " AND split=?"
+            args = (split,)
+        rows = self.db.execute(q + " ORDER BY id", args).fetchall()
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        names = sorted({r[1] for r in rows})
+        lookup = {n: k for k, n in enumerate(names)}
+        shard_idx = np.fromiter((lookup[r[1]] for r in rows), dtype=np.int64, count=len(rows))
+        row = np.fromiter((r[2] for r in rows), dtype=np.int64, count=len(rows))
+        return Layout(ids, shard_idx, row, names)
+
+    def vectors(self, split: str | None = None, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Gather embedded vectors into one float16 array [n, d], one shard at a time.
+
+        Returns (ids, X) ordered by id. With `ids`, only those (they must be embedded).
+        """
+        lay = self.embedded(split)
+        all_ids, shard_idx, row = lay.ids, lay.shard, lay.row
+        if ids is not None:
+            pos = np.searchsorted(all_ids, ids)
+            ok = (pos < len(all_ids)) & (all_ids[np.minimum(pos, len(all_ids) - 1)] == ids) if len(all_ids) else np.zeros(len(ids), bool)
+            if not np.all(ok):
+                raise InputError(f"id {int(np.asarray(ids)[~ok][0])} has no vector")
+            all_ids, shard_idx, row = all_ids[pos], shard_idx[pos], row[pos]
+        d = self.dim or 0
+        out = np.empty((len(all_ids), d), dtype=np.float16)  # [n, d]
+        for k, name in enumerate(lay.names):
+            sel = np.flatnonzero(shard_idx == k)
+            if len(sel):
+                out[sel] = self.shard(name)[row[sel]]
+        return all_ids, out
+
+    def iter_blocks(self, split: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (ids [b], float16 vectors [b, d]) shard by shard, never all at once."""
+        lay = self.embedded(split)
+        all_ids, shard_idx, row = lay.ids, lay.shard, lay.row
+        order = np.lexsort((row, shard_idx))
+        bounds = np.flatnonzero(np.diff(shard_idx[order])) + 1
+        for sel in np.split(order, bounds) if len(order) else []:
+            name = lay.names[shard_idx[sel[0]]]
+            yield all_ids[sel], np.asarray(self.shard(name)[row[sel]])
+
+    # -------------------------------------------------------------------- lookup
+    def resolve(self, keys: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+        """Map user-given ids or paths to catalog ids. Returns (ids, unknown keys).
+
+        A key is looked up as an imported id, then as a catalog id, then as a path
+        (absolute, or relative to the current directory).
+        """
+        found, unknown = [], []
+        for key in keys:
+            key = key.strip()
+            row = self.db.execute("SELECT id FROM images WHERE ext_id=?", (key,)).fetchone()
+            if row is None and key.isdigit():
+                row = self.db.execute("SELECT id FROM images WHERE id=?", (int(key),)).fetchone()
+            if row is None:
+                row = self.db.execute("SELECT id FROM images WHERE path=?", (os.path.abspath(key),)).fetchone()
+            if row is None:
+                unknown.append(key)
+            else:
+                found.append(row[0])
+        return np.asarray(found, dtype=np.int64), unknown
+
+    def describe(self, ids: Sequence[int]) -> dict[int, tuple[str, str | None, str]]:
+        """id -> (display id, path, split)."""
+        out: dict[int, tuple[str, str | None, str]] = {}
+        ids = [int(i) for i in ids]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            q = f"SELECT id, ext_id, path, split FROM images WHERE id IN ({','.join('?' * len(chunk))})"
+            for i, e, p, s in self.db.execute(q, chunk):
+                out[i] = (display_id(i, e), p, s)
+        return out
+
+    # --------------------------------------------------------------------- stats
+    def counts(self) -> dict:
+        by = {(s, st): n for s, st, n in self.db.execute("SELECT split, status, COUNT(*) FROM images GROUP BY split, status")}
+        failed = dict(self.db.execute(
+            "SELECT CASE WHEN instr(reason, ':') > 0 THEN substr(reason, 1, instr(reason, ':') - 1) ELSE reason END AS r, "
+            "COUNT(*) FROM images WHERE status='failed' GROUP BY r ORDER BY COUNT(*) DESC"
+        ).fetchall())
+        return {"by_split_status": by, "failed_by_reason": failed}
+
+    def duplicate_hashes(self) -> tuple[int, int]:
+        """(groups, images) of exact byte duplicates among embedded files."""
+        row = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(c), 0) FROM (SELECT COUNT(*) c FROM images "
+            "WHERE hash IS NOT NULL AND status='embedded' GROUP BY hash HAVING c > 1)"
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def disk_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
+
+    # ---------------------------------------------------------------------- runs
+    def start_run(self, kind: str, params: dict) -> int:
+        with self.transaction() as db:
+            return db.execute(
+                "INSERT INTO runs(kind, params, started) VALUES (?,?,?)", (kind, json.dumps(params, sort_keys=True), time.time())
+            ).lastrowid
+
+    def finish_run(self, run_id: int, summary: dict) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE runs SET summary=?, finished=? WHERE id=?", (json.dumps(summary, default=str), time.time(), run_id))
+
+
+def _encoder_key(enc: dict) -> tuple:
+    return (enc.get("kind"), enc.get("model"), enc.get("weights_sha256") or enc.get("pretrained"))
+
+
+def _describe(enc: dict, dim: int) -> str:
+    weights = enc.get("pretrained")
+    return f"{enc.get('kind')} model {enc.get('model')!r} (weights {weights!r}, dim {dim})"
+
+
+def create_store(root: Path) -> Store:
+    """Open an index directory for writing, creating it when needed."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise IndexMissingError(f"{root} exists and is not a directory")
+    root.mkdir(parents=True, exist_ok=True)
+    return Store(root, writable=True)
+
+
+def open_store(root: Path, writable: bool = False) -> Store:
+    """Open an existing index directory; a one-line error when there is none."""
+    root = Path(root)
+    if not (root / CATALOG).exists():
+        raise IndexMissingError(f"no index at {root}: run `novelty build-index` (or import-embeddings) first")
+    return Store(root, writable=writable)

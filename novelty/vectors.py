@@ -1,0 +1,117 @@
+"""The FAISS index over an index directory's vectors: built block-wise from the
+shards, kept in step with the catalog, searched in blocks, on a GPU when present.
+
+The index is an IndexIDMap2 over an IndexScalarQuantizer(QT_fp16) with inner-product
+metric. The shards already hold float16, so this quantizer loses nothing: search is
+exact on the stored vectors, at the shards' size. Ids are catalog ids. Cosine
+distance is reported as 1 - inner product.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+FAISS_FILE = "vectors.faiss"
+
+
+def gpu_available() -> bool:
+    import faiss
+
+    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+def build(store: Store):
+    """Build the FAISS index from the shards, one shard at a time; write it atomically."""
+    import faiss
+
+    d = store.dim
+    index = faiss.IndexIDMap2(faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT))
+    version = store.vectors_version
+    for ids, block in store.iter_blocks():
+        index.add_with_ids(np.ascontiguousarray(block, dtype=np.float32), ids)
+    tmp = store.root / f".{FAISS_FILE}.tmp"
+    faiss.write_index(index, str(tmp))
+    tmp.replace(store.root / FAISS_FILE)
+    m = store.manifest
+    m["faiss"] = {"file": FAISS_FILE, "ntotal": int(index.ntotal), "vectors_version": version, "type": "IDMap2,SQfp16,IP"}
+    store.write_manifest(m)
+    log.info("FAISS index: %d vectors", index.ntotal)
+    return index
+
+
+def is_current(store: Store) -> bool:
+    f = store.manifest.get("faiss")
+    return bool(f) and (store.root / FAISS_FILE).exists() and f.get("vectors_version") == store.vectors_version
+
+
+def load(store: Store, gpu: bool | None = None):
+    """The index, rebuilt first when the catalog changed since it was written (and the
+    store is writable); moved to the GPU when one is present (gpu=None) or asked for."""
+    import faiss
+
+    if not is_current(store):
+        if store.writable:
+            return _maybe_gpu(build(store), gpu)
+        log.warning("the FAISS index is older than the catalog; searching the shards directly")
+        return _maybe_gpu(_in_memory(store), gpu)
+    return _maybe_gpu(faiss.read_index(str(store.root / FAISS_FILE)), gpu)
+
+
+def _in_memory(store: Store):
+    import faiss
+
+    index = faiss.IndexIDMap2(faiss.IndexScalarQuantizer(store.dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT))
+    for ids, block in store.iter_blocks():
+        index.add_with_ids(np.ascontiguousarray(block, dtype=np.float32), ids)
+    return index
+
+
+def _maybe_gpu(index, gpu: bool | None):
+    if gpu is False or (gpu is None and not gpu_available()):
+        return index
+    import faiss
+
+    try:
+        return faiss.index_cpu_to_all_gpus(index)
+    except (RuntimeError, AttributeError) as e:  # an index type without a GPU twin
+        log.warning("keeping the FAISS index on the CPU: %s", e)
+        return index
+
+
+def search(index, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None, block: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest by cosine distance, block-wise. -> (D [nq, k] cosine distances, I [nq, k] ids; -1 past the end).
+
+    allowed_ids restricts the search to those catalog ids (an IDSelector)."""
+    import faiss
+
+    params = None
+    if allowed_ids is not None:
+        params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.ascontiguousarray(allowed_ids, dtype=np.int64)))
+    D = np.empty((len(queries), k), np.float32)
+    I = np.empty((len(queries), k), np.int64)
+    for s in range(0, len(queries), block):
+        q = np.ascontiguousarray(queries[s:s + block], dtype=np.float32)
+        Ds, Is = index.search(q, k, params=params) if params is not None else index.search(q, k)
+        D[s:s + block], I[s:s + block] = 1.0 - Ds, Is
+    D[I < 0] = np.inf
+    return D, I
+
+
+def range_pairs(index, blocks: Iterator[tuple[np.ndarray, np.ndarray]], threshold: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """For each (ids, vectors) block, all indexed pairs within cosine distance `threshold`.
+    Yields (query ids, neighbour ids, distances), never an all-pairs matrix."""
+    for ids, X in blocks:
+        lims, Dv, Iv = index.range_search(np.ascontiguousarray(X, dtype=np.float32), 1.0 - threshold)
+        q = np.repeat(ids, np.diff(lims))
+        yield q, Iv, 1.0 - Dv
+
+
+def index_path(root: Path) -> Path:
+    return Path(root) / FAISS_FILE
