@@ -123,7 +123,8 @@ def build_index(
         s = run(index, labeled or [], unlabeled or [], cfg, progress_factory=bar)
     finally:
         bar.close()
-    typer.echo(f"index {index}: {s.scanned} images scanned, {s.new} new, {s.changed} changed, {s.unchanged} unchanged")
+    typer.echo(f"index {index}: {s.scanned} images scanned, {s.new} new, {s.changed} changed, {s.unchanged} unchanged"
+               + (f", {s.resumed} resumed from an interrupted run" if s.resumed else ""))
     typer.echo(f"  embedded  {s.embedded} in {s.embed_seconds:.1f}s ({s.rate:.1f} img/s), {s.shards} shard(s); run took {s.seconds:.1f}s")
     typer.echo(f"  skipped   {s.unchanged} unchanged" + (f", {s.moved} moved to another split" if s.moved else ""))
     reasons = ", ".join(f"{k}: {v}" for k, v in s.failed_by_reason.items())

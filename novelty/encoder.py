@@ -15,6 +15,7 @@ from .errors import ConfigError, EncoderError
 
 log = logging.getLogger(__name__)
 
+RANDOM_INIT_SEED = 0
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -61,7 +62,8 @@ def resolve_weights(model: str, pretrained: str) -> tuple[str | None, dict]:
         raise ConfigError(f"unknown open_clip model {model!r}; see `python -c 'import open_clip; print(open_clip.list_models())'`")
     tags = oc.list_pretrained_tags_by_model(model)
     if pretrained.lower() == "none":
-        return None, {"pretrained": "none"}
+        # random weights are seeded, so every run (a resumed one too) gets the same model
+        return None, {"pretrained": "none", "init_seed": RANDOM_INIT_SEED}
     if pretrained == "auto":
         laion = [t for t in tags if t.startswith("laion")]
         # the best-known LAION tag first (laion2b_s34b_b79k for ViT-B-32)
@@ -125,6 +127,8 @@ def create_encoder(cfg: EncoderCfg) -> Encoder:
     device = resolve_device(cfg.device)
     weights, record = resolve_weights(model_name, cfg.pretrained)
     try:
+        if weights is None:
+            torch.manual_seed(RANDOM_INIT_SEED)
         model, _, preprocess = oc.create_model_and_transforms(
             model_name, pretrained=weights, device=device, precision="fp16" if device == "cuda" else "fp32"
         )

@@ -30,6 +30,7 @@ class BuildSummary:
     new: int = 0
     changed: int = 0
     moved: int = 0
+    resumed: int = 0
     unchanged: int = 0
     embedded: int = 0
     failed: int = 0
@@ -112,7 +113,8 @@ def build_index(
         counts = store.sync_sources(sources.scan(labeled, unlabeled), retry_failed=cfg.retry_failed)
         pending = store.pending_ids()
         s = BuildSummary(scanned=counts["scanned"], new=counts["new"], changed=counts["changed"], moved=counts["moved"])
-        s.unchanged = s.scanned - s.new - s.changed
+        s.resumed = max(0, len(pending) - s.new - s.changed)  # left pending by an interrupted run
+        s.unchanged = s.scanned - s.new - s.changed - s.resumed
         log.info("%d images scanned: %d new, %d changed, %d to embed", s.scanned, s.new, s.changed, len(pending))
         progress = progress_factory(len(pending)) if progress_factory and len(pending) else None
         t1 = time.monotonic()

@@ -152,20 +152,29 @@ class Store:
             self._remove_orphans()
 
     # ----------------------------------------------------------------- lifecycle
+    _held: set[str] = set()  # roots this process writes: POSIX locks don't exclude the same process
+
     def _acquire_lock(self) -> None:
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        key = str(self.root.resolve())
+        if key in Store._held:
+            raise NoveltyError(f"{self.root} is already open for writing in this process")
+        # A POSIX record lock, not flock: it belongs to this process alone, so forked
+        # DataLoader workers that outlive a killed run do not keep the index locked.
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             os.close(fd)
             raise NoveltyError(f"another novelty process is writing {self.root}; wait for it to finish") from None
         self._lock_fd = fd
+        Store._held.add(key)
 
     def close(self) -> None:
         self.db.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+            Store._held.discard(str(self.root.resolve()))
 
     def __enter__(self) -> Store:
         return self

@@ -1,0 +1,69 @@
+"""Shared fixtures: generated images (good, odd and broken) and tiny open_clip configs."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from novelty.sample import SampleCfg, make_sample
+
+HERE = Path(__file__).parent
+TINY = str(HERE / "tiny-clip.json")  # 32-d, 64 px: fast on a CPU
+TINY_WIDE = str(HERE / "tiny-clip-wide.json")  # the same with 48-d output
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    # tests never reach for the network; a tag download fails at once
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sample")
+    make_sample(root, SampleCfg(n_labeled=24, n_unlabeled=72, size=96))
+    return root
+
+
+def jpeg_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def write_odd_images(folder: Path) -> dict[str, str]:
+    """Every mode and oddity the reader must handle. Returns name -> expected outcome
+    ('ok' or the failure reason's kind)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8))
+    out = {}
+    rgb.convert("L").save(folder / "mode_L.png"); out["mode_L.png"] = "ok"
+    rgb.convert("P").save(folder / "mode_P.png"); out["mode_P.png"] = "ok"
+    rgba = rgb.convert("RGBA"); rgba.putalpha(128); rgba.save(folder / "mode_RGBA.png"); out["mode_RGBA.png"] = "ok"
+    rgb.convert("CMYK").save(folder / "mode_CMYK.jpg"); out["mode_CMYK.jpg"] = "ok"
+    Image.fromarray((rng.integers(0, 65535, (40, 40))).astype(np.uint16)).save(folder / "mode_I16.png"); out["mode_I16.png"] = "ok"
+    rgb.save(folder / "plain.webp"); out["plain.webp"] = "ok"
+    rgb.save(folder / "plain.bmp"); out["plain.bmp"] = "ok"
+    rgb.save(folder / "plain.tiff"); out["plain.tiff"] = "ok"
+    exif = Image.Exif(); exif[0x0112] = 6  # rotate 90
+    rgb.save(folder / "exif_rotated.jpg", exif=exif); out["exif_rotated.jpg"] = "ok"
+    good = jpeg_bytes(rgb)
+    (folder / "zero.jpg").write_bytes(b""); out["zero.jpg"] = "empty file"
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2]); out["truncated.jpg"] = "truncated"
+    (folder / "text.png").write_bytes(b"hello, not an image\n" * 10); out["text.png"] = "not an image"
+    corrupt = bytearray(good); corrupt[200:260] = b"\x00" * 60; corrupt[2:4] = b"\xff\xff"
+    (folder / "corrupt_header.jpg").write_bytes(bytes(corrupt)); out["corrupt_header.jpg"] = "any"
+    Image.new("1", (10000, 10000)).save(folder / "bomb.png"); out["bomb.png"] = "too large"
+    os.symlink(folder / "does-not-exist.jpg", folder / "dangling.jpg"); out["dangling.jpg"] = "not found"
+    return out
+
+
+@pytest.fixture(scope="session")
+def odd_dir(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("odd")
+    return root, write_odd_images(root)

@@ -1,0 +1,190 @@
+"""build-index, info and import-embeddings through the CLI (typer's CliRunner), on
+generated images with a tiny random-weight open_clip model."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from novelty.cli import app
+from novelty.store import open_store
+from tests.conftest import TINY, TINY_WIDE
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def build(index, *srcs, model=TINY, extra=()):
+    args = ["build-index", "--index", index, "--model", model, "--pretrained", "none", "--device", "cpu", *extra]
+    for split, src in srcs:
+        args += [f"--{split}", src]
+    return run(*args)
+
+
+def vectors_by_path(index):
+    with open_store(index) as st:
+        ids, X = st.vectors()
+        paths = {i: p for i, (_, p, _) in st.describe(ids).items()}
+        return {paths[i]: x for i, x in zip(ids.tolist(), X)}
+
+
+def test_build_info_and_resume(tmp_path, sample_dir):
+    idx = tmp_path / "idx"
+    r = build(idx, ("labeled", sample_dir / "labeled"), ("unlabeled", sample_dir / "unlabeled"))
+    assert r.exit_code == 0, r.output
+    assert "failed    3" in r.output and "duplicates 2 images" in r.output
+    with open_store(idx) as st:
+        c = st.counts()["by_split_status"]
+        assert c[("labeled", "embedded")] == 24 and c[("unlabeled", "embedded")] == 73
+        assert c[("unlabeled", "failed")] == 3
+        m = st.manifest
+        assert m["dim"] == 32 and m["encoder"]["model"] == "tiny-clip" and m["faiss"]["ntotal"] == 97
+        assert {"torch", "open_clip_torch", "numpy"} <= set(m["versions"])
+        _, X = st.vectors()
+        np.testing.assert_allclose(np.linalg.norm(X.astype(np.float32), axis=1), 1, atol=2e-3)
+    before = vectors_by_path(idx)
+    # re-running embeds nothing and duplicates nothing
+    r = build(idx, ("labeled", sample_dir / "labeled"), ("unlabeled", sample_dir / "unlabeled"))
+    assert r.exit_code == 0 and "embedded  0" in r.output and "100 unchanged" in r.output
+    assert vectors_by_path(idx).keys() == before.keys()
+    r = run("info", "--index", idx)
+    assert r.exit_code == 0
+    assert "tiny-clip" in r.output and "labeled    24 embedded" in r.output and "truncated: 1" in r.output
+
+
+def test_growing_and_changed_files(tmp_path, sample_dir):
+    src = tmp_path / "src"
+    shutil.copytree(sample_dir / "labeled", src)
+    idx = tmp_path / "idx"
+    assert build(idx, ("unlabeled", src)).exit_code == 0
+    extra = tmp_path / "more"
+    extra.mkdir()
+    shutil.copy(sample_dir / "unlabeled" / "unlabeled_00001.jpg", extra / "new.jpg")
+    changed = sorted(src.glob("*.jpg"))[3]
+    shutil.copy(sample_dir / "unlabeled" / "unlabeled_00002.jpg", changed)
+    r = build(idx, ("unlabeled", src), ("unlabeled", extra))
+    assert r.exit_code == 0, r.output
+    assert "1 new, 1 changed" in r.output and "embedded  2 " in r.output
+    with open_store(idx) as st:
+        assert st.db.execute("SELECT COUNT(*) FROM images").fetchone()[0] == 25
+
+
+def test_odd_and_broken_images_are_recorded_and_the_run_goes_on(tmp_path, odd_dir):
+    folder, expected = odd_dir
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join([*(str(folder / n) for n in expected), "missing/nowhere.jpg", str(folder)]) + "\n")
+    idx = tmp_path / "idx"
+    r = build(idx, ("unlabeled", listing))
+    assert r.exit_code == 0, r.output
+    with open_store(idx) as st:
+        rows = {p.rsplit("/", 1)[-1]: (s, r) for p, s, r in st.db.execute("SELECT path, status, reason FROM images")}
+    for name, want in expected.items():
+        status, reason = rows[name]
+        if want == "ok":
+            assert status == "embedded", (name, reason)
+        elif want != "any":
+            assert status == "failed" and reason.startswith(want), (name, reason)
+        else:
+            assert status in ("embedded", "failed")
+    assert rows["nowhere.jpg"] == ("failed", "not found")
+    assert rows[folder.name] == ("failed", "not a file")
+
+
+def test_list_file_paths_are_relative_to_the_list(tmp_path, sample_dir):
+    shutil.copytree(sample_dir / "labeled", tmp_path / "imgs")
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "l.txt").write_text("# comment\n../imgs/labeled_00000.jpg\n\n../imgs/labeled_00001.jpg\n")
+    r = build(tmp_path / "idx", ("labeled", tmp_path / "lists" / "l.txt"))
+    assert r.exit_code == 0 and "2 new" in r.output, r.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--labeled", "/no/such/dir"], "source /no/such/dir does not exist"),
+        ([], "give at least one --labeled or --unlabeled source"),
+        (["--unlabeled", "EMPTY"], "holds no image"),
+        (["--unlabeled", "SAMPLE", "--model", "NoSuchNet"], "unknown open_clip model 'NoSuchNet'"),
+        (["--unlabeled", "SAMPLE", "--model", "ViT-B-32", "--pretrained", "notatag"], "neither a weights file nor a pretrained tag"),
+        (["--unlabeled", "SAMPLE", "--model", "ViT-B-32", "--pretrained", "/nope/w.bin"], "weights file /nope/w.bin does not exist"),
+        (["--unlabeled", "SAMPLE", "--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k"], "pass --pretrained /path/to/it"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_nonzero_exit(tmp_path, sample_dir, args, message):
+    (tmp_path / "empty").mkdir()
+    args = [{"EMPTY": tmp_path / "empty", "SAMPLE": sample_dir / "labeled"}.get(a, a) for a in args]
+    if "--model" not in args:
+        args += ["--model", TINY, "--pretrained", "none"]
+    r = run("build-index", "--index", tmp_path / "idx", *args)
+    assert r.exit_code != 0
+    assert message in r.output
+    assert "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_other_model_is_refused_naming_both(tmp_path, sample_dir):
+    idx = tmp_path / "idx"
+    assert build(idx, ("labeled", sample_dir / "labeled")).exit_code == 0
+    r = build(idx, ("labeled", sample_dir / "labeled"), model=TINY_WIDE)
+    assert r.exit_code == 3
+    assert "tiny-clip" in r.output and "tiny-clip-wide" in r.output and "dim 32" in r.output and "dim 48" in r.output
+
+
+def test_local_weights_file_loads(tmp_path, sample_dir):
+    import torch
+
+    from novelty._compat import import_open_clip
+    from novelty.encoder import register_model_config
+
+    oc = import_open_clip()
+    model = oc.create_model(register_model_config(TINY), pretrained=None)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    idx = tmp_path / "idx"
+    r = run("build-index", "--index", idx, "--model", TINY, "--pretrained", tmp_path / "w.pt", "--labeled", sample_dir / "labeled")
+    assert r.exit_code == 0, r.output
+    with open_store(idx) as st:
+        assert len(st.manifest["encoder"]["weights_sha256"]) == 64
+        _, X1 = st.vectors()
+    # the same weights give the same vectors: they really were loaded
+    model2 = oc.create_model(register_model_config(TINY), pretrained=str(tmp_path / "w.pt"))
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_import_embeddings(tmp_path):
+    X = np.random.default_rng(0).normal(size=(10, 16)).astype(np.float32) * 3
+    np.save(tmp_path / "v.npy", X)
+    (tmp_path / "ids.txt").write_text("\n".join(f"x{i}" for i in range(10)))
+    idx = tmp_path / "idx"
+    r = run("import-embeddings", tmp_path / "v.npy", "--ids", tmp_path / "ids.txt", "--split", "unlabeled", "--index", idx)
+    assert r.exit_code == 0, r.output
+    with open_store(idx) as st:
+        ids, V = st.vectors()
+        np.testing.assert_allclose(V.astype(np.float32), X / np.linalg.norm(X, axis=1, keepdims=True), atol=1e-3)
+        assert st.describe(ids)[ids[0]][0] == "x0"
+    # the same ids again, a dim mismatch, NaN rows, bad id files: clear errors, nothing added
+    r = run("import-embeddings", tmp_path / "v.npy", "--ids", tmp_path / "ids.txt", "--split", "unlabeled", "--index", idx)
+    assert r.exit_code == 2 and "already in the index" in r.output
+    np.save(tmp_path / "w.npy", np.ones((2, 8), np.float32))
+    (tmp_path / "ids2.txt").write_text("a\nb\n")
+    r = run("import-embeddings", tmp_path / "w.npy", "--ids", tmp_path / "ids2.txt", "--split", "labeled", "--index", idx)
+    assert r.exit_code == 3 and "dim 16" in r.output and "dim 8" in r.output
+    Y = np.ones((2, 16), np.float32)
+    Y[1, 3] = np.nan
+    np.save(tmp_path / "nan.npy", Y)
+    r = run("import-embeddings", tmp_path / "nan.npy", "--ids", tmp_path / "ids2.txt", "--split", "labeled", "--index", idx)
+    assert r.exit_code == 2 and "NaN or inf" in r.output and "row 1" in r.output
+    (tmp_path / "dup.txt").write_text("a\na\n")
+    r = run("import-embeddings", tmp_path / "v.npy", "--ids", tmp_path / "dup.txt", "--split", "labeled", "--index", idx)
+    assert r.exit_code == 2 and "appears twice" in r.output
+    with open_store(idx) as st:
+        assert st.db.execute("SELECT COUNT(*) FROM images").fetchone()[0] == 10
+
+
+def test_info_without_index(tmp_path):
+    r = run("info", "--index", tmp_path / "none")
+    assert r.exit_code == 3 and "no index at" in r.output and len(r.output.strip().splitlines()) == 1

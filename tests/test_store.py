@@ -1,0 +1,113 @@
+import json
+import sqlite3
+
+import numpy as np
+import pytest
+
+from novelty.errors import IndexMismatchError, IndexMissingError, InputError, NoveltyError
+from novelty.store import ImageRecord, create_store, open_store
+
+
+def unit(n, d, seed=0):
+    X = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+    return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+
+def records(tmp_path, n, split="unlabeled", size=10):
+    return [ImageRecord(str(tmp_path / f"{i}.jpg"), split, size, 1.0) for i in range(n)]
+
+
+def test_sync_commit_and_gather(tmp_path):
+    with create_store(tmp_path / "idx") as st:
+        st.check_encoder({"kind": "x", "model": "m"}, 8)
+        c = st.sync_sources(records(tmp_path, 5))
+        assert c["new"] == 5 and c["changed"] == 0
+        ids = st.pending_ids()
+        X = unit(5, 8)
+        st.commit_shard(ids[:3], X[:3], ["h0", "h1", "h2"])
+        st.commit_shard(ids[3:], X[3:], failures=[])
+        got_ids, got = st.vectors()
+        assert got_ids.tolist() == ids.tolist()
+        np.testing.assert_array_equal(got, X.astype(np.float16))
+        # block iteration sees each vector once
+        blocks = list(st.iter_blocks())
+        assert sorted(np.concatenate([b[0] for b in blocks]).tolist()) == ids.tolist()
+        assert len(st.pending_ids()) == 0
+
+
+def test_resync_detects_changes_and_never_duplicates(tmp_path):
+    with create_store(tmp_path / "idx") as st:
+        st.sync_sources(records(tmp_path, 4))
+        st.commit_shard(st.pending_ids(), unit(4, 8))
+        recs = records(tmp_path, 6)
+        recs[1] = ImageRecord(recs[1].path, "unlabeled", 99, 1.0)  # size changed
+        c = st.sync_sources(recs)
+        assert (c["new"], c["changed"]) == (2, 1)
+        assert st.db.execute("SELECT COUNT(*) FROM images").fetchone()[0] == 6
+        assert len(st.pending_ids()) == 3
+        # the same path under labeled moves it; labeled wins when both are given
+        c = st.sync_sources(records(tmp_path, 1, "labeled") + records(tmp_path, 1))
+        assert c["moved"] == 1
+        assert st.db.execute("SELECT split FROM images WHERE path=?", (recs[0].path,)).fetchone()[0] == "labeled"
+
+
+def test_orphan_shard_from_a_killed_run_is_removed(tmp_path):
+    with create_store(tmp_path / "idx") as st:
+        st.sync_sources(records(tmp_path, 2))
+        st.write_shard_file("shard-orphan", unit(2, 8))  # file written, catalog never committed
+        (tmp_path / "idx" / "shards" / ".shard-x.npy.tmp").write_bytes(b"partial")
+    with create_store(tmp_path / "idx") as st:
+        assert sorted(p.name for p in (tmp_path / "idx" / "shards").iterdir()) == []
+        assert len(st.pending_ids()) == 2
+
+
+def test_encoder_mismatch_names_both(tmp_path):
+    with create_store(tmp_path / "idx") as st:
+        st.check_encoder({"kind": "open_clip", "model": "A", "pretrained": "t"}, 8)
+        st.check_encoder({"kind": "open_clip", "model": "A", "pretrained": "t"}, 8)
+        with pytest.raises(IndexMismatchError, match="'A'.*'B'"):
+            st.check_encoder({"kind": "open_clip", "model": "B", "pretrained": "t"}, 8)
+        with pytest.raises(IndexMismatchError, match="dim 8.*dim 16"):
+            st.check_encoder({"kind": "open_clip", "model": "A", "pretrained": "t"}, 16)
+
+
+def test_one_writer_at_a_time(tmp_path):
+    import subprocess
+    import sys
+
+    probe = [sys.executable, "-c", f"from novelty.store import create_store; create_store({str(tmp_path / 'idx')!r})"]
+    with create_store(tmp_path / "idx"):
+        with pytest.raises(NoveltyError, match="already open for writing"):
+            create_store(tmp_path / "idx")
+        r = subprocess.run(probe, capture_output=True, text=True)
+        assert r.returncode != 0 and "another novelty process is writing" in r.stderr
+    assert subprocess.run(probe).returncode == 0  # released on close
+
+
+def test_open_missing_index(tmp_path):
+    with pytest.raises(IndexMissingError):
+        open_store(tmp_path / "none")
+
+
+def test_imported_is_all_or_nothing(tmp_path):
+    def blocks():
+        yield unit(3, 8)
+        raise InputError("bad row")
+
+    with create_store(tmp_path / "idx") as st:
+        with pytest.raises(InputError):
+            st.add_imported(["a", "b", "c", "d", "e", "f"], blocks(), "unlabeled")
+        assert st.db.execute("SELECT COUNT(*) FROM images").fetchone()[0] == 0
+        assert list((tmp_path / "idx" / "shards").iterdir()) == []
+        st.add_imported(["a", "b"], iter([unit(2, 8)]), "labeled")
+        ids, unknown = st.resolve(["a", "zz", "2"])
+        assert unknown == ["zz"] and len(ids) == 2
+
+
+def test_catalog_survives_a_reader_while_writing(tmp_path):
+    with create_store(tmp_path / "idx") as st:
+        st.sync_sources(records(tmp_path, 3))
+        ro = sqlite3.connect(f"file:{tmp_path / 'idx' / 'catalog.sqlite'}?mode=ro", uri=True)
+        assert ro.execute("SELECT COUNT(*) FROM images").fetchone()[0] == 3
+        st.commit_shard(st.pending_ids(), unit(3, 8))
+        assert ro.execute("SELECT COUNT(*) FROM images WHERE status='embedded'").fetchone()[0] == 3
