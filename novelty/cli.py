@@ -162,6 +162,53 @@ def sample(
     typer.echo(f"wrote {c['labeled']} labeled and {c['unlabeled']} unlabeled images (+{c.get('broken', 0)} broken files) to {out}")
 
 
+# --------------------------------------------------------------------------- select
+@command
+def select(
+    budget: Annotated[int, typer.Option(help="How many images to pick.")],
+    strategy: Annotated[Optional[str], typer.Option(help="kcenter, hybrid, novelty, uncertainty or random; default: hybrid when uncertainty scores exist, else kcenter.")] = None,
+    uncertainty_weight: Annotated[float, typer.Option("--uncertainty-weight", help="beta in w = u^beta for hybrid (0 ignores uncertainty).")] = 1.0,
+    out: Annotated[Path, typer.Option(help="Output file: .csv, .jsonl or .parquet; a Label Studio file is written beside it.", dir_okay=False)] = Path("selection.csv"),
+    seed: Annotated[int, typer.Option(help="Seed for the random strategy.")] = 0,
+    radius: Annotated[Optional[float], typer.Option(help="Cosine distance for labeled_neighbors; default: 5th percentile of labeled-to-labeled nearest-neighbour distances.")] = None,
+    approximate: Annotated[bool, typer.Option("--approximate", help="IVF first pass instead of the exact one (faster, recall < 1).")] = False,
+    device: Annotated[Device, typer.Option(help="Where the greedy loop runs.")] = Device.auto,
+    index: IndexOpt = DEFAULT_INDEX,
+):
+    """Pick the images to label next and write them, best first."""
+    from .export import get_writer, write_selection
+    from .selection import SelectCfg
+    from .selection import select as run
+
+    get_writer(out)  # a bad extension fails before any work
+    r = run(index, SelectCfg(budget=budget, strategy=strategy, beta=uncertainty_weight, seed=seed, radius=radius,
+                             approximate=approximate, device=device.value))
+    ls = write_selection(out, r.rows)
+    s = r.summary
+    for w in r.warnings:
+        err(f"warning: {w}")
+    typer.echo(f"selected {s['picks']} of {s['pool']} unlabeled images with {s['strategy']} (run #{r.run}) -> {out}, {ls.name}")
+    typer.echo(f"  covering radius  {s['covering_radius_before']:.4f} before, {s['covering_radius_after']:.4f} after (cosine distance)")
+    typer.echo(f"  redundant        {100 * s['redundant_share']:.1f}% of the pool has a labeled image within r = {s['radius']:.4f}")
+    t = s["seconds"]
+    typer.echo(f"  time             {t['total']:.1f}s (load {t['load']:.1f}s, nearest-labeled {t['first_pass']:.1f}s, selection {t['select']:.1f}s)")
+
+
+@command
+def import_uncertainty(
+    scores_file: Annotated[Path, typer.Argument(metavar="FILE.csv", exists=True, dir_okay=False, help="Columns id,uncertainty.")],
+    index: IndexOpt = DEFAULT_INDEX,
+):
+    """Store uncertainty scores computed elsewhere; `select` then defaults to hybrid."""
+    from .records import read_uncertainty_csv, save_uncertainty
+    from .store import open_store
+
+    with open_store(index, writable=True) as store:
+        ids, values = read_uncertainty_csv(store, scores_file)
+        run = save_uncertainty(store, {"source": "import", "file": str(scores_file.resolve())}, ids, values)
+    typer.echo(f"stored {len(ids)} uncertainty scores (run #{run}); select now defaults to --strategy hybrid")
+
+
 @command
 def info(index: IndexOpt = DEFAULT_INDEX):
     """What the index holds: model, dim, counts per split, failures, size on disk."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import sources, vectors
+from ._compat import bound_heap_growth
 from .config import BuildCfg
 from .encoder import Encoder, create_encoder, library_versions
 from .reader import make_loader
@@ -103,6 +104,7 @@ def build_index(
 ) -> BuildSummary:
     """Scan, embed what is new or changed, refresh the FAISS index. Safe to re-run."""
     t0 = time.monotonic()
+    bound_heap_growth()
     sources.check_sources([*labeled, *unlabeled])
     encoder = create_encoder(cfg.encoder)  # fails fast on a bad model or weights, before any write
     with create_store(root) as store:

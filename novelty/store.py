@@ -81,7 +81,8 @@ CREATE TABLE IF NOT EXISTS picks(
     run     INTEGER NOT NULL REFERENCES runs(id),
     rank    INTEGER NOT NULL,
     image   INTEGER NOT NULL REFERENCES images(id),
-    priority REAL,
+    priority REAL,                -- what the strategy maximised at this pick
+    radius  REAL,                 -- covering radius of the pool after this pick (k-center strategies)
     PRIMARY KEY (run, rank)
 );
 CREATE TABLE IF NOT EXISTS uncertainty(

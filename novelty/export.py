@@ -1,0 +1,85 @@
+"""Writers for selections: CSV, JSON lines, Parquet (by extension) and a Label Studio
+import file. Every file is written to a temporary name and os.replace'd."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import ConfigError
+from .store import atomic_write_bytes, atomic_write_text
+
+COLUMNS = ["rank", "id", "path", "priority", "novelty", "uncertainty",
+           "nearest_labeled_id", "nearest_labeled_distance", "labeled_neighbors", "distance_at_pick"]
+
+Rows = Sequence[dict]
+
+
+def _clean(v):
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def write_csv(path: Path, rows: Rows) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if _clean(r.get(k)) is None else r.get(k)) for k in COLUMNS})
+    atomic_write_text(path, buf.getvalue())
+
+
+def write_jsonl(path: Path, rows: Rows) -> None:
+    atomic_write_text(path, "".join(json.dumps({k: _clean(r.get(k)) for k in COLUMNS}) + "\n" for r in rows))
+
+
+def write_parquet(path: Path, rows: Rows) -> None:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError("writing .parquet needs pyarrow: pip install -c constraints.txt 'novelty[parquet]'") from None
+    table = pa.Table.from_pylist([{k: _clean(r.get(k)) for k in COLUMNS} for r in rows])
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    atomic_write_bytes(path, buf.getvalue().to_pybytes())
+
+
+def write_label_studio(path: Path, rows: Rows, image_root: str | None = None) -> None:
+    """Label Studio tasks: {"data": {"image": ..., <scores>}, "meta": {...}}. Paths are
+    written as local-files URLs relative to image_root when given, else absolute."""
+    tasks = []
+    for r in rows:
+        p = r.get("path")
+        if p and image_root:
+            url = "/data/local-files/?d=" + str(Path(p).relative_to(image_root))
+        else:
+            url = p or str(r["id"])
+        scores = {k: _clean(r.get(k)) for k in COLUMNS if k not in ("path",)}
+        tasks.append({"data": {"image": url, **{f"novelty_{k}": v for k, v in scores.items()}}, "meta": scores})
+    atomic_write_text(path, json.dumps(tasks, indent=1))
+
+
+_FORMATS: dict[str, Callable[[Path, Rows], None]] = {".csv": write_csv, ".jsonl": write_jsonl, ".parquet": write_parquet}
+
+
+def list_formats() -> list[str]:
+    return list(_FORMATS)
+
+
+def get_writer(path: Path) -> Callable[[Path, Rows], None]:
+    try:
+        return _FORMATS[Path(path).suffix.lower()]
+    except KeyError:
+        raise ConfigError(f"cannot write {path}: the extension must be one of {', '.join(_FORMATS)}") from None
+
+
+def write_selection(path: Path, rows: Rows) -> Path:
+    """Write the selection, and a Label Studio file beside it (<stem>.label-studio.json)."""
+    path = Path(path)
+    get_writer(path)(path, rows)
+    ls = path.with_name(path.stem + ".label-studio.json")
+    write_label_studio(ls, rows)
+    return ls

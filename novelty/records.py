@@ -1,0 +1,91 @@
+"""What runs leave in the catalog besides vectors: uncertainty scores and selection
+picks. Each write is one transaction."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .store import Store
+
+
+@dataclass
+class UncertaintyScores:
+    run: int
+    ids: np.ndarray  # [k] catalog ids that have a score
+    values: np.ndarray  # [k] float64 >= 0
+    params: dict
+
+
+def save_uncertainty(store: Store, params: dict, ids, values, failures=()) -> int:
+    """Store one run of scores (and per-image failures) atomically. -> run id."""
+    now = time.time()
+    with store.transaction() as db:
+        run = db.execute("INSERT INTO runs(kind, params, started, finished, summary) VALUES ('uncertainty', ?, ?, ?, ?)",
+                         (json.dumps(params, sort_keys=True), now, now,
+                          json.dumps({"scored": len(ids), "failed": len(failures)}))).lastrowid
+        db.executemany("INSERT INTO uncertainty(run, image, value) VALUES (?,?,?)",
+                       ((run, int(i), float(v)) for i, v in zip(ids, values)))
+        db.executemany("INSERT INTO uncertainty(run, image, value, reason) VALUES (?,?,NULL,?)",
+                       ((run, int(i), reason) for i, reason in failures))
+    return run
+
+
+def latest_uncertainty(store: Store) -> UncertaintyScores | None:
+    row = store.db.execute("SELECT id, params FROM runs WHERE kind='uncertainty' AND finished IS NOT NULL "
+                           "ORDER BY id DESC LIMIT 1").fetchone()
+    if row is None:
+        return None
+    rows = store.db.execute("SELECT image, value FROM uncertainty WHERE run=? AND value IS NOT NULL ORDER BY image",
+                            (row[0],)).fetchall()
+    ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+    vals = np.fromiter((r[1] for r in rows), np.float64, len(rows))
+    return UncertaintyScores(row[0], ids, vals, json.loads(row[1]))
+
+
+def read_uncertainty_csv(store: Store, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Parse id,uncertainty; every id must exist, every value be finite and >= 0."""
+    keys, vals = [], []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or not {"id", "uncertainty"} <= set(reader.fieldnames):
+                raise InputError(f"{path} must have the columns id,uncertainty (got {reader.fieldnames})")
+            for line, rec in enumerate(reader, start=2):
+                try:
+                    v = float(rec["uncertainty"])
+                except (TypeError, ValueError):
+                    raise InputError(f"{path}:{line}: uncertainty {rec['uncertainty']!r} is not a number") from None
+                if not math.isfinite(v) or v < 0:
+                    raise InputError(f"{path}:{line}: uncertainty must be finite and >= 0, got {v}")
+                keys.append(rec["id"])
+                vals.append(v)
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not a UTF-8 CSV file") from None
+    if not keys:
+        raise InputError(f"{path} holds no scores")
+    ids, unknown = store.resolve(keys)
+    if unknown:
+        raise InputError(f"{len(unknown)} id(s) in {path} are not in the index, e.g. {unknown[0]!r}; nothing was imported")
+    if len(set(ids.tolist())) != len(ids):
+        raise InputError(f"{path} scores some image twice")
+    return ids, np.asarray(vals)
+
+
+def save_selection(store: Store, params: dict, summary: dict, image_ids, priority, radius_trace=None) -> int:
+    """Record a selection run and its picks (rank 1..N in pick order)."""
+    now = time.time()
+    radius_trace = [None] * len(image_ids) if radius_trace is None else [float(r) for r in radius_trace]
+    with store.transaction() as db:
+        run = db.execute("INSERT INTO runs(kind, params, summary, started, finished) VALUES ('select', ?, ?, ?, ?)",
+                         (json.dumps(params, sort_keys=True), json.dumps(summary, default=float), now, now)).lastrowid
+        db.executemany("INSERT INTO picks(run, rank, image, priority, radius) VALUES (?,?,?,?,?)",
+                       ((run, r + 1, int(i), None if not np.isfinite(p) else float(p), rad)
+                        for r, (i, p, rad) in enumerate(zip(image_ids, priority, radius_trace))))
+    return run
