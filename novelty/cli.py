@@ -60,10 +60,18 @@ def command(fn):
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False):
-    logging.basicConfig(format="novelty: %(message)s", level=logging.WARNING, stream=sys.stderr)
+    # force: bind the handler to this invocation's stderr, not to the first one seen
+    logging.basicConfig(format="novelty: %(message)s", level=logging.WARNING, stream=sys.stderr, force=True)
     logging.getLogger("novelty").setLevel(logging.INFO if verbose else logging.WARNING)
-    # open_clip warns on the root logger when it creates random weights on purpose
-    logging.getLogger().addFilter(lambda r: "No pretrained weights loaded" not in r.getMessage())
+    if not verbose:
+        for h in logging.getLogger().handlers:
+            h.addFilter(_only_novelty)
+
+
+def _only_novelty(record: logging.LogRecord) -> bool:
+    """Other libraries log on the root logger what novelty already says in one line
+    (open_clip: a failed download, random weights asked for on purpose); --verbose shows them."""
+    return record.name.startswith("novelty")
 
 
 def progress_bar(desc: str, unit: str = "img"):
@@ -194,6 +202,45 @@ def select(
     typer.echo(f"  time             {t['total']:.1f}s (load {t['load']:.1f}s, nearest-labeled {t['first_pass']:.1f}s, selection {t['select']:.1f}s)")
 
 
+class Kind(str, Enum):
+    detection = "detection"
+    segmentation = "segmentation"
+
+
+@command
+def uncertainty(
+    detector: Annotated[str, typer.Option(help="'package.module:factory' or 'path/to/file.py:factory' returning an nn.Module or (model, preprocess).")],
+    kind: Annotated[Kind, typer.Option(help="What the model returns: torchvision-style detections, or segmentation logits.")],
+    passes: Annotated[int, typer.Option(help="MC-dropout passes T per image.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Images per batch (each runs its T passes as one batched forward).")] = 8,
+    device: Annotated[Device, typer.Option()] = Device.auto,
+    seed: Annotated[int, typer.Option(help="Seeds the dropout masks: same seed, same scores.")] = 0,
+    aggregation: Annotated[str, typer.Option(help="Objects -> image score (detection): max, mean, sum or topk-mean.")] = "max",
+    topk: Annotated[int, typer.Option(help="k of topk-mean.")] = 3,
+    top_percent: Annotated[float, typer.Option(help="Segmentation: mean over this % most uncertain pixels.")] = 5.0,
+    inject_dropout: Annotated[float, typer.Option("--inject-dropout", help="Add Dropout(P) before the model's head layers (for models without dropout).")] = 0.0,
+    image_size: Annotated[Optional[int], typer.Option(help="Resize images to this square size (default preprocess only).")] = None,
+    workers: Annotated[int, typer.Option(min=0)] = 1,
+    index: IndexOpt = DEFAULT_INDEX,
+):
+    """Score unlabeled images by MC-dropout disagreement of your detector; `select` then uses hybrid."""
+    from .detector import DetectorCfg, score_index
+
+    cfg = DetectorCfg(spec=detector, kind=kind.value, passes=passes, batch_size=batch_size, seed=seed, device=device.value,
+                      aggregation=aggregation, topk=topk, top_percent=top_percent, inject_dropout=inject_dropout,
+                      image_size=image_size, workers=workers)
+    bar = progress_bar("mc-dropout")
+    try:
+        s = score_index(index, cfg, progress_factory=bar)
+    finally:
+        bar.close()
+    typer.echo(f"uncertainty run #{s.run}: {s.scored} images scored, {s.failed} failed, in {s.seconds:.1f}s"
+               + (f" ({s.resumed} scored before the run was interrupted)" if s.resumed else ""))
+    if s.failed_by_reason:
+        typer.echo("  failed: " + ", ".join(f"{k}: {v}" for k, v in s.failed_by_reason.items()))
+    typer.echo(f"  mean score {s.mean:.4f} (T={passes}, {kind.value}, aggregation {aggregation}); select now defaults to --strategy hybrid")
+
+
 @command
 def import_uncertainty(
     scores_file: Annotated[Path, typer.Argument(metavar="FILE.csv", exists=True, dir_okay=False, help="Columns id,uncertainty.")],
@@ -207,6 +254,114 @@ def import_uncertainty(
         ids, values = read_uncertainty_csv(store, scores_file)
         run = save_uncertainty(store, {"source": "import", "file": str(scores_file.resolve())}, ids, values)
     typer.echo(f"stored {len(ids)} uncertainty scores (run #{run}); select now defaults to --strategy hybrid")
+
+
+# ---------------------------------------------------------- inspect, report, label
+class Scope(str, Enum):
+    labeled = "labeled"
+    unlabeled = "unlabeled"
+    all = "all"
+
+
+@command
+def neighbors(
+    query: Annotated[Optional[str], typer.Argument(help="An id or path in the index, or an image file to embed with the index's model.")] = None,
+    text: Annotated[Optional[str], typer.Option("--text", help="Search by a text prompt (the CLIP text tower) instead.")] = None,
+    k: Annotated[int, typer.Option("--k", help="How many neighbours.")] = 10,
+    split: Annotated[Scope, typer.Option(help="Where to look.")] = Scope.all,
+    model: Annotated[Optional[str], typer.Option(help="The model config .json, when the index was built from one.")] = None,
+    device: Annotated[Device, typer.Option(help="Where a text or new-image query is embedded.")] = Device.auto,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    index: IndexOpt = DEFAULT_INDEX,
+):
+    """The nearest images to an image or a text prompt (exact, cosine distance); an indexed query is left out."""
+    import json
+    from dataclasses import asdict
+
+    from .inspect import NeighborsCfg, find_neighbors
+
+    r = find_neighbors(index, NeighborsCfg(query=query, text=text, k=k, split=split.value, model=model, device=device.value))
+    if as_json:
+        hits = [{f: v for f, v in asdict(n).items() if f != "image"} for n in r.neighbors]
+        typer.echo(json.dumps({"query": r.query, "neighbors": hits}, indent=1))
+        return
+    q = r.query
+    typer.echo(f"query  {q['kind']}: " + "  ".join(str(q[f]) for f in ("id", "path", "text") if q.get(f)))
+    if not r.neighbors:
+        typer.echo(f"  no embedded images in split {split.value}")
+    w = max([2, *(len(n.id) for n in r.neighbors)])
+    typer.echo(f"{'rank':>4}  {'distance':>8}  {'split':<9}  {'id':<{w}}  path")
+    for n in r.neighbors:
+        typer.echo(f"{n.rank:>4}  {n.distance:>8.4f}  {n.split:<9}  {n.id:<{w}}  {n.path or '-'}")
+
+
+@command
+def duplicates(
+    threshold: Annotated[Optional[float], typer.Option(help="Pairs closer than this cosine distance are near-duplicates; default 0.05.")] = None,
+    split: Annotated[Scope, typer.Option(help="Which images to group.")] = Scope.all,
+    out: Annotated[Path, typer.Option(help="CSV of group,id,path,split (groups largest first).", dir_okay=False)] = Path("duplicates.csv"),
+    index: IndexOpt = DEFAULT_INDEX,
+):
+    """Groups of near-duplicates: connected components of close pairs, from exact FAISS range searches in blocks."""
+    from .inspect import DEFAULT_THRESHOLD, DuplicatesCfg
+    from .inspect import duplicates as run
+
+    t = DEFAULT_THRESHOLD if threshold is None else threshold
+    bar = progress_bar("searching", unit="block")
+    try:
+        s = run(index, DuplicatesCfg(threshold=t, split=split.value), out, progress_factory=bar)
+    finally:
+        bar.close()
+    typer.echo(f"{s['groups']} near-duplicate group(s) among {s['images']} images (cosine distance < {t}) -> {out}")
+    typer.echo(f"  in groups        {s['in_groups']} images, largest group {s['largest']}")
+    typer.echo(f"  pool in groups   {100 * s['pool_in_groups']:.1f}% of {s['pool']} unlabeled images")
+    if s["pool_represented"] is not None:
+        typer.echo(f"  already labeled  {100 * s['pool_represented']:.1f}% of the pool is a near-copy of a labeled image")
+
+
+@command
+def report(
+    selection: Annotated[Path, typer.Option("--selection", help="A selection file from select or export.", dir_okay=False)],
+    out: Annotated[Path, typer.Option(help="The HTML file to write.", dir_okay=False)] = Path("report.html"),
+    k: Annotated[int, typer.Option("--k", help="Nearest labeled images shown per pick.")] = 3,
+    index: IndexOpt = DEFAULT_INDEX,
+):
+    """One self-contained HTML page: each pick with its scores and nearest labeled images, and plots."""
+    from .report import ReportCfg, build_report
+
+    d = build_report(index, selection, out, ReportCfg(k=k))
+    typer.echo(f"report on {d.counts['picks']} picks ({d.radius_source} covering radius) -> {out}")
+
+
+@command
+def mark_labeled(
+    list_file: Annotated[Optional[Path], typer.Argument(metavar="LIST", help="A text file of ids or paths, one a line.")] = None,
+    selection: Annotated[Optional[Path], typer.Option("--selection", help="A selection file; ties the images to its select run.", dir_okay=False)] = None,
+    index: IndexOpt = DEFAULT_INDEX,
+):
+    """Move images from unlabeled to labeled once they are labeled; the next select counts them as labeled."""
+    from .labeling import mark_labeled as run
+
+    r = run(index, list_file, selection)
+    by = f" from select run #{r.labeled_by}" if r.labeled_by else ""
+    typer.echo(f"marked {r.moved} image(s) labeled{by}; {r.already} already were (run #{r.run})")
+
+
+@command
+def export(
+    out: Annotated[Path, typer.Option(help=".csv, .jsonl or .parquet; a Label Studio file is written beside it.", dir_okay=False)],
+    run: Annotated[Optional[int], typer.Option("--run", help="The select run to write (see `novelty info`).")] = None,
+    latest: Annotated[bool, typer.Option("--latest", help="The latest select run.")] = False,
+    index: IndexOpt = DEFAULT_INDEX,
+):
+    """Write a recorded selection run again. Novelty and nearest-labeled are recomputed against the
+    labeled set less the run's own picks; distance_at_pick is not stored and is left empty."""
+    from .labeling import export_run
+
+    if (run is None) != latest:
+        raise ConfigError("give --run N or --latest (one of them)")
+    rid, n, ls = export_run(index, run, out)
+    typer.echo(f"wrote {n} picks of select run #{rid} -> {out}, {ls.name}")
 
 
 @command
@@ -240,10 +395,14 @@ def history_lines(store) -> list[str]:
         return []
     import time
 
+    from .labeling import run_notes
+
+    notes = run_notes(store, [r[0] for r in rows])
     out = ["history"]
     for rid, kind, started, finished in reversed(rows):
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(started))
-        out.append(f"  #{rid:<4} {when}  {kind}{'' if finished else '  (interrupted)'}")
+        note = f"  {notes[rid]}" if notes.get(rid) else ""
+        out.append(f"  #{rid:<4} {when}  {kind}{note}{'' if finished else '  (interrupted)'}")
     return out
 
 

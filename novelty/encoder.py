@@ -151,6 +151,7 @@ def create_encoder(cfg: EncoderCfg) -> Encoder:
     info = {
         "kind": "open_clip",
         "model": model_name,
+        **({"model_config": str(Path(cfg.model).resolve())} if cfg.model.endswith(".json") else {}),
         **record,
         "dim": dim,
         "preprocess": {k: (list(v) if isinstance(v, tuple) else v) for k, v in pcfg.items()},

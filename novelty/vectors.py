@@ -9,7 +9,6 @@ distance is reported as 1 - inner product.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -102,15 +101,6 @@ def search(index, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = 
         D[s:s + block], I[s:s + block] = 1.0 - Ds, Is
     D[I < 0] = np.inf
     return D, I
-
-
-def range_pairs(index, blocks: Iterator[tuple[np.ndarray, np.ndarray]], threshold: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """For each (ids, vectors) block, all indexed pairs within cosine distance `threshold`.
-    Yields (query ids, neighbour ids, distances), never an all-pairs matrix."""
-    for ids, X in blocks:
-        lims, Dv, Iv = index.range_search(np.ascontiguousarray(X, dtype=np.float32), 1.0 - threshold)
-        q = np.repeat(ids, np.diff(lims))
-        yield q, Iv, 1.0 - Dv
 
 
 def index_path(root: Path) -> Path:

@@ -1,0 +1,147 @@
+"""`novelty uncertainty`: run the team's own detector or segmenter over the index's
+unlabeled images with MC dropout and store one score per image in the catalog.
+
+Scores are committed every `commit_every` images into a run that stays open until the
+end; a killed run is resumed by the same command (same spec, kind, passes, seed,
+aggregation), which scores only the images the open run lacks. `select` reads the
+latest finished run."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError, ModelError
+from .reader import CatalogImages
+from .store import CATALOG, open_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DetectorCfg:
+    spec: str
+    kind: str = "detection"
+    passes: int = 10
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "auto"
+    aggregation: str = "max"
+    topk: int = 3
+    top_percent: float = 5.0  # segmentation: mean of the top-k % most uncertain pixels
+    inject_dropout: float = 0.0
+    image_size: int | None = None  # resize for the default preprocess; None keeps each image's size
+    workers: int = 1
+    split: str = "unlabeled"
+    commit_every: int = 1024
+
+
+@dataclass
+class UncertaintySummary:
+    run: int
+    scored: int = 0
+    failed: int = 0
+    resumed: int = 0
+    skipped_no_image: int = 0
+    failed_by_reason: dict = field(default_factory=dict)
+    mean: float = 0.0
+    seconds: float = 0.0
+
+
+def collate_any(items):
+    """Stack same-size images; keep a list when sizes differ (detectors take lists)."""
+    import torch
+
+    ok = [it for it in items if it[1] is not None]
+    failures = [(it[0], it[3]) for it in items if it[1] is None]
+    tensors = [it[1] for it in ok]
+    if tensors and len({tuple(t.shape) for t in tensors}) == 1:
+        tensors = torch.stack(tensors)
+    return [it[0] for it in ok], tensors, failures
+
+
+def _params(cfg: DetectorCfg) -> dict:
+    p = asdict(cfg)
+    for k in ("batch_size", "workers", "commit_every", "device"):
+        p.pop(k)  # how, not what: they do not change the scores
+    return p
+
+
+def _open_run(store, params: dict) -> tuple[int, set[int]]:
+    """The unfinished run with these params (resume), else a new one."""
+    text = json.dumps(params, sort_keys=True)
+    row = store.db.execute("SELECT id FROM runs WHERE kind='uncertainty' AND finished IS NULL AND params=? "
+                           "ORDER BY id DESC LIMIT 1", (text,)).fetchone()
+    if row:
+        done = {i for (i,) in store.db.execute("SELECT image FROM uncertainty WHERE run=?", (row[0],))}
+        return row[0], done
+    return store.start_run("uncertainty", params), set()
+
+
+def score_index(root: Path, cfg: DetectorCfg, progress_factory: Callable[[int], Callable[[int], None]] | None = None) -> UncertaintySummary:
+    import torch
+
+    from .uncertainty import DetectionCfg, SegmentationCfg, UncertaintyCfg, find_dropout, load_model_spec, score_batches
+
+    if cfg.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    ucfg = UncertaintyCfg(kind=cfg.kind, passes=cfg.passes, seed=cfg.seed, device=cfg.device, inject_dropout=cfg.inject_dropout,
+                          detection=DetectionCfg(aggregation=cfg.aggregation, topk=cfg.topk),
+                          segmentation=SegmentationCfg(top_percent=cfg.top_percent))
+    t0 = time.monotonic()
+    with open_store(root, writable=True) as store:
+        rows = store.db.execute("SELECT id, path FROM images WHERE split=? AND status='embedded' ORDER BY id", (cfg.split,)).fetchall()
+        if not rows:
+            raise ConfigError(f"index {root} has no embedded {cfg.split} images to score")
+        with_image = np.asarray([i for i, p in rows if p is not None], dtype=np.int64)
+        model, preprocess = load_model_spec(cfg.spec, cfg.image_size)
+        if cfg.inject_dropout == 0 and not find_dropout(model):
+            raise ModelError(f"{cfg.spec} has no dropout layer, so MC dropout has nothing to sample; "
+                             "add dropout before its head layers with --inject-dropout P")
+        run, done = _open_run(store, _params(cfg))
+        todo = np.asarray([i for i in with_image if int(i) not in done], dtype=np.int64)
+        s = UncertaintySummary(run=run, resumed=len(done), skipped_no_image=len(rows) - len(with_image))
+        if s.skipped_no_image:
+            log.warning("%d imported vectors have no image file to run the detector on", s.skipped_no_image)
+        ds = CatalogImages(str(store.root / CATALOG), todo, preprocess, None, 89_478_485)
+        loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate_any)
+        decode_failures: list[tuple[int, str]] = []
+
+        def batches():
+            for ids, images, failures in loader:
+                decode_failures.extend(failures)
+                if ids:
+                    yield ids, images
+
+        progress = progress_factory(len(todo)) if progress_factory and len(todo) else None
+        pending: list = []
+
+        def commit():
+            with store.transaction() as db:
+                db.executemany("INSERT OR REPLACE INTO uncertainty(run, image, value, reason) VALUES (?,?,?,?)",
+                               [(run, int(r.key), r.score, r.error) for r in pending]
+                               + [(run, int(i), None, reason) for i, reason in decode_failures])
+            for r in pending:
+                if r.score is None:
+                    s.failed_by_reason[r.error.split(":")[0]] = s.failed_by_reason.get(r.error.split(":")[0], 0) + 1
+            for _, reason in decode_failures:
+                s.failed_by_reason[reason.split(":")[0]] = s.failed_by_reason.get(reason.split(":")[0], 0) + 1
+            s.scored += sum(r.score is not None for r in pending)
+            s.failed += sum(r.score is None for r in pending) + len(decode_failures)
+            pending.clear(), decode_failures.clear()
+
+        for r in score_batches(model, batches(), ucfg, progress=lambda n: progress and progress(n)):
+            pending.append(r)
+            if len(pending) >= cfg.commit_every:
+                commit()
+        commit()
+        mean = store.db.execute("SELECT AVG(value) FROM uncertainty WHERE run=?", (run,)).fetchone()[0]
+        s.mean = float(mean or 0.0)
+        s.seconds = time.monotonic() - t0
+        store.finish_run(run, asdict(s))
+    return s

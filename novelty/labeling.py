@@ -1,0 +1,263 @@
+"""Close the labeling loop: read a selection back, mark its images labeled (one
+transaction, all or nothing), describe the history of selections and what became of
+their picks, and write a recorded selection run again.
+
+A selection file or list names images by the id `select` wrote (an imported id or the
+catalog id) or by path. It is tied to the select run whose picks it matches: the same
+images in the same order, else the latest run whose picks contain them all (a file
+trimmed to what was actually labeled).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError, InputError
+from .export import COLUMNS
+from .store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+SELECTION_FORMATS = (".csv", ".jsonl", ".parquet")
+
+
+def _rows_from_file(path: Path) -> list[dict]:
+    ext = path.suffix.lower()
+    if ext == ".csv":
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: files saved by spreadsheets
+            return list(csv.DictReader(f))
+    if ext == ".jsonl":
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}:{n}: not a JSON line: {e.msg}") from None
+        return rows
+    if ext == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ConfigError("reading .parquet needs pyarrow: pip install -c constraints.txt 'novelty[parquet]'") from None
+        try:
+            return pq.read_table(path).to_pylist()
+        except (OSError, ValueError) as e:  # pyarrow's ArrowIOError / ArrowInvalid
+            raise InputError(f"{path} is not a readable Parquet file: {e}") from e
+    raise InputError(f"cannot read selection {path}: the extension must be one of {', '.join(SELECTION_FORMATS)}")
+
+
+def read_selection(path: Path) -> list[dict]:
+    """Rows of a selection file written by `select` or `export` (.csv, .jsonl, .parquet)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"selection file {path} does not exist")
+    try:
+        rows = _rows_from_file(path)
+    except UnicodeDecodeError:
+        raise InputError(f"selection file {path} is not UTF-8 text") from None
+    if not rows:
+        raise InputError(f"selection file {path} holds no rows")
+    if not ({"id", "path"} & set(rows[0])):
+        raise InputError(f"selection file {path} needs an id or a path column (got {', '.join(map(str, rows[0]))})")
+    return rows
+
+
+def read_list(path: Path) -> list[str]:
+    """Ids or paths, one a line; blank lines and # comments are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"list file {path} does not exist")
+    try:
+        keys = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError:
+        raise InputError(f"list file {path} is not UTF-8 text") from None
+    keys = [k for k in keys if k and not k.startswith("#")]
+    if not keys:
+        raise InputError(f"list file {path} holds no ids")
+    return keys
+
+
+def resolve_keys(store: Store, keys: list[str], fallbacks: list[str | None] | None = None, then: str = "") -> np.ndarray:
+    """Catalog ids of `keys`, in order; a key that is unknown is tried again as its
+    fallback (a path). Unknown keys raise one InputError naming a few of them."""
+    out, unknown = [], []
+    for n, key in enumerate(keys):
+        key = "" if key is None else str(key)
+        found, _ = store.resolve([key]) if key else (np.empty(0), None)
+        if not len(found) and fallbacks and fallbacks[n]:
+            found, _ = store.resolve([fallbacks[n]])
+        if len(found):
+            out.append(int(found[0]))
+        else:
+            unknown.append(key)
+    if unknown:
+        shown = ", ".join(repr(u) for u in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise InputError(f"{len(unknown)} of {len(keys)} id(s) are not in the index: {shown}{'; ' + then if then else ''}")
+    return np.asarray(out, dtype=np.int64)
+
+
+def selection_ids(store: Store, rows: list[dict], then: str = "") -> np.ndarray:
+    keys = [r.get("id") if r.get("id") not in (None, "") else r.get("path") for r in rows]
+    return resolve_keys(store, keys, [r.get("path") or None for r in rows], then)
+
+
+def match_select_run(store: Store, ids: np.ndarray) -> tuple[int | None, bool]:
+    """-> (the select run these images came from, whether its picks match exactly, in order)."""
+    if not len(ids):
+        return None, False
+    cands = [r for (r,) in store.db.execute(
+        "SELECT DISTINCT p.run FROM picks p JOIN runs r ON r.id = p.run WHERE r.kind='select' AND p.image=? "
+        "ORDER BY p.run DESC", (int(ids[0]),))]
+    want = [int(i) for i in ids]
+    containing = None
+    for run in cands:
+        picks = [i for (i,) in store.db.execute("SELECT image FROM picks WHERE run=? ORDER BY rank", (run,))]
+        if picks == want:
+            return run, True
+        if containing is None and set(want) <= set(picks):
+            containing = run
+    return containing, False
+
+
+# ---------------------------------------------------------------------- mark-labeled
+@dataclass
+class MarkResult:
+    run: int  # the mark-labeled run
+    requested: int  # distinct images named
+    moved: int  # unlabeled -> labeled now
+    already: int  # labeled before
+    labeled_by: int | None  # the select run they came from
+
+
+def mark_labeled(root: Path, list_file: Path | None = None, selection: Path | None = None) -> MarkResult:
+    """Move the named images from unlabeled to labeled, in one transaction. An unknown
+    id changes nothing; images already labeled are counted, not refused (idempotent).
+    Splits are not vectors: the FAISS index stays valid and vectors_version is kept."""
+    if (list_file is None) == (selection is None):
+        raise ConfigError("give a LIST file of ids or paths, or --selection FILE (one of them)")
+    with open_store(root, writable=True) as store:
+        if selection is not None:
+            ids = selection_ids(store, read_selection(selection), "nothing was changed")
+            source = {"selection": str(Path(selection).resolve())}
+        else:
+            keys = read_list(list_file)
+            base = Path(list_file).parent
+            ids = resolve_keys(store, keys, [None if os.path.isabs(k) else str(base / k) for k in keys], "nothing was changed")
+            source = {"list": str(Path(list_file).resolve())}
+        by, exact = match_select_run(store, ids)
+        distinct = np.unique(ids)
+        now = time.time()
+        with store.transaction() as db:
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS mark_ids(image INTEGER PRIMARY KEY)")
+            db.execute("DELETE FROM mark_ids")
+            db.executemany("INSERT INTO mark_ids VALUES (?)", ((int(i),) for i in distinct))
+            moved = db.execute("UPDATE images SET split='labeled', labeled_at=?, labeled_by=? "
+                               "WHERE split='unlabeled' AND id IN (SELECT image FROM mark_ids)", (now, by)).rowcount
+            db.execute("DELETE FROM mark_ids")
+            summary = {"requested": len(distinct), "moved": moved, "already": len(distinct) - moved,
+                       "labeled_by": by, "exact_match": exact}
+            run = db.execute("INSERT INTO runs(kind, params, summary, started, finished) VALUES ('mark-labeled', ?, ?, ?, ?)",
+                             (json.dumps(source, sort_keys=True), json.dumps(summary), now, time.time())).lastrowid
+    log.info("marked %d image(s) labeled (%d already were)", moved, len(distinct) - moved)
+    return MarkResult(run, len(distinct), moved, len(distinct) - moved, by)
+
+
+# --------------------------------------------------------------------------- history
+def _day(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "?"
+
+
+def run_notes(store: Store, run_ids: list[int]) -> dict[int, str]:
+    """One line per run for `info`: what it did, and for a selection what became of its picks."""
+    notes: dict[int, str] = {}
+    for rid in run_ids:
+        row = store.db.execute("SELECT kind, summary FROM runs WHERE id=?", (int(rid),)).fetchone()
+        if row is None:
+            continue
+        kind, s = row[0], json.loads(row[1]) if row[1] else {}
+        s = s if isinstance(s, dict) else {}
+        if kind == "select":
+            n = s["picks"] if "picks" in s else store.db.execute("SELECT COUNT(*) FROM picks WHERE run=?", (rid,)).fetchone()[0]
+            marked, when = store.db.execute("SELECT COUNT(*), MAX(i.labeled_at) FROM picks p JOIN images i ON i.id = p.image "
+                                            "WHERE p.run=? AND i.labeled_by=?", (rid, rid)).fetchone()
+            notes[rid] = f"{s.get('strategy', '?')} {n} picks" + (f" — {marked} marked labeled on {_day(when)}" if marked else "")
+        elif kind == "mark-labeled":
+            notes[rid] = (f"{s.get('moved', 0)} moved to labeled" + (f" (picks of #{s['labeled_by']})" if s.get("labeled_by") else "")
+                          + (f", {s['already']} already labeled" if s.get("already") else ""))
+        elif kind == "build" and "embedded" in s:
+            notes[rid] = f"{s['embedded']} embedded, {s.get('failed', 0)} failed"
+        elif kind == "import" and "imported" in s:
+            notes[rid] = f"{s['imported']} vectors"
+        elif kind == "uncertainty" and "scored" in s:
+            notes[rid] = f"{s['scored']} scored"
+    return notes
+
+
+# ---------------------------------------------------------------------------- export
+def select_run(store: Store, run: int | None) -> tuple[int, dict, dict]:
+    """-> (run id, params, summary) of a recorded selection; None means the latest."""
+    q = "SELECT id, kind, params, summary FROM runs WHERE kind='select' AND finished IS NOT NULL ORDER BY id DESC LIMIT 1"
+    row = store.db.execute(q).fetchone() if run is None else store.db.execute(
+        "SELECT id, kind, params, summary FROM runs WHERE id=?", (int(run),)).fetchone()
+    if row is None or row[1] != "select":
+        known = [str(r) for (r,) in store.db.execute("SELECT id FROM runs WHERE kind='select' ORDER BY id DESC LIMIT 10")]
+        if run is None or not known:
+            raise InputError(f"index {store.root} has no recorded selection; run `novelty select` first")
+        raise InputError(f"run #{run} is not a selection run; recent selection runs: {', '.join('#' + k for k in known)}")
+    return row[0], json.loads(row[2] or "{}"), json.loads(row[3] or "{}")
+
+
+def run_rows(store: Store, run: int, summary: dict) -> list[dict]:
+    """Rows of a recorded selection in export.COLUMNS. Rank, id, path and priority are
+    stored; uncertainty comes from the uncertainty run the selection used. novelty,
+    nearest_labeled_* and labeled_neighbors are recomputed against the labeled set as
+    it is now less this run's own picks (once marked, they are not their own
+    neighbours); distance_at_pick is not stored and is left empty."""
+    from .inspect import knn_blocks
+
+    picks = store.db.execute("SELECT rank, image, priority FROM picks WHERE run=? ORDER BY rank", (run,)).fetchall()
+    image = np.array([p[1] for p in picks], dtype=np.int64)
+    meta = store.describe(image)
+    u: dict[int, float] = {}
+    urun = (summary.get("uncertainty") or {}).get("run")
+    if urun is not None:
+        u = dict(store.db.execute("SELECT image, value FROM uncertainty WHERE run=? AND value IS NOT NULL", (urun,)).fetchall())
+    embedded = image[np.isin(image, store.embedded().ids)]
+    radius = summary.get("radius")
+    near: dict[int, tuple[float, int, int | None]] = {}
+    if len(embedded):
+        q_ids, Q = store.vectors(ids=np.unique(embedded))
+        D, I, count = knn_blocks(store, Q, 1, "labeled", exclude=image, radius=radius)
+        near = {int(i): (float(D[n, 0]), int(I[n, 0]), None if count is None else int(count[n])) for n, i in enumerate(q_ids)}
+    lab_meta = store.describe([v[1] for v in near.values() if v[1] >= 0])
+    rows = []
+    for rank, i, priority in picks:
+        d, li, c = near.get(i, (np.inf, -1, None))
+        rows.append({
+            "rank": rank, "id": meta[i][0], "path": meta[i][1], "priority": priority,
+            "novelty": d if li >= 0 else None, "uncertainty": u.get(i),
+            "nearest_labeled_id": lab_meta[li][0] if li >= 0 else None,
+            "nearest_labeled_distance": d if li >= 0 else None,
+            "labeled_neighbors": c, "distance_at_pick": None,
+        })
+    return rows
+
+
+def export_run(root: Path, run: int | None, out: Path) -> tuple[int, int, Path]:
+    """Write a recorded selection again (and its Label Studio file). -> (run, rows, that file)."""
+    from .export import get_writer, write_selection
+
+    get_writer(out)  # a bad extension fails before any work
+    with open_store(root) as store:
+        rid, _, summary = select_run(store, run)
+        rows = run_rows(store, rid, summary)
+    assert all(set(r) == set(COLUMNS) for r in rows)
+    return rid, len(rows), write_selection(out, rows)

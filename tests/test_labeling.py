@@ -1,0 +1,243 @@
+"""mark-labeled, the labeling history in `info`, and export of a recorded selection,
+through the CLI; nearest-labeled values checked against brute-force numpy."""
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from novelty import vectors
+from novelty.cli import app
+from novelty.export import write_selection
+from novelty.records import save_selection
+from novelty.store import open_store
+from tests.conftest import TINY
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def unit(X):
+    X = np.asarray(X, dtype=np.float64)
+    return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+
+def read(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def record_selection(idx, budget, out=None, radius=0.3):
+    """A 'novelty' selection written here with numpy (no kcenter needed): the `budget`
+    unlabeled images farthest from the labeled set, recorded as a select run with its
+    exact covering-radius trace. -> (run, picked catalog ids, rows)."""
+    with open_store(idx, writable=True) as st:
+        pool_ids, P = st.vectors("unlabeled")
+        lab_ids, L = st.vectors("labeled")
+        P, L = P.astype(np.float64), L.astype(np.float64)
+        d = (1 - P @ L.T).min(axis=1) if len(L) else np.full(len(P), np.inf)
+        picks = np.argsort(-d, kind="stable")[:budget]
+        cover, trace = d.copy(), []
+        for p in picks:
+            cover = np.minimum(cover, 1 - P @ P[p])
+            trace.append(max(cover.max(), 0.0))
+        summary = {"strategy": "novelty", "picks": budget, "pool": len(P), "labeled": len(L), "radius": radius,
+                   "covering_radius_before": float(d.max()), "covering_radius_after": trace[-1], "uncertainty": None}
+        rid = save_selection(st, {"budget": budget, "strategy": "novelty"}, summary, pool_ids[picks], d[picks], trace)
+        meta = st.describe(np.concatenate([pool_ids[picks], lab_ids]))
+        rows = [{"rank": r + 1, "id": meta[int(pool_ids[p])][0], "path": meta[int(pool_ids[p])][1], "priority": float(d[p]),
+                 "novelty": float(d[p]) if len(L) else None,
+                 "nearest_labeled_id": meta[int(lab_ids[np.argmin(1 - P[p] @ L.T)])][0] if len(L) else None,
+                 "nearest_labeled_distance": float(d[p]) if len(L) else None,
+                 "labeled_neighbors": int(((1 - P[p] @ L.T) <= radius).sum())}
+                for r, p in enumerate(picks)]
+    if out is not None:
+        write_selection(out, rows)
+    return rid, pool_ids[picks], rows
+
+
+@pytest.fixture
+def index(tmp_path):
+    rng = np.random.default_rng(11)
+    idx = tmp_path / "idx"
+    for name, n, split in (("l", 30, "labeled"), ("p", 100, "unlabeled")):
+        np.save(tmp_path / f"{name}.npy", unit(rng.normal(size=(n, 12))).astype(np.float32))
+        (tmp_path / f"{name}.txt").write_text("\n".join(f"{name}{i:03d}" for i in range(n)))
+        r = run("import-embeddings", tmp_path / f"{name}.npy", "--ids", tmp_path / f"{name}.txt", "--split", split, "--index", idx)
+        assert r.exit_code == 0, r.output
+    return idx
+
+
+def counts(idx):
+    with open_store(idx) as st:
+        return dict(st.db.execute("SELECT split, COUNT(*) FROM images GROUP BY split").fetchall())
+
+
+def test_mark_selection_labeled_is_atomic_idempotent_and_in_history(index, tmp_path):
+    sel = tmp_path / "sel.csv"
+    rid, picked, _ = record_selection(index, 10, sel)
+    with open_store(index) as st:
+        version = st.vectors_version
+    r = run("mark-labeled", "--selection", sel, "--index", index)
+    assert r.exit_code == 0, r.output
+    assert f"marked 10 image(s) labeled from select run #{rid}; 0 already were" in r.output
+    assert counts(index) == {"labeled": 40, "unlabeled": 90}
+    with open_store(index) as st:
+        rows = st.db.execute(f"SELECT split, labeled_at, labeled_by FROM images WHERE id IN ({','.join(map(str, picked))})").fetchall()
+        assert all(s == "labeled" and at is not None and by == rid for s, at, by in rows)
+        kind, summary = st.db.execute("SELECT kind, summary FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        assert kind == "mark-labeled" and json.loads(summary)["moved"] == 10
+        # splits are not vectors: the FAISS index is still current
+        assert st.vectors_version == version and vectors.is_current(st)
+    r = run("mark-labeled", "--selection", sel, "--index", index)  # again: nothing to move
+    assert r.exit_code == 0 and "marked 0 image(s) labeled" in r.output and "10 already were" in r.output
+    assert counts(index) == {"labeled": 40, "unlabeled": 90}
+    r = run("info", "--index", index)
+    assert r.exit_code == 0
+    assert f"select  novelty 10 picks — 10 marked labeled on" in r.output
+    assert f"mark-labeled  10 moved to labeled (picks of #{rid})" in r.output
+    assert "mark-labeled  0 moved to labeled (picks of" in r.output and "10 already labeled" in r.output
+
+
+def test_marked_images_count_as_labeled_in_nearest_labeled(index, tmp_path):
+    """Brute force: after marking, the pool's nearest-labeled distances are taken over
+    the old labeled set plus the marked images."""
+    with open_store(index) as st:
+        pool_ids, P = st.vectors("unlabeled")
+        _, L = st.vectors("labeled")
+    marked = [f"p{i:03d}" for i in (3, 14, 15, 92)]
+    (tmp_path / "list.txt").write_text("# labeled on Monday\n" + "\n".join(marked) + "\n\n")
+    r = run("mark-labeled", tmp_path / "list.txt", "--index", index)
+    assert r.exit_code == 0 and "marked 4 image(s) labeled; 0 already were" in r.output, r.output
+    with open_store(index) as st:
+        ids2, P2 = st.vectors("unlabeled")
+        _, L2 = st.vectors("labeled")
+    keep = np.isin(pool_ids, ids2)  # still unlabeled
+    new_L = np.concatenate([L, P[~keep]]).astype(np.float64)
+    np.testing.assert_array_equal(np.sort(L2.astype(np.float64), axis=0), np.sort(new_L, axis=0))
+    want = (1 - P2.astype(np.float64) @ new_L.T).min(axis=1)
+    rid, _, rows = record_selection(index, 5)  # a selection made now sees the marked images as labeled
+    got = {x["id"]: x["novelty"] for x in rows}
+    with open_store(index) as st:
+        shown = st.describe(ids2)
+    for i, v in zip(ids2.tolist(), want):
+        if shown[i][0] in got:
+            assert got[shown[i][0]] == pytest.approx(v, abs=1e-9)
+    assert not set(got) & set(marked)
+
+
+def test_select_treats_marked_images_as_labeled(index, tmp_path):
+    pytest.importorskip("novelty.scores")
+    pytest.importorskip("novelty.kcenter")
+    (tmp_path / "list.txt").write_text("p000\np001\np002\n")
+    assert run("mark-labeled", tmp_path / "list.txt", "--index", index).exit_code == 0
+    out = tmp_path / "s.csv"
+    r = run("select", "--budget", 5, "--strategy", "novelty", "--index", index, "--out", out)
+    assert r.exit_code == 0, r.output
+    with open_store(index) as st:
+        ids, P = st.vectors("unlabeled")
+        _, L = st.vectors("labeled")
+        shown = st.describe(ids)
+    d = (1 - P.astype(np.float64) @ L.astype(np.float64).T).min(axis=1)
+    assert [x["id"] for x in read(out)] == [shown[int(ids[i])][0] for i in np.argsort(-d, kind="stable")[:5]]
+    assert "of 97 unlabeled" in r.output
+
+
+def test_mark_by_path_relative_to_the_list(tmp_path, sample_dir):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for f in sorted((sample_dir / "unlabeled").glob("unlabeled_*.jpg"))[:4]:
+        shutil.copy(f, src / f.name)
+    idx = tmp_path / "idx"
+    assert run("build-index", "--index", idx, "--model", TINY, "--pretrained", "none", "--unlabeled", src).exit_code == 0
+    names = sorted(p.name for p in src.iterdir())
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "done.txt").write_text(f"../imgs/{names[0]}\n{src / names[1]}\n")
+    r = run("mark-labeled", tmp_path / "lists" / "done.txt", "--index", idx)
+    assert r.exit_code == 0 and "marked 2 image(s) labeled" in r.output, r.output
+    with open_store(idx) as st:
+        labeled = {p for (p,) in st.db.execute("SELECT path FROM images WHERE split='labeled'")}
+    assert labeled == {str(src / names[0]), str(src / names[1])}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["LIST_UNKNOWN"], "2 of 4 id(s) are not in the index: 'zzz', 'nope.jpg'; nothing was changed"),
+        ([], "give a LIST file of ids or paths, or --selection FILE"),
+        (["LIST_OK", "--selection", "LIST_OK"], "give a LIST file of ids or paths, or --selection FILE"),
+        (["missing.txt"], "list file missing.txt does not exist"),
+        (["LIST_EMPTY"], "holds no ids"),
+        (["--selection", "SEL_BAD"], "needs an id or a path column"),
+        (["--selection", "x.xlsx"], "selection file x.xlsx does not exist"),
+    ],
+)
+def test_bad_mark_input_changes_nothing(index, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "LIST_UNKNOWN").write_text("p001\nzzz\np002\nnope.jpg\n")
+    (tmp_path / "LIST_OK").write_text("p001\n")
+    (tmp_path / "LIST_EMPTY").write_text("# nothing\n\n")
+    (tmp_path / "SEL_BAD").write_text("name,score\np001,1\n")
+    (tmp_path / "SEL_BAD").rename(tmp_path / "SEL_BAD.csv")
+    args = ["SEL_BAD.csv" if a == "SEL_BAD" else a for a in args]
+    with open_store(index) as st:
+        runs = st.db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+    r = run("mark-labeled", *args, "--index", index)
+    assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert counts(index) == {"labeled": 30, "unlabeled": 100}
+    with open_store(index) as st:
+        assert st.db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == runs
+
+
+# ---------------------------------------------------------------------------- export
+def test_export_recorded_run_matches_the_selection_and_survives_marking(index, tmp_path):
+    rid, picked, rows = record_selection(index, 8, tmp_path / "sel.csv", radius=0.6)
+    r = run("export", "--latest", "--out", tmp_path / "a.csv", "--index", index)
+    assert r.exit_code == 0 and f"wrote 8 picks of select run #{rid}" in r.output and "a.label-studio.json" in r.output, r.output
+    got = read(tmp_path / "a.csv")
+    assert [x["id"] for x in got] == [x["id"] for x in rows] and [int(x["rank"]) for x in got] == list(range(1, 9))
+    for g, w in zip(got, rows):  # recomputed against the labeled set, as numpy did
+        for col in ("priority", "novelty", "nearest_labeled_distance"):
+            assert float(g[col]) == pytest.approx(w[col], abs=1e-5)
+        assert g["nearest_labeled_id"] == w["nearest_labeled_id"] and int(g["labeled_neighbors"]) == w["labeled_neighbors"]
+        assert g["distance_at_pick"] == "" and g["uncertainty"] == ""
+    assert len(json.loads((tmp_path / "a.label-studio.json").read_text())) == 8
+    # once the picks are labeled, they are not their own nearest labeled images
+    assert run("mark-labeled", "--selection", tmp_path / "sel.csv", "--index", index).exit_code == 0
+    r = run("export", "--run", rid, "--out", tmp_path / "b.csv", "--index", index)
+    assert r.exit_code == 0, r.output
+    assert read(tmp_path / "b.csv") == got
+    for ext in ("jsonl", "parquet"):
+        assert run("export", "--run", rid, "--out", tmp_path / f"c.{ext}", "--index", index).exit_code == 0
+    assert [json.loads(x)["id"] for x in (tmp_path / "c.jsonl").read_text().splitlines()] == [x["id"] for x in rows]
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "c.parquet").column("rank").to_pylist() == list(range(1, 9))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "give --run N or --latest"),
+        (["--run", "1", "--latest"], "give --run N or --latest"),
+        (["--run", "1"], "run #1 is not a selection run; recent selection runs: #"),
+        (["--run", "99"], "run #99 is not a selection run"),
+        (["--latest", "--out", "x.txt"], "extension must be one of .csv, .jsonl, .parquet"),
+    ],
+)
+def test_bad_export_input(index, tmp_path, args, message):
+    record_selection(index, 3)
+    if "--out" not in args:
+        args = [*args, "--out", tmp_path / "e.csv"]
+    r = run("export", *args, "--index", index)
+    assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_export_without_a_selection(index, tmp_path):
+    r = run("export", "--latest", "--out", tmp_path / "e.csv", "--index", index)
+    assert r.exit_code == 2 and "has no recorded selection" in r.output
