@@ -217,6 +217,7 @@ def uncertainty(
     seed: Annotated[int, typer.Option(help="Seeds the dropout masks: same seed, same scores.")] = 0,
     aggregation: Annotated[str, typer.Option(help="Objects -> image score (detection): max, mean, sum or topk-mean.")] = "max",
     topk: Annotated[int, typer.Option(help="k of topk-mean.")] = 3,
+    score_thresh: Annotated[float, typer.Option(help="Detection: a box counts as present in a pass at this score (your operating point).")] = 0.5,
     top_percent: Annotated[float, typer.Option(help="Segmentation: mean over this % most uncertain pixels.")] = 5.0,
     inject_dropout: Annotated[float, typer.Option("--inject-dropout", help="Add Dropout(P) before the model's head layers (for models without dropout).")] = 0.0,
     image_size: Annotated[Optional[int], typer.Option(help="Resize images to this square size (default preprocess only).")] = None,
@@ -227,7 +228,7 @@ def uncertainty(
     from .detector import DetectorCfg, score_index
 
     cfg = DetectorCfg(spec=detector, kind=kind.value, passes=passes, batch_size=batch_size, seed=seed, device=device.value,
-                      aggregation=aggregation, topk=topk, top_percent=top_percent, inject_dropout=inject_dropout,
+                      aggregation=aggregation, topk=topk, score_thresh=score_thresh, top_percent=top_percent, inject_dropout=inject_dropout,
                       image_size=image_size, workers=workers)
     bar = progress_bar("mc-dropout")
     try:

@@ -33,6 +33,7 @@ class DetectorCfg:
     device: str = "auto"
     aggregation: str = "max"
     topk: int = 3
+    score_thresh: float = 0.5  # detection: a box exists in a pass at this score (the operating point)
     top_percent: float = 5.0  # segmentation: mean of the top-k % most uncertain pixels
     inject_dropout: float = 0.0
     image_size: int | None = None  # resize for the default preprocess; None keeps each image's size
@@ -91,7 +92,7 @@ def score_index(root: Path, cfg: DetectorCfg, progress_factory: Callable[[int], 
     if cfg.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     ucfg = UncertaintyCfg(kind=cfg.kind, passes=cfg.passes, seed=cfg.seed, device=cfg.device, inject_dropout=cfg.inject_dropout,
-                          detection=DetectionCfg(aggregation=cfg.aggregation, topk=cfg.topk),
+                          detection=DetectionCfg(aggregation=cfg.aggregation, topk=cfg.topk, score_thresh=cfg.score_thresh),
                           segmentation=SegmentationCfg(top_percent=cfg.top_percent))
     t0 = time.monotonic()
     with open_store(root, writable=True) as store:

@@ -168,8 +168,7 @@ def covering_radius(pool: np.ndarray, labeled: np.ndarray, picks: np.ndarray | N
     """max over the pool of the distance to the nearest center, the centers being the
     labeled rows and the picked pool rows. +inf without any center, 0.0 for an empty pool."""
     pool, labeled = check_rows(pool, "pool"), check_rows(labeled, "labeled")
-    centers = labeled if picks is None or len(picks) == 0 else np.concatenate(
-        [labeled.astype(np.float32), unit_float32(pool[np.asarray(picks)])])
+    centers = labeled if picks is None or len(picks) == 0 else np.concatenate([labeled, pool[np.asarray(picks)]])
     if len(pool) == 0:
         return 0.0
     return float(nearest_labeled(pool, centers).dist.max())

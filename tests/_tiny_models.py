@@ -123,6 +123,12 @@ def make_detector() -> nn.Module:
     return TinyDetector()
 
 
+def make_segmenter() -> nn.Module:
+    """Factory for spec tests: an untrained TinySegmenter."""
+    torch.manual_seed(0)
+    return TinySegmenter()
+
+
 def make_detector_with_preprocess():
     return make_detector(), lambda img: torch.zeros(3, SIZE, SIZE)
 

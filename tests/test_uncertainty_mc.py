@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import pickle
 import textwrap
 
 import numpy as np
@@ -12,7 +13,6 @@ from torch import nn
 
 from novelty.errors import ConfigError, ModelError
 from novelty.uncertainty import (
-    DetectionCfg,
     MCDropout,
     UncertaintyCfg,
     default_preprocess,
@@ -281,6 +281,15 @@ def test_segmentation_takes_lists_and_dict_outputs(segmenter, scenes):
     assert len([r.score for r in score_batches(segmenter, [([0, 1], mixed)], cfg)]) == 2
 
 
+def test_auto_rows_caps_cpu_forwards():
+    from novelty.uncertainty import auto_rows
+
+    cpu = torch.device("cpu")
+    assert auto_rows(torch.zeros(8, 3, 320, 320), cpu) == 5
+    assert auto_rows([torch.zeros(3, 32, 32), torch.zeros(3, 2000, 2000)], cpu) == 1
+    assert auto_rows(torch.zeros(8, 3, 320, 320), torch.device("cuda")) is None  # no cap on a GPU
+
+
 def test_cfg_validation():
     for bad in (dict(kind="keypoints"), dict(passes=1), dict(seed=-1), dict(max_batch=0)):
         with pytest.raises(ConfigError):
@@ -300,6 +309,7 @@ def test_load_module_spec():
     assert x.shape == (3, 30, 40) and x.dtype == torch.float32 and x[0].max() == 1.0 and x[1].max() == 0.0
     assert default_preprocess(32)(img).shape == (3, 32, 32)
     assert default_preprocess((16, 24))(img).shape == (3, 16, 24)
+    assert pickle.loads(pickle.dumps(default_preprocess(32)))(img).shape == (3, 32, 32)  # DataLoader workers
     model, pre = load_model_spec("tests._tiny_models:make_detector_with_preprocess")
     assert pre(img).shape == (3, 32, 32)
 

@@ -35,7 +35,7 @@ _LAZY = {
     "HEAD_NAMES": "inject", "head_layers": "inject", "inject_dropout": "inject",
     "default_preprocess": "model", "load_model_spec": "model",
     "ImageResult": "runner", "UncertaintyCfg": "runner", "prepare_model": "runner", "score_batches": "runner",
-    "KINDS": "runner",
+    "KINDS": "runner", "auto_rows": "runner",
 }
 
 

@@ -102,7 +102,7 @@ class MCDropout:
     """Context manager: seeded MC-dropout sampling of ``model`` (module docstring)."""
 
     def __init__(self, model: nn.Module, seed: int = 0, max_batch: int | None = None):
-        if not isinstance(seed, int) or seed < 0:
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
         if max_batch is not None and max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
@@ -113,7 +113,7 @@ class MCDropout:
                              "its head layers with --inject-dropout P")
         if all(m.p == 0 for _, m in self.layers):
             log.warning("every dropout layer has p = 0: all passes agree and every score is 0")
-        self.model, self.seed = model, seed
+        self.model, self.seed = model, int(seed)
         self.max_rows = max_batch  # rows per forward; None: all
         self.oom_rows: int | None = None  # lowered after running out of memory, kept for later batches
         self._chunk: tuple[tuple[int, ...], int] | None = None  # (passes, images) of the forward in flight

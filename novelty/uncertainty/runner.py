@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 
 KINDS = ("detection", "segmentation")
 # CPU convolutions slow down per image once a forward's activations leave the cache:
-# measured on a 320x320 detector, 8 rows run at 2.8 ms/image, 32 rows at 6 ms/image.
-CPU_PIXELS_PER_FORWARD = 1 << 20
+# measured on a 320x320 detector (2-core EPYC, 32 MB L3), 8 rows run at 2.8 ms/image,
+# 32 rows at 6 ms/image; at 128x128 the knee is between 40 and 64 rows.
+CPU_PIXELS_PER_FORWARD = 1 << 19
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,8 @@ def resolve_device(device: str) -> torch.device:
 
 def auto_rows(images, device: torch.device) -> int | None:
     """Rows per forward when ``max_batch`` is None: all T*B on a GPU (halved on out of
-    memory); on the CPU about ``CPU_PIXELS_PER_FORWARD`` input pixels (10 images of
-    320x320, 4 of 512x512), at least one."""
+    memory); on the CPU about ``CPU_PIXELS_PER_FORWARD`` input pixels (5 images of
+    320x320, 32 of 128x128), at least one."""
     if device.type != "cpu":
         return None
     shapes = [images.shape] if isinstance(images, torch.Tensor) else [x.shape for x in images]

@@ -1,0 +1,128 @@
+"""MC-dropout uncertainty throughput (images/s): T passes as one batched forward vs loops.
+
+    python benchmarks/uncertainty_throughput.py --device cpu --batch-size 8 --n 32 --size 320
+
+A small single-stage CNN detector (stride-16 backbone with BatchNorm, a dropout head,
+3 anchors per cell, top 100 boxes per image; about 0.36 GMAC per 320x320 image; random
+weights, since speed does not depend on them) scores --n random images with T in
+{5, 10, 20} passes, four ways that draw the same masks and so give the same scores:
+
+  batched   the batch repeated T times, [T*B, 3, H, W], ONE forward (max_batch = T*B;
+            the default on a GPU)
+  auto      the default (max_batch = None): on the CPU, forwards of about 1 Mpixel
+            of input (CPU_PIXELS_PER_FORWARD), on a GPU the same as batched
+  per-pass  T forwards of the batch (max_batch = B)
+  per-image T*B forwards of one image (max_batch = 1): the naive loop
+
+Figures are images/s end to end through ``score_batches`` (forwards + box matching
+and scoring), the best of --repeat runs. `max|d|` is the largest score difference between
+the three ways (float rounding only).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from novelty.uncertainty import UncertaintyCfg, score_batches  # noqa: E402
+
+
+def conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class SmallDetector(nn.Module):
+    """Single-stage detector, torchvision-style output with ``probs``."""
+
+    def __init__(self, num_classes: int = 2, anchors: int = 3, p: float = 0.2, top: int = 100):
+        super().__init__()
+        self.C, self.A, self.top, self.stride = num_classes, anchors, top, 16
+        self.backbone = nn.Sequential(conv_bn(3, 24, 2), conv_bn(24, 32, 2), conv_bn(32, 32, 1),
+                                      conv_bn(32, 64, 2), conv_bn(64, 64, 1), conv_bn(64, 128, 2), conv_bn(128, 128, 1))
+        self.neck = nn.Sequential(nn.Dropout(p), conv_bn(128, 128, 1), nn.Dropout(p))
+        self.head = nn.Conv2d(128, anchors * (1 + num_classes + 4), 1)
+        nn.init.constant_(self.head.bias, -1.0)
+        self.sizes = torch.tensor([32.0, 64.0, 128.0])[:anchors]
+
+    def forward(self, images):
+        x = torch.stack(list(images)) if isinstance(images, (list, tuple)) else images
+        o = self.head(self.neck(self.backbone(x)))  # [N, A*(1+C+4), h, w]
+        N, _, h, w = o.shape
+        o = o.reshape(N, self.A, 1 + self.C + 4, h, w).permute(0, 3, 4, 1, 2).reshape(N, -1, 1 + self.C + 4)
+        ys, xs = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
+        ctr = (torch.stack([xs, ys], -1).reshape(-1, 1, 2).float() + 0.5) * self.stride  # [h*w, 1, 2]
+        half = self.sizes.to(x.device).reshape(1, -1, 1) / 2  # [1, A, 1]
+        anchors = torch.cat([ctr - half, ctr + half], -1).reshape(-1, 4)  # [h*w*A, 4]
+        scores = torch.sigmoid(o[..., 0])
+        probs = torch.softmax(o[..., 1:1 + self.C], -1)
+        boxes = anchors + o[..., 1 + self.C:] * self.stride
+        k = min(self.top, scores.shape[1])
+        idx = scores.topk(k, dim=1).indices  # [N, k]
+        out = []
+        for i in range(N):
+            j = idx[i]
+            out.append({"boxes": boxes[i, j], "scores": scores[i, j], "labels": probs[i, j].argmax(-1), "probs": probs[i, j]})
+        return out
+
+
+def run(model, images: torch.Tensor, batch: int, passes: int, max_batch: int | None, device: str) -> np.ndarray:
+    batches = [(list(range(i, min(i + batch, len(images)))), images[i:i + batch]) for i in range(0, len(images), batch)]
+    cfg = UncertaintyCfg(kind="detection", passes=passes, device=device, max_batch=max_batch)
+    return np.array([r.score for r in score_batches(model, batches, cfg)])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--n", type=int, default=32, help="images per measurement")
+    ap.add_argument("--size", type=int, nargs="+", default=[320])
+    ap.add_argument("--passes", type=int, nargs="+", default=[5, 10, 20])
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    torch.manual_seed(0)
+    model = SmallDetector().to(device).eval()
+    dev = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    for size in args.size:
+        bench(model, size, args, device, dev)
+
+
+def bench(model, size: int, args, device: str, dev: str) -> None:
+    images = torch.rand(args.n, 3, size, size, generator=torch.Generator().manual_seed(0))
+    B = args.batch_size
+    run(model, images[:B], B, 2, None, device)  # warm up
+    print(f"\nSmallDetector {size}x{size}, B={B}, n={args.n}, device: {dev}, torch {torch.__version__}")
+    print(f"{'T':>3} | {'batched':>8} | {'auto':>8} | {'per-pass':>8} | {'per-image':>9} | "
+          f"{'best / per-image':>16} | {'max|d|':>7}")
+    for T in args.passes:
+        modes = {"batched": T * B, "auto": None, "per-pass": B, "per-image": 1}
+        best, scores = {}, {}
+        for name, mb in modes.items():
+            times = []
+            for _ in range(args.repeat):
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                scores[name] = run(model, images, B, T, mb, device)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            best[name] = args.n / min(times)
+        diff = max(np.abs(scores[m] - scores["batched"]).max() for m in modes)
+        top = max(("batched", "auto", "per-pass"), key=best.get)
+        print(f"{T:>3} | {best['batched']:>8.1f} | {best['auto']:>8.1f} | {best['per-pass']:>8.1f} | "
+              f"{best['per-image']:>9.1f} | {best[top] / best['per-image']:>6.2f}x {top:>9} | {diff:>7.1e}")
+
+if __name__ == "__main__":
+    main()
