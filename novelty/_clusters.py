@@ -40,17 +40,18 @@ class PoolClusters:
         return np.diff(self.starts)
 
 
-def _lloyd(X: np.ndarray, k: int, iters: int, seed: int) -> np.ndarray:
-    """k centroids [k, d] float32 of the rows X [s, d] (faiss k-means)."""
-    import faiss
-
+def _lloyd(X: np.ndarray, k: int, iters: int, rng: np.random.Generator) -> np.ndarray:
+    """k centroids [k, d] float32 of the rows X [s, d]: Lloyd from k random rows (numpy
+    only: OpenMP libraries here would fight numpy's BLAS threads for the cores)."""
     k = min(k, len(X))
-    if k <= 1:
-        return X.mean(axis=0, keepdims=True).astype(np.float32)
-    km = faiss.Kmeans(X.shape[1], k, niter=iters, seed=seed, verbose=False,
-                      min_points_per_centroid=1, max_points_per_centroid=1 << 30)
-    km.train(np.ascontiguousarray(X, dtype=np.float32))
-    return km.centroids
+    C = X[np.sort(rng.choice(len(X), k, replace=False))].copy()
+    for _ in range(iters):
+        lab = _assign(X, C)
+        onehot = (lab[None, :] == np.arange(k)[:, None]).astype(np.float32)  # [k, s]
+        cnt = onehot.sum(axis=1)
+        nz = cnt > 0  # an empty cluster keeps its centroid
+        C[nz] = (onehot[nz] @ X) / cnt[nz, None]
+    return C
 
 
 def _assign(X: np.ndarray, C: np.ndarray) -> np.ndarray:
@@ -70,7 +71,7 @@ def cluster_pool(x: np.ndarray, inv: np.ndarray, size: int = 256, iters: int = 6
     k = max(1, round(n / size))
     k1 = max(1, min(k, math.ceil(math.sqrt(k))))
     # coarse cells
-    C1 = _lloyd(unit_rows(x, inv, _sample(rng, np.arange(n), 64 * k1)), k1, iters, seed)
+    C1 = _lloyd(unit_rows(x, inv, _sample(rng, np.arange(n), 64 * k1)), k1, iters, rng)
     cell = np.empty(n, np.int64)
     for s in range(0, n, BLOCK):
         cell[s:s + BLOCK] = _assign(unit_rows(x, inv, slice(s, s + BLOCK)), C1)
@@ -87,7 +88,7 @@ def cluster_pool(x: np.ndarray, inv: np.ndarray, size: int = 256, iters: int = 6
         if kj == 1:
             label[idx] = offset
         else:
-            C = _lloyd(unit_rows(x, inv, _sample(rng, idx, 32 * kj)), kj, iters, seed + j)
+            C = _lloyd(unit_rows(x, inv, _sample(rng, idx, 32 * kj)), kj, iters, rng)
             for s in range(0, len(idx), BLOCK):
                 part = idx[s:s + BLOCK]
                 label[part] = offset + _assign(unit_rows(x, inv, part), C)

@@ -28,7 +28,7 @@ import logging
 import numpy as np
 
 from ._clusters import PoolClusters, cluster_chunks
-from ._rows import unit_rows
+from ._rows import torch_threads, unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -77,45 +77,27 @@ def nearest_plain(x: np.ndarray, inv: np.ndarray, Y: np.ndarray, radius: float |
 
 
 class Screen:
-    """bf16 screen of buffered pool rows against all labeled rows (mechanism 2)."""
+    """bf16 screen of pool rows against all labeled rows (mechanism 2). Torch only."""
 
-    def __init__(self, Y: np.ndarray, radius: float | None, res: Results, rows: int = 4096):
+    def __init__(self, Y: np.ndarray, radius: float | None, res: Results):
         import torch
 
-        self.torch, self.Y, self.radius, self.res, self.cap = torch, Y, radius, res, rows
+        self.torch, self.radius, self.res = torch, radius, res
         m, d = Y.shape
         self.d, self.dp = d, (d + 1 + 15) // 16 * 16  # room for the offset column, padded
-        Yt = torch.from_numpy(Y)
-        Yb = Yt.to(torch.bfloat16)
-        self.dy_max = float((Yb.float() - Yt).norm(dim=1).max())
+        self.Y = torch.from_numpy(Y)
+        Yb = self.Y.to(torch.bfloat16)
+        self.dy_max = float((Yb.float() - self.Y).norm(dim=1).max())
         self.ny_max = float(Yb.float().norm(dim=1).max())
         self.Ya = torch.zeros(m, self.dp, dtype=torch.bfloat16)
         self.Ya[:, :d] = Yb
         self.Ya[:, d] = -1.0
         self.tol = dot_tol(d)
-        self.buf: list[tuple] = []
-        self.held = 0
         self.screened = self.recomputed = 0
 
-    def add(self, X: np.ndarray, where: np.ndarray, s0: np.ndarray) -> None:
-        """Rows X [b, d] (unit float32) for pool rows `where`; s0 [b]: an exact similarity
-        each row is known to reach (a lower bound on its best)."""
-        self.buf.append((X, where, s0))
-        self.held += len(X)
-        if self.held >= self.cap:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.buf:
-            return
-        X = np.concatenate([b[0] for b in self.buf])
-        where = np.concatenate([b[1] for b in self.buf])
-        s0 = np.concatenate([b[2] for b in self.buf])
-        self.buf, self.held = [], 0
-        for s in range(0, len(X), 512):  # blocks that stay in cache for the post-processing
-            self._screen(X[s:s + 512], where[s:s + 512], s0[s:s + 512])
-
-    def _screen(self, X: np.ndarray, where: np.ndarray, s0: np.ndarray) -> None:
+    def run(self, X: np.ndarray, where: np.ndarray, s0: np.ndarray) -> None:
+        """Rows X [b, d] (unit float32) of pool rows `where`; s0 [b]: an exact similarity
+        each row is known to reach (a lower bound on its best). Fills res for them."""
         torch, d = self.torch, self.d
         Xt = torch.from_numpy(X)
         Xb = Xt.to(torch.bfloat16)
@@ -134,38 +116,27 @@ class Screen:
         top_v, top_i = torch.topk(out, k, dim=1)
         vmax = top_v[:, 0].float()
         best_lb = torch.maximum(torch.from_numpy(s0) - self.tol, cf + vmax - E - U * vmax.abs() - self.tol)
-        lo = self._lower(best_lb - cf - E, U)  # out >= lo: y may reach the best
+        lo = _lower(best_lb - cf - E, U)  # out >= lo: y may reach the best
         if self.radius is not None:
-            lo = torch.minimum(lo, self._lower((1.0 - self.radius - 2 * self.tol) - cf - E, U))
-        full = top_v[:, -1].float() >= lo  # rows whose candidates may not all be in the top k
-        keep = top_v.float() >= lo[:, None]
-        r, j = keep.nonzero(as_tuple=True)
+            lo = torch.minimum(lo, _lower((1.0 - self.radius - 2 * self.tol) - cf - E, U))
+        r, j = (top_v.float() >= lo[:, None]).nonzero(as_tuple=True)
         cols = top_i[r, j]
-        r, cols = r.numpy(), cols.numpy()
-        if bool(full.any()) and k < out.shape[1]:
-            fr = full.nonzero(as_tuple=True)[0]
-            r2, c2 = (out[fr].float() >= lo[fr, None]).nonzero(as_tuple=True)
-            rr, cc = fr[r2].numpy(), c2.numpy()
-            drop = np.isin(r, rr)
-            r, cols = np.concatenate([r[~drop], rr]), np.concatenate([cols[~drop], cc])
-        o = np.lexsort((cols, r))  # by row, then labeled index
+        full = (top_v[:, -1].float() >= lo).nonzero(as_tuple=True)[0]  # may hold more than k
+        if len(full) and k < out.shape[1]:
+            r2, c2 = (out[full].float() >= lo[full, None]).nonzero(as_tuple=True)
+            drop = torch.isin(r, full)
+            r, cols = torch.cat([r[~drop], full[r2]]), torch.cat([cols[~drop], c2])
+        o = torch.argsort(r * out.shape[1] + cols)  # by row, then labeled index
         r, cols = r[o], cols[o]
-        self._recompute(X, where, r, cols)
+        S = torch.empty(len(r))
+        for s in range(0, len(r), 8192):
+            S[s:s + 8192] = (Xt[r[s:s + 8192]] * self.Y[cols[s:s + 8192]]).sum(dim=1)
+        self._merge(where, r.numpy(), cols.numpy(), S.numpy(), len(X))
         self.screened += len(X)
         self.recomputed += len(r)
 
-    @staticmethod
-    def _lower(t, U):
-        """The least value v with v + E + U|v| >= t + E (t already has E subtracted)."""
-        import torch
-
-        return torch.minimum(t / (1 + U), t / (1 - U))
-
-    def _recompute(self, X, where, r, cols) -> None:
-        assert len(r) and np.array_equal(np.unique(r), np.arange(len(X))), "every screened row keeps its best"
-        S = np.empty(len(r), np.float32)
-        for s in range(0, len(r), 8192):
-            S[s:s + 8192] = np.einsum("ij,ij->i", X[r[s:s + 8192]], self.Y[cols[s:s + 8192]])
+    def _merge(self, where, r, cols, S, b) -> None:
+        assert len(r) and np.array_equal(np.unique(r), np.arange(b)), "every screened row keeps its best"
         seg = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])  # first pair of each row
         smax = np.maximum.reduceat(S, seg)
         first = np.where(S == np.repeat(smax, np.diff(np.r_[seg, len(r)])), cols, np.iinfo(np.int64).max)
@@ -175,14 +146,37 @@ class Screen:
             self.res.count[where] = np.add.reduceat(within(S, self.radius).astype(np.int32), seg)
 
 
+def _lower(t, U):
+    """The least v that may satisfy v + U|v| >= t (E already moved into t)."""
+    import torch
+
+    return torch.minimum(t / (1 + U), t / (1 - U))
+
+
 def nearest_pruned(x: np.ndarray, inv: np.ndarray, Y: np.ndarray, cl: PoolClusters, radius: float | None,
                    res: Results, k0: int = 8, screen_share: float = 0.4) -> dict:
     """Fill `res` for every pool row (mechanisms 1 and 2). -> counters for the log."""
+    with torch_threads(1):  # numpy products, torch casts
+        far, s0, pairs = _tiers(x, inv, Y, cl, radius, res, k0, screen_share)
+    with torch_threads(None):  # torch only
+        screen = Screen(Y, radius, res)
+        for s in range(0, len(far), 512):
+            rows = cl.perm[far[s:s + 512]]
+            screen.run(unit_rows(x, inv, rows), rows, s0[s:s + 512])
+    n, m = len(x), len(Y)
+    stats = {"pruned_pairs_share": pairs / max(1, n * m), "screened_rows_share": screen.screened / max(1, n),
+             "recomputed_per_screened_row": screen.recomputed / max(1, screen.screened)}
+    log.debug("nearest-labeled pruned: %s", stats)
+    return stats
+
+
+def _tiers(x, inv, Y, cl: PoolClusters, radius, res: Results, k0: int, screen_share: float):
+    """Mechanism 1. -> (positions left for the screen, their known similarity, pairs computed)."""
     m, d = Y.shape
     k0 = min(k0, m)
     y2 = np.einsum("ij,ij->i", Y, Y)
     r2 = 2 * radius + ETA if radius is not None else 0.0
-    screen = Screen(Y, radius, res)
+    far, far_s0 = [], []
     pairs = 0
     for c0, c1 in cluster_chunks(cl.starts, 8192):
         s0, s1 = cl.starts[c0], cl.starts[c1]
@@ -194,8 +188,7 @@ def nearest_pruned(x: np.ndarray, inv: np.ndarray, Y: np.ndarray, cl: PoolCluste
         for c in range(c0, c1):
             lo, hi = cl.starts[c] - s0, cl.starts[c + 1] - s0
             Xc, e = X[lo:hi], Elo[c - c0]
-            S0 = Xc @ Y[near[c - c0]].T  # [nc, k0]
-            best0 = S0.max(axis=1)
+            best0 = (Xc @ Y[near[c - c0]].T).max(axis=1)  # [nc]
             ub2 = np.maximum(np.maximum(2 - 2 * best0, 0) + ETA, r2)
             t = cl.a[s0 + lo:s0 + hi] + np.sqrt(ub2)  # y with e_y >= t cannot matter to x
             o = np.argsort(t, kind="stable")
@@ -207,15 +200,13 @@ def nearest_pruned(x: np.ndarray, inv: np.ndarray, Y: np.ndarray, cl: PoolCluste
                 mem = np.sort(o[prev:cut])
                 prev = cut
                 cand = np.flatnonzero(e < t[o[cut - 1]])  # ascending labeled indices
-                where = cl.perm[s0 + lo + mem]
                 if len(cand) > screen_share * m:
-                    screen.add(Xc[mem], where, best0[mem])
+                    far.append(s0 + lo + mem)
+                    far_s0.append(best0[mem])
                 else:
-                    res.put_block(where, Xc[mem] @ Y[cand].T, cand, radius)
+                    res.put_block(cl.perm[s0 + lo + mem], Xc[mem] @ Y[cand].T, cand, radius)
                     pairs += len(mem) * len(cand)
-    screen.flush()
-    n = len(x)
-    stats = {"pruned_pairs_share": pairs / max(1, n * m), "screened_rows_share": screen.screened / max(1, n),
-             "recomputed_per_screened_row": screen.recomputed / max(1, screen.screened)}
-    log.debug("nearest-labeled pruned: %s", stats)
-    return stats
+    far = np.concatenate(far) if far else np.zeros(0, np.int64)
+    o = np.argsort(far)
+    s0 = np.concatenate(far_s0).astype(np.float32) if far_s0 else np.zeros(0, np.float32)
+    return far[o], s0[o], pairs

@@ -32,10 +32,10 @@ DONE = np.iinfo(np.int32).max  # `applied` of a picked row: never stale
 
 class LazyGreedy:
     def __init__(self, x: np.ndarray, inv: np.ndarray, cl: PoolClusters, d0: np.ndarray,
-                 w: np.ndarray | None, budget: int, centers: np.ndarray | None = None):
+                 w: np.ndarray | None, budget: int, centers: np.ndarray | None = None, ahead: int = 16):
         """d0 [n] in pool order (exact w.r.t. the centers so far); centers [t, d] unit rows
         of picks already applied to every row (the no-labeled first pick)."""
-        self.x, self.inv, self.cl = x, inv, cl
+        self.x, self.inv, self.cl, self.ahead = x, inv, cl, ahead
         n, dim = x.shape
         self.perm, self.starts = cl.perm, cl.starts
         self.dp = np.ascontiguousarray(d0[cl.perm], dtype=np.float32)  # [n] by position
@@ -52,6 +52,10 @@ class LazyGreedy:
         self.sizes = cl.sizes
         self.pmax, self.parg = self._seg_max(self.pp)
         self.dmax, self.darg = self._seg_max(self.dp)
+        # picks already tested against cluster c's bound, and those that passed (with the bound)
+        self.checked = np.full(cl.k, t0, np.int64)
+        self.live = [np.zeros(0, np.int64)] * cl.k
+        self.live_lb = [np.zeros(0, np.float32)] * cl.k
         self.work = 0  # row x pick distances computed
         self.refreshes = 0
 
@@ -79,13 +83,16 @@ class LazyGreedy:
             i = int(varg[c])
             if self.applied[i] >= self.t:
                 return i
+            # refresh every stale row that could win within the next few steps: those
+            # reaching the `ahead`-th largest cluster maximum (at least the runner-up's)
             if len(vmax) > 1:
                 keep, vmax[c] = vmax[c], -np.inf
-                second = vmax.max()
+                k = len(vmax) - min(self.ahead, len(vmax) - 1)
+                floor = np.partition(vmax, k)[k]
                 vmax[c] = keep
             else:
-                second = -np.inf
-            self._refresh(c, vals, second)
+                floor = -np.inf
+            self._refresh(c, vals, floor)
 
     def _refresh(self, c: int, vals: np.ndarray, floor: float) -> None:
         """Apply the pending picks to the rows of cluster c whose value reaches `floor`."""
@@ -93,22 +100,43 @@ class LazyGreedy:
         s0, s1 = self.starts[c], self.starts[c + 1]
         sel = s0 + np.flatnonzero((vals[s0:s1] >= floor) & (self.applied[s0:s1] < t))
         self.refreshes += 1
-        since = self.applied[sel]
-        for u in np.unique(since):
-            g = sel[since == u]
-            Pn = self.P[u:t]  # [k, dim] pending picks
-            q2 = cl.mu2[c] + self.P2[u:t] - 2 * (Pn @ cl.mu[c])
-            lb = np.maximum(np.sqrt(np.maximum(q2 - ETA, 0)) - cl.r[c], 0)
-            live = np.flatnonzero(0.5 * lb * lb < self.dp[g].max())
-            if len(live):
-                X = unit_rows(self.x, self.inv, self.perm[g])  # [b, dim]
-                S = X @ Pn[live].T
-                nd = np.maximum(np.float32(1.0) - S.max(axis=1), np.float32(0.0))
-                self.dp[g] = np.minimum(self.dp[g], nd)
-                self.pp[g] = self.dp[g] if self.wp is None else self.wp[g] * self.dp[g]
-                self.work += len(g) * len(live)
-            self.applied[g] = t
+        if len(sel):
+            live, live_lb = self._live(c)
+            since = self.applied[sel]
+            u0 = since.min()
+            groups = [(u0, sel)] if u0 == since.max() else [(u, sel[since == u]) for u in np.unique(since)]
+            for u, g in groups:
+                d = self.dp[g]
+                use = live[(live >= u) & (live_lb < d.max())] if len(live) else live
+                if len(use):
+                    X = unit_rows(self.x, self.inv, self.perm[g])  # [b, dim]
+                    S = X @ self.P[use].T  # [b, k]
+                    d = np.minimum(d, np.maximum(np.float32(1.0) - S.max(axis=1), np.float32(0.0)))
+                    self.dp[g] = d
+                    self.pp[g] = d if self.wp is None else self.wp[g] * d
+                    self.work += len(g) * len(use)
+                self.applied[g] = t
         self._recount(c)
+
+    def _live(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """Picks that may still lower a distance in cluster c: p is dropped once the
+        bound (||mu_c - p|| - r_c)^2 / 2 reaches the cluster's max d (which only falls)."""
+        cl, t = self.cl, self.t
+        dmax = self.dmax[c]
+        live, lb = self.live[c], self.live_lb[c]
+        keep = lb < dmax
+        if self.checked[c] < t:
+            new = np.arange(self.checked[c], t)
+            q2 = cl.mu2[c] + self.P2[new] - 2 * (self.P[new] @ cl.mu[c])
+            e = np.maximum(np.sqrt(np.maximum(q2 - ETA, 0)) - cl.r[c], 0)
+            nlb = 0.5 * e * e
+            ok = nlb < dmax
+            live, lb = np.concatenate([live[keep], new[ok]]), np.concatenate([lb[keep], nlb[ok]])
+            self.checked[c] = t
+        elif not keep.all():
+            live, lb = live[keep], lb[keep]
+        self.live[c], self.live_lb[c] = live, lb
+        return live, lb
 
     def pick(self, i: int) -> tuple[int, float, float]:
         """Make position i a center. -> (pool row, priority, d) at pick time."""

@@ -12,9 +12,12 @@ state their triangle-inequality bounds in Euclidean distance and convert.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 
 BLOCK = 16384  # rows per block: 32 MiB of float32 at d = 512
+SMALL = 1 << 15  # elements below which numpy's cast beats torch's call overhead
 
 
 def cast_f32(x: np.ndarray) -> np.ndarray:
@@ -23,13 +26,32 @@ def cast_f32(x: np.ndarray) -> np.ndarray:
     float16 goes through torch, whose vectorised cast is ~15x faster than numpy's."""
     if x.dtype == np.float32:
         return np.array(x, dtype=np.float32, order="C", copy=True)
-    if x.dtype != np.float16:
+    if x.dtype != np.float16 or x.size < SMALL:
         return np.ascontiguousarray(x, dtype=np.float32)
     import torch
 
     out = np.empty(x.shape, np.float32)
     torch.from_numpy(out).copy_(torch.from_numpy(np.ascontiguousarray(x)))
     return out
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Run a block with torch limited to n threads (None: leave as is).
+
+    numpy's OpenBLAS threads spin for a while after each product; torch's OpenMP
+    threads starting meanwhile on the same cores run ~10x slower. Code that interleaves
+    numpy products with torch calls (casts) runs torch on one thread; code that is torch
+    only keeps all of them. Imports torch."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield torch
+    finally:
+        torch.set_num_threads(before)
 
 
 def row_inv_norms(x: np.ndarray, block: int = BLOCK) -> np.ndarray:

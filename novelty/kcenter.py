@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._firstpass import Results, nearest_plain
-from ._rows import check_rows, row_inv_norms, unit_float32, unit_rows
+from ._rows import check_rows, row_inv_norms, torch_threads, unit_float32, unit_rows
 from .errors import ConfigError
 from .scores import NearestCfg, NearestResult, nearest_with
 
@@ -139,9 +139,6 @@ def kcenter_greedy(pool: np.ndarray, labeled: np.ndarray, budget: int, weights: 
 
 
 def _kcenter_cpu(pool, labeled, budget, w, cfg: KCenterCfg, nearest) -> KCenterResult:
-    from ._clusters import cluster_pool
-    from ._lazy import LazyGreedy
-
     t0 = time.perf_counter()
     n = len(pool)
     inv = row_inv_norms(pool)
@@ -152,6 +149,20 @@ def _kcenter_cpu(pool, labeled, budget, w, cfg: KCenterCfg, nearest) -> KCenterR
     nearest, clusters, d = _start(pool, inv, labeled, first, nearest)
     t1 = time.perf_counter()
     radius_before = float(d.max()) if len(labeled) else float("inf")
+    with torch_threads(1):  # numpy products below; torch only casts
+        tr, stats = _loops(pool, inv, labeled, d, w, budget, cfg, method, clusters)
+    stats["first_pass_s"] = t1 - t0
+    stats["loop_s"] = time.perf_counter() - t1
+    log.info("k-center greedy (%s): %d picks from %d rows in %.2fs (first pass %.2fs)",
+             method, budget, n, time.perf_counter() - t0, t1 - t0)
+    return KCenterResult(tr.picks, tr.priority, tr.dist, radius_before, tr.radius, nearest, stats)
+
+
+def _loops(pool, inv, labeled, d, w, budget, cfg, method, clusters):
+    from ._clusters import cluster_pool
+    from ._lazy import LazyGreedy
+
+    n = len(pool)
     tr = _Trace(budget)
     t = 0
     centers = None
@@ -162,29 +173,32 @@ def _kcenter_cpu(pool, labeled, budget, w, cfg: KCenterCfg, nearest) -> KCenterR
         d[i] = 0.0
         tr.put(0, i, np.inf, np.inf, float(d.max()))
         t = 1
-    stats = {"method": method, "first_pass_s": t1 - t0}
+    stats = {"method": method}
     if method == "pruned" and t < budget:
         if clusters is None:
             clusters = cluster_pool(pool, inv, cfg.cluster_size, seed=cfg.seed)
         lazy = LazyGreedy(pool, inv, clusters, d, w, budget, centers)
-        while t < budget:
-            row, prio, dist = lazy.pick(lazy.top(True))
-            tr.put(t, row, prio, dist, float(lazy.dp[lazy.top(False)]))
-            t += 1
-            if cfg.method == "auto" and t >= 64 and lazy.work > cfg.give_up * n * (t - (centers is not None)):
-                log.info("k-center: pruning does not pay here (%.0f%% of the plain work); plain loop from pick %d",
-                         100 * lazy.work / (n * t), t)
-                stats["fell_back_at"] = t
-                break
+        t = _lazy_loop(lazy, tr, t, budget, cfg, n, stats, centers is not None)
         stats.update(work_share=lazy.work / max(1, n * t), refreshes_per_pick=lazy.refreshes / max(1, t))
         if t < budget:
             d = lazy.exact_d()
     if t < budget:
         _plain_loop(pool, inv, d, w, tr, t, budget, cfg.max_plain_bytes)
-    stats["loop_s"] = time.perf_counter() - t1
-    log.info("k-center greedy (%s): %d picks from %d rows in %.2fs (first pass %.2fs)",
-             method, budget, n, time.perf_counter() - t0, t1 - t0)
-    return KCenterResult(tr.picks, tr.priority, tr.dist, radius_before, tr.radius, nearest, stats)
+    return tr, stats
+
+
+def _lazy_loop(lazy, tr: _Trace, t: int, budget: int, cfg: KCenterCfg, n: int, stats: dict, first: bool) -> int:
+    """Picks t..budget-1 with the pruned loop; stops early (returns t) past cfg.give_up."""
+    while t < budget:
+        row, prio, dist = lazy.pick(lazy.top(True))
+        tr.put(t, row, prio, dist, float(lazy.dp[lazy.top(False)]))
+        t += 1
+        if cfg.method == "auto" and t >= 64 and lazy.work > cfg.give_up * n * (t - first):
+            log.info("k-center: pruning does not pay here (%.0f%% of the plain work); plain loop from pick %d",
+                     100 * lazy.work / (n * t), t)
+            stats["fell_back_at"] = t
+            break
+    return t
 
 
 def _dist_to(x, inv, p, block: int = 16384) -> np.ndarray:
@@ -252,7 +266,8 @@ def kcenter_plain(pool: np.ndarray, labeled: np.ndarray, budget: int, weights: n
         tr.put(0, i, np.inf, np.inf, float(d.max()))
         t = 1
     radius_before = float(nearest.dist.max()) if len(labeled) else float("inf")
-    _plain_loop(pool, inv, d, w, tr, t, budget, max_bytes)
+    with torch_threads(1):
+        _plain_loop(pool, inv, d, w, tr, t, budget, max_bytes)
     stats = {"method": "plain", "first_pass_s": t1 - t0, "loop_s": time.perf_counter() - t1}
     return KCenterResult(tr.picks, tr.priority, tr.dist, radius_before, tr.radius, nearest, stats)
 

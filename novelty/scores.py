@@ -20,7 +20,7 @@ import numpy as np
 
 from ._clusters import PoolClusters, cluster_pool
 from ._firstpass import Results, nearest_plain, nearest_pruned
-from ._rows import check_rows, row_inv_norms, unit_float32, unit_rows
+from ._rows import check_rows, row_inv_norms, torch_threads, unit_float32, unit_rows
 from .errors import ConfigError
 
 __all__ = ["NearestCfg", "NearestResult", "nearest_labeled", "nearest_recall", "default_radius",
@@ -85,11 +85,13 @@ def nearest_with(x: np.ndarray, inv: np.ndarray, labeled: np.ndarray, radius: fl
         _nearest_ivf(x, inv, Y, radius, cfg, res)
         how = "IVF"
     elif cfg.method == "plain" or (cfg.method == "auto" and (n < 8 * cfg.cluster_size or m < 64)):
-        nearest_plain(x, inv, Y, radius, res)
+        with torch_threads(1):
+            nearest_plain(x, inv, Y, radius, res)
         how = "plain"
     else:
         if clusters is None:
-            clusters = cluster_pool(x, inv, cfg.cluster_size, seed=cfg.seed)
+            with torch_threads(1):
+                clusters = cluster_pool(x, inv, cfg.cluster_size, seed=cfg.seed)
         nearest_pruned(x, inv, Y, clusters, radius, res)
         how = "pruned"
     dist = np.maximum(np.float32(1.0) - res.sim, np.float32(0.0))

@@ -35,19 +35,6 @@ class SelectResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def covering_radius_after(pool: np.ndarray, nearest_dist: np.ndarray, picks: np.ndarray, block: int = 65536) -> float:
-    """Largest distance from a pool row to its nearest labeled-or-picked row, block-wise."""
-    if len(picks) == 0:
-        return float(np.max(nearest_dist)) if len(nearest_dist) else 0.0
-    C = scores.unit_float32(pool[np.sort(picks)])  # [B, d]
-    worst = 0.0
-    for s in range(0, len(pool), block):
-        X = scores.unit_float32(pool[s:s + block])
-        d = np.minimum(1.0 - (X @ C.T).max(axis=1), nearest_dist[s:s + block])
-        worst = max(worst, float(d.max()))
-    return max(worst, 0.0)
-
-
 def pool_uncertainty(store, pool_ids: np.ndarray, warnings: list[str]) -> tuple[np.ndarray | None, dict | None]:
     """The latest scores in pool order; images without one get the pool's mean (warned)."""
     latest = records.latest_uncertainty(store)
@@ -101,7 +88,7 @@ def select(root: Path, cfg: SelectCfg) -> SelectResult:
         if sel.radius_trace is not None and len(sel.radius_trace):
             radius_after = float(sel.radius_trace[-1])
         else:
-            radius_after = covering_radius_after(pool, nearest.dist, sel.picks)
+            radius_after = scores.covering_radius(pool, labeled, sel.picks)
         picks = sel.picks
         meta = store.describe(np.concatenate([pool_ids[picks], lab_ids[np.unique(nearest.idx[picks][nearest.idx[picks] >= 0])]]))
         rows = []
