@@ -197,10 +197,11 @@ class Store:
         shard_dir = self.root / SHARDS
         shard_dir.mkdir(exist_ok=True)
         known = {name for (name,) in self.db.execute("SELECT name FROM shards")}
-        for f in shard_dir.iterdir():
-            if f.name.endswith(".tmp") or (f.suffix == ".npy" and f.stem not in known):
-                log.info("removing %s left by an interrupted run", f.name)
-                f.unlink()
+        leftovers = [f for f in shard_dir.iterdir() if f.name.endswith(".tmp") or (f.suffix == ".npy" and f.stem not in known)]
+        leftovers += list(self.root.glob(f".{CATALOG}.*.tmp")) + list(self.root.glob(".*.json.*.tmp"))
+        for f in leftovers:
+            log.info("removing %s left by an interrupted run", f.name)
+            f.unlink()
 
     # ------------------------------------------------------------------ manifest
     @property
@@ -515,6 +516,14 @@ def create_store(root: Path) -> Store:
     if root.exists() and not root.is_dir():
         raise IndexMissingError(f"{root} exists and is not a directory")
     root.mkdir(parents=True, exist_ok=True)
+    if not (root / CATALOG).exists():
+        # the catalog never exists without its schema: a run killed here leaves nothing
+        tmp = root / f".{CATALOG}.{uuid.uuid4().hex[:8]}.tmp"
+        db = sqlite3.connect(tmp)
+        db.executescript(_SCHEMA)
+        db.commit()
+        db.close()
+        os.replace(tmp, root / CATALOG)
     return Store(root, writable=True)
 
 
