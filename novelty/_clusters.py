@@ -15,21 +15,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._rows import BLOCK, unit_rows
+from ._rows import BLOCK, bf16_bits, bf16_mm, blas_threads, unit_rows
 
 log = logging.getLogger(__name__)
 
 ROUND_UP = 1e-5  # added to every radius: covers float32 error in ||x - mu||
+SAMPLE = 8  # training rows per cluster
+ITERS = (4, 2)  # Lloyd iterations: coarse cells, clusters inside a cell
 
 
 @dataclass
 class PoolClusters:
     perm: np.ndarray  # [n] int64: the pool row at each position; a cluster's members are contiguous, ascending
     starts: np.ndarray  # [K + 1] int64: cluster c holds positions starts[c]:starts[c + 1]
-    mu: np.ndarray  # [K, d] float32: mean of the members' unit rows
-    mu2: np.ndarray  # [K] float32: ||mu||^2
-    a: np.ndarray  # [n] float32: ||x - mu|| of the row at each position, rounded up
-    r: np.ndarray  # [K] float32: max of a over the members
+    # filled by chunk_stats (in the first pass, which reads the rows anyway) or ensure_stats
+    mu: np.ndarray | None = None  # [K, d] float32: mean of the members' unit rows
+    mu2: np.ndarray | None = None  # [K] float32: ||mu||^2
+    a: np.ndarray | None = None  # [n] float32: ||x - mu|| of the row at each position, rounded up
+    r: np.ndarray | None = None  # [K] float32: max of a over the members
 
     @property
     def k(self) -> int:
@@ -60,50 +63,80 @@ def _assign(X: np.ndarray, C: np.ndarray) -> np.ndarray:
     return np.argmax(X @ C.T - half, axis=1)
 
 
+def _with_bias(X: np.ndarray, bias: np.ndarray | float) -> np.ndarray:
+    """bfloat16 bits [b, d + 16]: the rows of X and, in an extra column, `bias`."""
+    A = np.zeros((len(X), X.shape[1] + 16), np.uint16)
+    A[:, :-16] = bf16_bits(X)
+    A[:, -16] = bf16_bits(np.broadcast_to(np.float32(bias), (len(X),)))
+    return A
+
+
+def _assign_bf16(Xa: np.ndarray, Ca: np.ndarray) -> np.ndarray:
+    """_assign through one bfloat16 product (torch) on Xa = _with_bias(X, 1) and
+    Ca = _with_bias(C, -|c|^2 / 2): about the nearest centroid, which is all an assignment
+    needs (the bounds are computed afterwards, exactly, from the members)."""
+    return bf16_mm(Xa, Ca, pad_b=True).argmax(dim=1).numpy().astype(np.int64)
+
+
+def _centroids_bf16(C: np.ndarray) -> np.ndarray:
+    return _with_bias(C, -0.5 * np.einsum("ij,ij->i", C, C))
+
+
 def _sample(rng: np.random.Generator, idx: np.ndarray, cap: int) -> np.ndarray:
     return idx if len(idx) <= cap else np.sort(rng.choice(idx, cap, replace=False))
 
 
-def cluster_pool(x: np.ndarray, inv: np.ndarray, size: int = 256, iters: int = 6, seed: int = 0) -> PoolClusters:
-    """Cluster the rows of x ([n, d], inv from row_inv_norms) into about n / size clusters."""
+MAX_CLUSTERS = 4096
+
+
+def auto_size(n: int, size: int = 0) -> int:
+    """Rows per cluster: `size` when > 0, else max(48, n / 4096): bounds need clusters about
+    as fine as the data's own structure, whose scale does not grow with n, while the
+    per-cluster bookkeeping grows with their number."""
+    return size if size > 0 else max(48, -(-n // MAX_CLUSTERS))
+
+
+def cluster_pool(x: np.ndarray, inv: np.ndarray, size: int = 0, seed: int = 0) -> PoolClusters:
+    """Cluster the rows of x ([n, d], inv from row_inv_norms) into about n / size clusters
+    (size 0: auto_size). Centroids and radii are left to chunk_stats / ensure_stats."""
+    with blas_threads(1):  # numpy: small products on one thread; torch: the big ones
+        return _cluster_pool(x, inv, auto_size(len(x), size), seed)
+
+
+def _cluster_pool(x: np.ndarray, inv: np.ndarray, size: int, seed: int) -> PoolClusters:
     n, d = x.shape
     rng = np.random.default_rng(seed)
     k = max(1, round(n / size))
     k1 = max(1, min(k, math.ceil(math.sqrt(k))))
-    # coarse cells
-    C1 = _lloyd(unit_rows(x, inv, _sample(rng, np.arange(n), 64 * k1)), k1, iters, rng)
-    cell = np.empty(n, np.int64)
-    for s in range(0, n, BLOCK):
-        cell[s:s + BLOCK] = _assign(unit_rows(x, inv, slice(s, s + BLOCK)), C1)
-    # clusters inside each cell
-    label = np.empty(n, np.int64)
-    order = np.argsort(cell, kind="stable")
-    bounds = np.searchsorted(cell[order], np.arange(len(C1) + 1))
-    offset = 0
+    # train on one sample: coarse cells, then clusters inside each cell
+    S = unit_rows(x, inv, _sample(rng, np.arange(n), max(64 * k1, SAMPLE * k)))  # [s, d]
+    C1 = _lloyd(S, k1, ITERS[0], rng)
+    s_cell = _assign(S, C1)
+    fine, offset = [], [0]
     for j in range(len(C1)):
-        idx = order[bounds[j]:bounds[j + 1]]  # ascending pool rows
-        if len(idx) == 0:
-            continue
-        kj = max(1, round(len(idx) / size))
-        if kj == 1:
-            label[idx] = offset
-        else:
-            C = _lloyd(unit_rows(x, inv, _sample(rng, idx, 32 * kj)), kj, iters, rng)
-            for s in range(0, len(idx), BLOCK):
-                part = idx[s:s + BLOCK]
-                label[part] = offset + _assign(unit_rows(x, inv, part), C)
-        offset += kj
+        Sj = S[s_cell == j]
+        kj = max(1, min(len(Sj), round(k * len(Sj) / len(S))))
+        fine.append(_lloyd(Sj, kj, ITERS[1], rng) if len(Sj) else C1[j:j + 1])
+        offset.append(offset[-1] + len(fine[-1]))
+    # assign every row in one pass
+    C1a, finea = _centroids_bf16(C1), [_centroids_bf16(F) for F in fine]
+    label = np.empty(n, np.int64)
+    for s in range(0, n, 2 * BLOCK):
+        Xa = np.concatenate([_with_bias(unit_rows(x, inv, slice(s + h, min(n, s + h + BLOCK, s + 2 * BLOCK))), 1.0)
+                             for h in range(0, min(2 * BLOCK, n - s), BLOCK)])
+        cell = _assign_bf16(Xa, C1a)
+        o = np.argsort(cell, kind="stable")
+        Xa, heads = Xa[o], np.searchsorted(cell[o], np.arange(len(C1) + 1))
+        for j in np.flatnonzero(np.diff(heads)):
+            a, b = heads[j], heads[j + 1]
+            label[s + o[a:b]] = offset[j] + (_assign_bf16(Xa[a:b], finea[j]) if len(fine[j]) > 1 else 0)
     # compact labels, order positions by (cluster, pool row)
     used, label = np.unique(label, return_inverse=True)
     perm = np.argsort(label, kind="stable")
     sizes = np.bincount(label, minlength=len(used))
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    mu, a = _member_stats(x, inv, perm, starts)
-    r = np.zeros(len(sizes), np.float32)
-    np.maximum.at(r, np.repeat(np.arange(len(sizes)), sizes), a)
-    log.debug("pool clusters: %d (sizes %d..%d), radius median %.3f max %.3f",
-              len(sizes), sizes.min(), sizes.max(), float(np.median(r)), float(r.max()))
-    return PoolClusters(perm, starts, mu, np.einsum("ij,ij->i", mu, mu), a, r)
+    log.debug("pool clusters: %d (sizes %d..%d)", len(sizes), sizes.min(), sizes.max())
+    return PoolClusters(perm, starts)
 
 
 def cluster_chunks(starts: np.ndarray, rows: int = BLOCK):
@@ -117,17 +150,30 @@ def cluster_chunks(starts: np.ndarray, rows: int = BLOCK):
         c0 = min(c1, K)
 
 
-def _member_stats(x: np.ndarray, inv: np.ndarray, perm: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Centroids [K, d] (member means) and ||x - mu|| [n] at each position, exact in float32."""
-    K = len(starts) - 1
-    mu = np.empty((K, x.shape[1]), np.float32)
-    a = np.empty(len(perm), np.float32)
-    for c0, c1 in cluster_chunks(starts):
-        s0, s1 = starts[c0], starts[c1]
-        X = unit_rows(x, inv, perm[s0:s1])  # [b, d]
-        local = starts[c0:c1] - s0
-        sizes = np.diff(starts[c0:c1 + 1])
-        mu[c0:c1] = np.add.reduceat(X, local, axis=0) / sizes[:, None].astype(np.float32)
-        X -= np.repeat(mu[c0:c1], sizes, axis=0)
-        a[s0:s1] = np.sqrt(np.einsum("ij,ij->i", X, X)) + np.float32(ROUND_UP)
-    return mu, a
+def chunk_stats(cl: PoolClusters, c0: int, c1: int, X: np.ndarray) -> None:
+    """Centroid, member distances and radius of clusters c0..c1-1 from their unit rows
+    X [b, d] (positions starts[c0]:starts[c1]), exact in float32."""
+    if cl.mu is None:
+        K, n = cl.k, len(cl.perm)
+        cl.mu, cl.mu2 = np.empty((K, X.shape[1]), np.float32), np.empty(K, np.float32)
+        cl.a, cl.r = np.empty(n, np.float32), np.empty(K, np.float32)
+    import torch
+
+    s0, s1 = cl.starts[c0], cl.starts[c1]
+    sizes = np.diff(cl.starts[c0:c1 + 1])
+    heads = cl.starts[c0:c1] - s0
+    slot = torch.from_numpy(np.repeat(np.arange(c1 - c0), sizes))
+    Xt = torch.from_numpy(X)
+    mu = torch.zeros(c1 - c0, X.shape[1]).index_add_(0, slot, Xt) / torch.from_numpy(sizes.astype(np.float32))[:, None]
+    a = (Xt - mu[slot]).norm(dim=1).numpy() + np.float32(ROUND_UP)
+    mu = mu.numpy()
+    cl.mu[c0:c1], cl.mu2[c0:c1] = mu, np.einsum("ij,ij->i", mu, mu)
+    cl.a[s0:s1], cl.r[c0:c1] = a, np.maximum.reduceat(a, heads)
+
+
+def ensure_stats(cl: PoolClusters, x: np.ndarray, inv: np.ndarray) -> PoolClusters:
+    """Fill the centroids and radii if the first pass did not."""
+    if cl.mu is None:
+        for c0, c1 in cluster_chunks(cl.starts):
+            chunk_stats(cl, c0, c1, unit_rows(x, inv, cl.perm[cl.starts[c0]:cl.starts[c1]]))
+    return cl

@@ -27,15 +27,18 @@ import logging
 
 import numpy as np
 
-from ._clusters import PoolClusters, cluster_chunks
-from ._rows import torch_threads, unit_rows
+from ._clusters import PoolClusters, chunk_stats, cluster_chunks
+from ._rows import bf16_bits, bf16_mm, bf16_value, blas_threads, unit_rows
 
 log = logging.getLogger(__name__)
 
 ETA = 2e-4  # slack on squared Euclidean distances obtained through dot products (float32 error)
 U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8-bit significand)
-TIERS = (0.5, 0.8, 0.95, 1.0)  # member quantiles of the threshold that split a cluster into tiers
+HIST = 128  # bins per unit of Euclidean distance in the per-cluster histogram of e
 TOPK = 16  # screened candidates read per row before falling back to a full row scan
+# rough costs on one core (ns): gathering a labeled row, a float32 pair in a small product,
+# a pair in the bf16 screen (a large product, top-k and recomputation included)
+GATHER_NS, PAIR_NS, SCREEN_PAIR_NS = 100.0, 10.0, 3.0
 
 
 def dot_tol(d: int) -> float:
@@ -51,10 +54,17 @@ def within(S: np.ndarray, radius: float) -> np.ndarray:
 class Results:
     """Best similarity, its labeled index and the radius count per pool row."""
 
-    def __init__(self, n: int, with_count: bool):
+    def __init__(self, n: int, with_count: bool, mult: np.ndarray | None = None):
         self.sim = np.full(n, -np.inf, np.float32)
         self.idx = np.full(n, -1, np.int64)
         self.count = np.zeros(n, np.int32) if with_count else None
+        self.mult = mult  # [m] int32 copies of each (deduplicated) labeled row, or None
+
+    def counts(self, hit: np.ndarray, cols: np.ndarray | None) -> np.ndarray:
+        """hit [b, k] bool (labeled cols within the radius) -> labeled rows counted [b]."""
+        if self.mult is None:
+            return hit.sum(axis=1)
+        return hit.astype(np.int32) @ (self.mult if cols is None else self.mult[cols])
 
     def put_block(self, rows, S: np.ndarray, cols: np.ndarray | None, radius: float | None):
         """Rows `rows` (pool indices) from a dense similarity block S [b, k] over labeled cols."""
@@ -62,11 +72,11 @@ class Results:
         self.sim[rows] = S[np.arange(len(S)), j]
         self.idx[rows] = j if cols is None else cols[j]
         if self.count is not None:
-            self.count[rows] = within(S, radius).sum(axis=1)
+            self.count[rows] = self.counts(within(S, radius), cols)
 
 
 def nearest_plain(x: np.ndarray, inv: np.ndarray, Y: np.ndarray, radius: float | None, res: Results,
-                  rows: np.ndarray | None = None, max_elems: int = 1 << 25) -> None:
+                  rows: np.ndarray | None = None, max_elems: int = 1 << 22) -> None:
     """Chunked float32 product against all labeled rows: the reference."""
     n = len(x) if rows is None else len(rows)
     step = max(64, min(8192, max_elems // max(1, len(Y))))
@@ -77,62 +87,85 @@ def nearest_plain(x: np.ndarray, inv: np.ndarray, Y: np.ndarray, radius: float |
 
 
 class Screen:
-    """bf16 screen of pool rows against all labeled rows (mechanism 2). Torch only."""
+    """bf16 screen of pool rows against all labeled rows (mechanism 2): one torch GEMM
+    and a top-k per block; the bounds and the float32 recomputation in numpy."""
 
-    def __init__(self, Y: np.ndarray, radius: float | None, res: Results):
+    def __init__(self, Y: np.ndarray, radius: float | None, res: Results, rows: int = 512):
         import torch
 
-        self.torch, self.radius, self.res = torch, radius, res
+        self.torch, self.radius, self.res, self.Y = torch, radius, res, Y
         m, d = Y.shape
         self.d, self.dp = d, (d + 1 + 15) // 16 * 16  # room for the offset column, padded
-        self.Y = torch.from_numpy(Y)
-        Yb = self.Y.to(torch.bfloat16)
-        self.dy_max = float((Yb.float() - self.Y).norm(dim=1).max())
-        self.ny_max = float(Yb.float().norm(dim=1).max())
-        self.Ya = torch.zeros(m, self.dp, dtype=torch.bfloat16)
-        self.Ya[:, :d] = Yb
-        self.Ya[:, d] = -1.0
+        Yb = bf16_bits(Y)
+        err = bf16_value(Yb) - Y
+        self.dy = np.sqrt(np.einsum("ij,ij->i", err, err))  # [m] |y~ - y|
+        self.ny = np.linalg.norm(bf16_value(Yb), axis=1)  # [m] |y~|
+        self.dy_max, self.ny_max = float(self.dy.max()), float(self.ny.max())
+        Ya = np.zeros((m, self.dp), np.uint16)
+        Ya[:, :d] = Yb
+        Ya[:, d] = bf16_bits(np.float32(-1.0))
+        self.Ya, self.Yb = Ya, Yb  # bf16 bits [m, dp] (with the offset column), [m, d]
+        self.Xa = np.zeros((rows, self.dp), np.uint16)
         self.tol = dot_tol(d)
         self.screened = self.recomputed = 0
 
-    def run(self, X: np.ndarray, where: np.ndarray, s0: np.ndarray) -> None:
-        """Rows X [b, d] (unit float32) of pool rows `where`; s0 [b]: an exact similarity
-        each row is known to reach (a lower bound on its best). Fills res for them."""
-        torch, d = self.torch, self.d
-        Xt = torch.from_numpy(X)
-        Xb = Xt.to(torch.bfloat16)
-        dx = (Xb.float() - Xt).norm(dim=1)
-        c = torch.from_numpy(s0).to(torch.bfloat16)  # offset: the known similarity, rounded
-        cf = c.float()
-        Xa = torch.zeros(len(X), self.dp, dtype=torch.bfloat16)
-        Xa[:, :d] = Xb
-        Xa[:, d] = c
-        out = Xa @ self.Ya.T  # [b, m] bf16: x~.y~ - c, rounded
-        # |out - (x.y - c)| <= E + U |out| for every element
-        E = (dx * self.ny_max + self.dy_max * Xt.norm(dim=1)
-             + self.tol * (Xb.float().norm(dim=1) * self.ny_max + cf.abs()) + 1e-6)
+    def dot_upper(self, M: np.ndarray) -> np.ndarray:
+        """Upper bounds [k, m] on M @ Y.T for rows M [k, d] (any norm), from one bf16 product:
+        |m~.y~ - m.y| <= |m~ - m| |y~| + |m| |y~ - y| (+ accumulation), + the output rounding."""
+        Mb = bf16_bits(M)
+        Mv = bf16_value(Mb)
+        err = Mv - M
+        nm = np.sqrt(np.einsum("ij,ij->i", M, M))
+        nmb = np.sqrt(np.einsum("ij,ij->i", Mv, Mv))
+        E = (np.sqrt(np.einsum("ij,ij->i", err, err)) * self.ny_max + nm * self.dy_max
+             + self.tol * nmb * self.ny_max + 1e-6)
         U = U_BF16 / (1 - U_BF16)
+        bound = (nmb * self.ny_max)[:, None]  # |out| <= |m~| |y~| (1 + U), rounding <= U of that
+        out = bf16_mm(Mb, self.Yb).float().numpy()  # [k, m]
+        out += (E + U * (1 + U) * bound[:, 0])[:, None]
+        return out
+
+    def run(self, X: np.ndarray, where: np.ndarray, s0: np.ndarray) -> None:
+        """Rows X [b, d] (unit float32, b <= rows) of pool rows `where`; s0 [b]: an exact
+        similarity each row is known to reach (a lower bound on its best). Fills res."""
+        torch, d, b = self.torch, self.d, len(X)
+        Xb = bf16_bits(X)
+        Xv = bf16_value(Xb)
+        err = Xv - X
+        dx = np.sqrt(np.einsum("ij,ij->i", err, err))
+        cb = bf16_bits(s0)  # offset: the known similarity, rounded
+        cf = bf16_value(cb).astype(np.float64)
+        Xa = self.Xa[:b]
+        Xa[:, :d] = Xb
+        Xa[:, d] = cb
+        out = bf16_mm(Xa, self.Ya)  # [b, m] bf16: x~.y~ - c, rounded
         k = min(TOPK, out.shape[1])
         top_v, top_i = torch.topk(out, k, dim=1)
-        vmax = top_v[:, 0].float()
-        best_lb = torch.maximum(torch.from_numpy(s0) - self.tol, cf + vmax - E - U * vmax.abs() - self.tol)
+        top_v, top_i = top_v.float().numpy().astype(np.float64), top_i.numpy()
+        # |out - (x.y - c)| <= E + U |out| for every element
+        nx = np.sqrt(np.einsum("ij,ij->i", X, X)).astype(np.float64)
+        nxb = np.sqrt(np.einsum("ij,ij->i", Xv, Xv)).astype(np.float64)
+        E = dx * self.ny_max + self.dy_max * nx + self.tol * (nxb * self.ny_max + np.abs(cf)) + 1e-6
+        U = U_BF16 / (1 - U_BF16)
+        vmax = top_v[:, 0]
+        best_lb = np.maximum(s0.astype(np.float64) - self.tol, cf + vmax - E - U * np.abs(vmax) - self.tol)
         lo = _lower(best_lb - cf - E, U)  # out >= lo: y may reach the best
         if self.radius is not None:
-            lo = torch.minimum(lo, _lower((1.0 - self.radius - 2 * self.tol) - cf - E, U))
-        r, j = (top_v.float() >= lo[:, None]).nonzero(as_tuple=True)
+            lo = np.minimum(lo, _lower((1.0 - self.radius - 2 * self.tol) - cf - E, U))
+        r, j = np.nonzero(top_v >= lo[:, None])
         cols = top_i[r, j]
-        full = (top_v[:, -1].float() >= lo).nonzero(as_tuple=True)[0]  # may hold more than k
+        full = np.flatnonzero(top_v[:, -1] >= lo)  # rows that may have more than k candidates
         if len(full) and k < out.shape[1]:
-            r2, c2 = (out[full].float() >= lo[full, None]).nonzero(as_tuple=True)
-            drop = torch.isin(r, full)
-            r, cols = torch.cat([r[~drop], full[r2]]), torch.cat([cols[~drop], c2])
-        o = torch.argsort(r * out.shape[1] + cols)  # by row, then labeled index
+            r2, c2 = np.nonzero(out[torch.from_numpy(full)].float().numpy() >= lo[full, None])
+            drop = np.isin(r, full)
+            r, cols = np.concatenate([r[~drop], full[r2]]), np.concatenate([cols[~drop], c2])
+        o = np.lexsort((cols, r))  # by row, then labeled index
         r, cols = r[o], cols[o]
-        S = torch.empty(len(r))
+        S = np.empty(len(r), np.float32)
         for s in range(0, len(r), 8192):
-            S[s:s + 8192] = (Xt[r[s:s + 8192]] * self.Y[cols[s:s + 8192]]).sum(dim=1)
-        self._merge(where, r.numpy(), cols.numpy(), S.numpy(), len(X))
-        self.screened += len(X)
+            S[s:s + 8192] = np.einsum("ij,ij->i", X[r[s:s + 8192]], self.Y[cols[s:s + 8192]])
+        self._merge(where, r, cols, S, b)
+        self.screened += b
         self.recomputed += len(r)
 
     def _merge(self, where, r, cols, S, b) -> None:
@@ -143,23 +176,22 @@ class Screen:
         self.res.sim[where] = smax
         self.res.idx[where] = np.minimum.reduceat(first, seg)
         if self.res.count is not None:
-            self.res.count[where] = np.add.reduceat(within(S, self.radius).astype(np.int32), seg)
+            w = within(S, self.radius).astype(np.int32)
+            self.res.count[where] = np.add.reduceat(w if self.res.mult is None else w * self.res.mult[cols], seg)
 
 
 def _lower(t, U):
     """The least v that may satisfy v + U|v| >= t (E already moved into t)."""
-    import torch
-
-    return torch.minimum(t / (1 + U), t / (1 - U))
+    return np.minimum(t / (1 + U), t / (1 - U))
 
 
 def nearest_pruned(x: np.ndarray, inv: np.ndarray, Y: np.ndarray, cl: PoolClusters, radius: float | None,
-                   res: Results, k0: int = 8, screen_share: float = 0.4) -> dict:
-    """Fill `res` for every pool row (mechanisms 1 and 2). -> counters for the log."""
-    with torch_threads(1):  # numpy products, torch casts
-        far, s0, pairs = _tiers(x, inv, Y, cl, radius, res, k0, screen_share)
-    with torch_threads(None):  # torch only
+                   res: Results, k0: int = 8, screen_all: bool = False) -> dict:
+    """Fill `res` for every pool row (mechanisms 1 and 2; screen_all: 2 only, for tests).
+    -> counters for the log."""
+    with blas_threads(1):  # numpy: many small products; torch: the large ones
         screen = Screen(Y, radius, res)
+        far, s0, pairs = _tiers(x, inv, Y, cl, radius, res, k0, screen_all, screen)
         for s in range(0, len(far), 512):
             rows = cl.perm[far[s:s + 512]]
             screen.run(unit_rows(x, inv, rows), rows, s0[s:s + 512])
@@ -170,7 +202,7 @@ def nearest_pruned(x: np.ndarray, inv: np.ndarray, Y: np.ndarray, cl: PoolCluste
     return stats
 
 
-def _tiers(x, inv, Y, cl: PoolClusters, radius, res: Results, k0: int, screen_share: float):
+def _tiers(x, inv, Y, cl: PoolClusters, radius, res: Results, k0: int, screen_all: bool, screen: Screen):
     """Mechanism 1. -> (positions left for the screen, their known similarity, pairs computed)."""
     m, d = Y.shape
     k0 = min(k0, m)
@@ -178,34 +210,48 @@ def _tiers(x, inv, Y, cl: PoolClusters, radius, res: Results, k0: int, screen_sh
     r2 = 2 * radius + ETA if radius is not None else 0.0
     far, far_s0 = [], []
     pairs = 0
+    have_stats = cl.mu is not None
     for c0, c1 in cluster_chunks(cl.starts, 8192):
         s0, s1 = cl.starts[c0], cl.starts[c1]
         X = unit_rows(x, inv, cl.perm[s0:s1])  # [b, d]
-        E2 = cl.mu2[c0:c1, None] + y2[None, :] - 2 * (cl.mu[c0:c1] @ Y.T)  # [kc, m]
-        Elo = np.sqrt(np.maximum(E2 - ETA, 0))
+        if not have_stats:
+            chunk_stats(cl, c0, c1, X)
+        Elo = np.sqrt(np.maximum(cl.mu2[c0:c1, None] + y2[None, :] - 2 * screen.dot_upper(cl.mu[c0:c1]) - ETA, 0))
         near = np.argpartition(Elo, k0 - 1, axis=1)[:, :k0] if k0 < m else np.broadcast_to(np.arange(m), (c1 - c0, m))
         near = np.sort(near, axis=1)
+        # per cluster, the cumulative histogram of e (counts rounded up at any threshold)
+        q = np.minimum((Elo * HIST).astype(np.int64), 3 * HIST) + (3 * HIST + 1) * np.arange(c1 - c0)[:, None]
+        cum = np.cumsum(np.bincount(q.ravel(), minlength=(c1 - c0) * (3 * HIST + 1)).reshape(c1 - c0, -1), axis=1)
         for c in range(c0, c1):
             lo, hi = cl.starts[c] - s0, cl.starts[c + 1] - s0
             Xc, e = X[lo:hi], Elo[c - c0]
             best0 = (Xc @ Y[near[c - c0]].T).max(axis=1)  # [nc]
             ub2 = np.maximum(np.maximum(2 - 2 * best0, 0) + ETA, r2)
             t = cl.a[s0 + lo:s0 + hi] + np.sqrt(ub2)  # y with e_y >= t cannot matter to x
+            # tiers: members sorted by t, cut where the candidate count grows 4-fold, so near
+            # members do not pay for far ones; each tier goes to float32 on its candidates
+            # (a gather, then a small product) or to the bf16 screen, whichever costs less
             o = np.argsort(t, kind="stable")
-            prev = 0
-            for q in TIERS:
-                cut = max(prev + 1, int(np.ceil(q * len(o))))
-                if cut > len(o) or prev >= len(o):
-                    break
-                mem = np.sort(o[prev:cut])
-                prev = cut
-                cand = np.flatnonzero(e < t[o[cut - 1]])  # ascending labeled indices
-                if len(cand) > screen_share * m:
-                    far.append(s0 + lo + mem)
-                    far_s0.append(best0[mem])
-                else:
+            ts = t[o]
+            cnt = cum[c - c0][np.minimum((ts * HIST).astype(np.int64), 3 * HIST)]
+            cuts = np.r_[0, np.flatnonzero(np.diff(np.floor(np.log2(cnt + 1.0) / 2))) + 1, len(o)]
+            size = np.diff(cuts)
+            exact = cnt[cuts[1:] - 1] * (GATHER_NS + size * PAIR_NS) <= size * m * SCREEN_PAIR_NS
+            if screen_all:
+                exact[:] = False
+            if exact.any():
+                last = cuts[1:][exact][-1] - 1
+                pool_c = np.flatnonzero(e < ts[last])  # candidates of the widest exact tier
+                e_c = e[pool_c]
+            for j in range(len(size)):
+                mem = np.sort(o[cuts[j]:cuts[j + 1]])
+                if exact[j]:
+                    cand = pool_c[e_c < ts[cuts[j + 1] - 1]]  # ascending labeled indices
                     res.put_block(cl.perm[s0 + lo + mem], Xc[mem] @ Y[cand].T, cand, radius)
                     pairs += len(mem) * len(cand)
+                else:
+                    far.append(s0 + lo + mem)
+                    far_s0.append(best0[mem])
     far = np.concatenate(far) if far else np.zeros(0, np.int64)
     o = np.argsort(far)
     s0 = np.concatenate(far_s0).astype(np.float32) if far_s0 else np.zeros(0, np.float32)

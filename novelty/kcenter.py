@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._clusters import auto_size
 from ._firstpass import Results, nearest_plain
-from ._rows import check_rows, row_inv_norms, torch_threads, unit_float32, unit_rows
+from ._rows import blas_threads, check_rows, duplicate_groups, row_inv_norms, torch_threads, unit_float32, unit_rows
 from .errors import ConfigError
 from .scores import NearestCfg, NearestResult, nearest_with
 
@@ -38,7 +39,7 @@ METHODS = ("auto", "pruned", "plain")
 class KCenterCfg:
     device: str = "auto"  # auto: the torch loop on CUDA when present, else the CPU path | cpu | cuda
     method: str = "auto"  # CPU path: auto (pruned, plain when pruning does not pay) | pruned | plain
-    cluster_size: int = 256  # pool rows per cluster for the bounds
+    cluster_size: int = 0  # pool rows per cluster for the bounds; 0: max(48, n / 4096)
     give_up: float = 0.5  # auto: switch to the plain loop past this share of its work
     max_plain_bytes: int = 1 << 30  # float32 copy of the pool the plain loop may hold; else block-wise
     first_pass: NearestCfg = NearestCfg()  # when no `nearest` is passed
@@ -54,6 +55,26 @@ class KCenterResult:
     radius_trace: np.ndarray  # [B] float32 covering radius (max_i d_i) after each pick
     nearest: NearestResult  # the first pass used
     stats: dict = field(default_factory=dict)  # method, seconds, work share
+
+
+class _Dups:
+    """Bitwise-identical pool rows have equal d in exact arithmetic, but float32 products
+    at different positions of a GEMM can round them apart. When the argmax lands in such
+    a group, the pick goes to the group's unpicked row of largest weight, ties to the
+    lower index: the exact-arithmetic answer."""
+
+    def __init__(self, x: np.ndarray, w: np.ndarray | None):
+        self.groups = duplicate_groups(x)
+        self.of = {int(j): rep for rep, mem in self.groups.items() for j in mem}
+        self.w = w
+
+    def resolve(self, i: int, picked) -> int:
+        """picked(rows) -> bool mask."""
+        rep = self.of.get(i)
+        if rep is None:
+            return i
+        free = self.groups[rep][~picked(self.groups[rep])]
+        return int(free[0] if self.w is None else free[np.argmax(self.w[free])])
 
 
 class _Trace:
@@ -142,15 +163,14 @@ def _kcenter_cpu(pool, labeled, budget, w, cfg: KCenterCfg, nearest) -> KCenterR
     t0 = time.perf_counter()
     n = len(pool)
     inv = row_inv_norms(pool)
-    small = n < 8 * cfg.cluster_size
+    small = n < 8 * auto_size(n, cfg.cluster_size)
     method = "plain" if cfg.method == "plain" or (cfg.method == "auto" and small) else "pruned"
     first = NearestCfg(**{**cfg.first_pass.__dict__, "cluster_size": cfg.cluster_size, "seed": cfg.seed,
                           **({} if method == "pruned" else {"method": "plain"})})
     nearest, clusters, d = _start(pool, inv, labeled, first, nearest)
     t1 = time.perf_counter()
     radius_before = float(d.max()) if len(labeled) else float("inf")
-    with torch_threads(1):  # numpy products below; torch only casts
-        tr, stats = _loops(pool, inv, labeled, d, w, budget, cfg, method, clusters)
+    tr, stats = _loops(pool, inv, labeled, d, w, budget, cfg, method, clusters)
     stats["first_pass_s"] = t1 - t0
     stats["loop_s"] = time.perf_counter() - t1
     log.info("k-center greedy (%s): %d picks from %d rows in %.2fs (first pass %.2fs)",
@@ -159,7 +179,7 @@ def _kcenter_cpu(pool, labeled, budget, w, cfg: KCenterCfg, nearest) -> KCenterR
 
 
 def _loops(pool, inv, labeled, d, w, budget, cfg, method, clusters):
-    from ._clusters import cluster_pool
+    from ._clusters import cluster_pool, ensure_stats
     from ._lazy import LazyGreedy
 
     n = len(pool)
@@ -167,9 +187,10 @@ def _loops(pool, inv, labeled, d, w, budget, cfg, method, clusters):
     t = 0
     centers = None
     if len(labeled) == 0:
-        i = first_pick(pool, inv, w)
-        centers = unit_rows(pool, inv, np.array([i]))
-        d = _dist_to(pool, inv, centers[0])
+        with torch_threads(1):
+            i = first_pick(pool, inv, w)
+            centers = unit_rows(pool, inv, np.array([i]))
+            d = _dist_to(pool, inv, centers[0])
         d[i] = 0.0
         tr.put(0, i, np.inf, np.inf, float(d.max()))
         t = 1
@@ -177,20 +198,34 @@ def _loops(pool, inv, labeled, d, w, budget, cfg, method, clusters):
     if method == "pruned" and t < budget:
         if clusters is None:
             clusters = cluster_pool(pool, inv, cfg.cluster_size, seed=cfg.seed)
+        ensure_stats(clusters, pool, inv)
         lazy = LazyGreedy(pool, inv, clusters, d, w, budget, centers)
-        t = _lazy_loop(lazy, tr, t, budget, cfg, n, stats, centers is not None)
-        stats.update(work_share=lazy.work / max(1, n * t), refreshes_per_pick=lazy.refreshes / max(1, t))
-        if t < budget:
-            d = lazy.exact_d()
+        with blas_threads(1):  # small products: one thread is faster (torch keeps its own)
+            t = _lazy_loop(lazy, tr, t, budget, cfg, stats, centers is not None, _Dups(pool, w))
+            stats.update(work_share=lazy.work / max(1, n * t), refreshes_per_pick=lazy.refreshes / max(1, t))
+            if t < budget:
+                d = lazy.exact_d()
     if t < budget:
-        _plain_loop(pool, inv, d, w, tr, t, budget, cfg.max_plain_bytes)
+        with torch_threads(1):  # numpy's threads do the products; torch only casts
+            _plain_loop(pool, inv, d, w, tr, t, budget, cfg.max_plain_bytes)
     return tr, stats
 
 
-def _lazy_loop(lazy, tr: _Trace, t: int, budget: int, cfg: KCenterCfg, n: int, stats: dict, first: bool) -> int:
+def _lazy_loop(lazy, tr: _Trace, t: int, budget: int, cfg: KCenterCfg, stats: dict, first: bool, dups: _Dups) -> int:
     """Picks t..budget-1 with the pruned loop; stops early (returns t) past cfg.give_up."""
+    from ._lazy import DONE
+
+    n = len(lazy.perm)
+    if dups.groups:
+        pos = np.empty(n, np.int64)
+        pos[lazy.perm] = np.arange(n)
     while t < budget:
-        row, prio, dist = lazy.pick(lazy.top(True))
+        i = lazy.top(True)
+        if dups.groups:
+            row = dups.resolve(int(lazy.perm[i]), lambda rows: lazy.applied[pos[rows]] == DONE)
+            row, prio, dist = lazy.pick(int(pos[row]), d_at=float(lazy.dp[i]))
+        else:
+            row, prio, dist = lazy.pick(i)
         tr.put(t, row, prio, dist, float(lazy.dp[lazy.top(False)]))
         t += 1
         if cfg.method == "auto" and t >= 64 and lazy.work > cfg.give_up * n * (t - first):
@@ -216,6 +251,9 @@ def _plain_loop(x, inv, d, w, tr: _Trace, t: int, budget: int, max_bytes: int, b
     X = unit_rows(x, inv) if n * dim * 4 <= max_bytes else None  # [n, d] or block-wise
     prio = np.empty(n, np.float32)
     nd = np.empty(n, np.float32)
+    dups = _Dups(x, w)
+    picked = np.zeros(n, bool)
+    picked[tr.picks[:t]] = True
     while t < budget:
         if w is None:
             prio[:] = d
@@ -223,8 +261,11 @@ def _plain_loop(x, inv, d, w, tr: _Trace, t: int, budget: int, max_bytes: int, b
             np.multiply(w, d, out=prio)
         prio[tr.picks[:t]] = -np.inf
         i = int(np.argmax(prio))
+        d_i = float(d[i])
+        i = dups.resolve(i, picked.__getitem__)
+        prio_i = d_i if w is None else float(w[i] * np.float32(d_i))
+        picked[i] = True
         p = X[i].copy() if X is not None else unit_rows(x, inv, np.array([i]))[0]
-        prio_i, d_i = float(prio[i]), float(d[i])
         if X is not None:
             np.matmul(X, p, out=nd)
         else:
@@ -239,18 +280,23 @@ def _plain_loop(x, inv, d, w, tr: _Trace, t: int, budget: int, max_bytes: int, b
 
 
 def kcenter_plain(pool: np.ndarray, labeled: np.ndarray, budget: int, weights: np.ndarray | None = None,
-                  block: int = 8192, max_bytes: int = 4 << 30) -> KCenterResult:
-    """The plain reference: a chunked float32 GEMM first pass (block rows at a time), then
+                  max_elems: int = 1 << 24, max_bytes: int = 4 << 30) -> KCenterResult:
+    """The plain reference: a chunked float32 GEMM first pass (max_elems distances at a time), then
     one float32 matrix-vector product over the pool per pick (on a float32 copy of the
     pool when it fits in max_bytes, else re-reading it block-wise). Same definition and
     first pick as kcenter_greedy."""
+    with torch_threads(1):  # numpy's threads do the products; torch only casts
+        return _kcenter_plain(pool, labeled, budget, weights, max_elems, max_bytes)
+
+
+def _kcenter_plain(pool, labeled, budget, weights, max_elems, max_bytes) -> KCenterResult:
     t0 = time.perf_counter()
     pool, labeled, budget, w = _check(pool, labeled, budget, weights)
     n = len(pool)
     inv = row_inv_norms(pool)
     if len(labeled):
         res = Results(n, False)
-        nearest_plain(pool, inv, unit_float32(labeled), None, res, max_elems=block * len(labeled))
+        nearest_plain(pool, inv, unit_float32(labeled), None, res, max_elems=max_elems)
         d = np.maximum(np.float32(1.0) - res.sim, np.float32(0.0))
         nearest = NearestResult(d.copy(), res.idx, None)
     else:
@@ -266,8 +312,7 @@ def kcenter_plain(pool: np.ndarray, labeled: np.ndarray, budget: int, weights: n
         tr.put(0, i, np.inf, np.inf, float(d.max()))
         t = 1
     radius_before = float(nearest.dist.max()) if len(labeled) else float("inf")
-    with torch_threads(1):
-        _plain_loop(pool, inv, d, w, tr, t, budget, max_bytes)
+    _plain_loop(pool, inv, d, w, tr, t, budget, max_bytes)
     stats = {"method": "plain", "first_pass_s": t1 - t0, "loop_s": time.perf_counter() - t1}
     return KCenterResult(tr.picks, tr.priority, tr.dist, radius_before, tr.radius, nearest, stats)
 
@@ -308,6 +353,7 @@ def kcenter_torch(pool: np.ndarray, labeled: np.ndarray, budget: int, weights: n
         tr = _Trace(budget)
         picked = torch.zeros(n, dtype=torch.bool, device=dev)
         t = 0
+        dups = _Dups(pool, w)
         if len(labeled):
             d = torch.from_numpy(np.array(nearest.dist, dtype=np.float32)).to(dev)
         else:
@@ -318,7 +364,9 @@ def kcenter_torch(pool: np.ndarray, labeled: np.ndarray, budget: int, weights: n
                 prio = d.clone() if wt is None else wt * d
                 prio[picked] = -float("inf")
                 i = int(torch.argmax(prio))  # first max: the lower index
-                prio_i, d_i = float(prio[i]), float(d[i])
+                d_i = float(d[i])
+                i = dups.resolve(i, lambda rows: picked[torch.from_numpy(rows).to(dev)].cpu().numpy())
+                prio_i = d_i if w is None else float(w[i] * np.float32(d_i))
             else:
                 prio_i = d_i = float("inf")
             p = rows(i, i + 1)[0]

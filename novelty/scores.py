@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._clusters import PoolClusters, cluster_pool
+from ._clusters import PoolClusters, auto_size, cluster_pool
 from ._firstpass import Results, nearest_plain, nearest_pruned
-from ._rows import check_rows, row_inv_norms, torch_threads, unit_float32, unit_rows
+from ._rows import check_rows, row_inv_norms, torch_threads, unique_rows, unit_float32, unit_rows
 from .errors import ConfigError
 
 __all__ = ["NearestCfg", "NearestResult", "nearest_labeled", "nearest_recall", "default_radius",
@@ -29,6 +29,7 @@ __all__ = ["NearestCfg", "NearestResult", "nearest_labeled", "nearest_recall", "
 log = logging.getLogger(__name__)
 
 METHODS = ("auto", "pruned", "plain")
+PLAIN_BELOW = 50_000_000  # pool x labeled pairs under which the plain product is as fast
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class NearestCfg:
     nlist: int = 0  # IVF lists; 0: about 4 sqrt(m)
     nprobe: int = 16
     method: str = "auto"  # exact search: auto (pruned when it pays) | pruned | plain
-    cluster_size: int = 256  # pool rows per cluster for the pruned search
+    cluster_size: int = 0  # pool rows per cluster for the pruned search; 0: max(48, n / 4096)
     seed: int = 0
 
 
@@ -53,8 +54,8 @@ class NearestResult:
 def _check_cfg(cfg: NearestCfg) -> None:
     if cfg.method not in METHODS:
         raise ConfigError(f"unknown nearest-labeled method {cfg.method!r}; choose one of: {', '.join(METHODS)}")
-    if cfg.cluster_size < 1 or cfg.nprobe < 1 or cfg.nlist < 0:
-        raise ConfigError(f"cluster_size and nprobe must be >= 1 and nlist >= 0, got {cfg}")
+    if cfg.cluster_size < 0 or cfg.nprobe < 1 or cfg.nlist < 0:
+        raise ConfigError(f"cluster_size and nlist must be >= 0 and nprobe >= 1, got {cfg}")
 
 
 def nearest_labeled(pool: np.ndarray, labeled: np.ndarray, *, radius: float | None = None,
@@ -79,12 +80,14 @@ def nearest_with(x: np.ndarray, inv: np.ndarray, labeled: np.ndarray, radius: fl
         return NearestResult(np.full(n, np.inf, np.float32), np.full(n, -1, np.int64),
                              np.zeros(n, np.int32) if radius is not None else None, radius, False), clusters
     t0 = time.perf_counter()
-    Y = unit_float32(labeled)  # [m, d]
-    res = Results(n, radius is not None)
+    first, inverse, copies = unique_rows(labeled)  # identical labeled rows: one row, the lower index
+    dedup = len(first) < m
+    Y = unit_float32(labeled[first] if dedup else labeled)  # [u, d]
+    res = Results(n, radius is not None, copies.astype(np.int32) if dedup else None)
     if cfg.approximate:
         _nearest_ivf(x, inv, Y, radius, cfg, res)
         how = "IVF"
-    elif cfg.method == "plain" or (cfg.method == "auto" and (n < 8 * cfg.cluster_size or m < 64)):
+    elif cfg.method == "plain" or (cfg.method == "auto" and (n * len(Y) < PLAIN_BELOW or n < 8 * auto_size(n, cfg.cluster_size))):
         with torch_threads(1):
             nearest_plain(x, inv, Y, radius, res)
         how = "plain"
@@ -95,8 +98,9 @@ def nearest_with(x: np.ndarray, inv: np.ndarray, labeled: np.ndarray, radius: fl
         nearest_pruned(x, inv, Y, clusters, radius, res)
         how = "pruned"
     dist = np.maximum(np.float32(1.0) - res.sim, np.float32(0.0))
+    idx = first[res.idx] if dedup else res.idx
     log.info("nearest labeled (%s): %d x %d in %.2fs", how, n, m, time.perf_counter() - t0)
-    return NearestResult(dist, res.idx, res.count, radius, cfg.approximate), clusters
+    return NearestResult(dist, idx, res.count, radius, cfg.approximate), clusters
 
 
 def _nearest_ivf(x: np.ndarray, inv: np.ndarray, Y: np.ndarray, radius: float | None, cfg: NearestCfg,
@@ -109,6 +113,7 @@ def _nearest_ivf(x: np.ndarray, inv: np.ndarray, Y: np.ndarray, radius: float | 
     quantizer = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = cfg.seed
+    index.cp.min_points_per_centroid = 1  # nlist is ours to choose; no warning on stderr
     index.train(Y)
     index.add(Y)
     index.nprobe = min(cfg.nprobe, nlist)
@@ -121,8 +126,10 @@ def _nearest_ivf(x: np.ndarray, inv: np.ndarray, Y: np.ndarray, radius: float | 
             S = X[miss] @ Y.T
             res.sim[s + miss], res.idx[s + miss] = S.max(axis=1), S.argmax(axis=1)
         if radius is not None:
-            lims, _, _ = index.range_search(X, float(1.0 - radius) - 1e-7)
-            res.count[s:s + len(X)] = np.diff(lims)
+            lims, _, I = index.range_search(X, float(1.0 - radius) - 1e-7)
+            lims = lims.astype(np.int64)
+            w = np.ones(len(I), np.int64) if res.mult is None else res.mult[I]
+            res.count[s:s + len(X)] = np.add.reduceat(np.r_[w, 0], lims[:-1]) * (np.diff(lims) > 0)
 
 
 def nearest_recall(pool: np.ndarray, labeled: np.ndarray, cfg: NearestCfg = NearestCfg(approximate=True),
@@ -157,7 +164,7 @@ def default_radius(labeled: np.ndarray, quantile: float = 0.05, max_sample: int 
     rng = np.random.default_rng(seed)
     q = np.arange(m) if m <= max_sample else np.sort(rng.choice(m, max_sample, replace=False))
     best = np.empty(len(q), np.float32)
-    step = max(64, (1 << 25) // m)
+    step = max(64, (1 << 22) // m)
     for s in range(0, len(q), step):
         qi = q[s:s + step]
         S = Y[qi] @ Y.T  # [b, m]
