@@ -144,15 +144,19 @@ def worker(spec: dict) -> dict:
     elif what == "cover":
         out.update(radius=covering_radius(pool, lab, np.load(spec["picks_in"])))
     out["seconds"] = time.perf_counter() - t0
+    out["load"] = os.getloadavg()[0]
     out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["base_mb"] = base
     out["vectors_mb"] = (pool.nbytes + lab.nbytes) / 2**20
     return out
 
 
+THREADS: dict = {}  # environment for the workers (--threads)
+
+
 def spawn(**spec) -> dict:
     """Run worker(spec) in a fresh interpreter; -> its result."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, **THREADS, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec, default=str)],
                        capture_output=True, text=True, env=env)
     if p.returncode != 0:
@@ -183,14 +187,17 @@ def run_case(name: str, quick: bool, plain_picks: int) -> dict:
         rc = spawn(what="recall", **common)
         row.update(time_fast=ap["first_pass_s"], time_plain=ex["seconds"], radius_fast=ap["radius"],
                    radius_plain=fa["radius"], peak_mb=ap["peak_mb"], alg_mb=ap["peak_mb"] - ap["base_mb"],
-                   note=(f"first pass only: IVF (nlist~4sqrt(m), nprobe 16) vs exact; recall@1 {rc['recall']:.4f}; "
-                         f"radius before {ap['radius_before']:.4f} vs {ex['radius_before']:.4f}; "
-                         f"radii after {B} picks: IVF-seeded vs exact-seeded greedy"))
+                   load_fast=ap["load"], load_plain=ex["load"],
+                   note=(f"time fast = IVF first pass (nlist ~4 sqrt(m), nprobe 16), time plain = exact pruned "
+                         f"first pass; recall@1 {rc['recall']:.4f} on {rc['sample']} rows; radius before "
+                         f"{ap['radius_before']:.5f} (IVF) vs {ex['radius_before']:.5f} (exact); radius fast/plain = "
+                         f"after {B} picks of the greedy seeded with the IVF / the exact first pass"))
         return _finish(row)
     fa = spawn(what="fast", picks_out=out("fast"), **common)
     extrapolate = name == "clustered-1m" and not quick
     pl = spawn(what="plain", picks_out=out("plain"), **{**common, "budget": plain_picks if extrapolate else B})
     row.update(time_fast=fa["seconds"], radius_fast=fa["radius"], peak_mb=fa["peak_mb"],
+               load_fast=fa["load"], load_plain=pl["load"],
                alg_mb=fa["peak_mb"] - fa["base_mb"], vectors_mb=fa["vectors_mb"],
                fast_first_pass_s=fa["stats"]["first_pass_s"], fast_loop_s=fa["stats"]["loop_s"],
                fast_method=fa["stats"]["method"] + (f" (plain from pick {fa['stats']['fell_back_at']})"
@@ -244,11 +251,15 @@ def main(argv=None) -> None:
     ap.add_argument("--case", action="append", choices=list(SIZES), help="run only this case (repeatable)")
     ap.add_argument("--plain-picks", type=int, default=300, help="plain-loop picks measured at 1M")
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--threads", type=int, help="threads for numpy's BLAS and torch (default: theirs)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         print(json.dumps(worker(json.loads(a.worker))))
         return
+    if a.threads:
+        THREADS.update(OMP_NUM_THREADS=str(a.threads), OPENBLAS_NUM_THREADS=str(a.threads),
+                       MKL_NUM_THREADS=str(a.threads))
     rows = []
     for name in a.case or list(SIZES):
         t = time.perf_counter()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._rows import BLOCK, bf16_bits, bf16_mm, blas_threads, unit_rows
+from ._rows import BLOCK, bf16_bits, bf16_mm, blas_threads, torch_threads, unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +63,24 @@ def _assign(X: np.ndarray, C: np.ndarray) -> np.ndarray:
     return np.argmax(X @ C.T - half, axis=1)
 
 
-def _with_bias(X: np.ndarray, bias: np.ndarray | float) -> np.ndarray:
-    """bfloat16 bits [b, d + 16]: the rows of X and, in an extra column, `bias`."""
-    A = np.zeros((len(X), X.shape[1] + 16), np.uint16)
-    A[:, :-16] = bf16_bits(X)
-    A[:, -16] = bf16_bits(np.broadcast_to(np.float32(bias), (len(X),)))
-    return A
+def _assign_bf16(Xb: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """_assign through one bfloat16 product (torch) on Xb, bfloat16 bits of the rows:
+    about the nearest centroid, which is all an assignment needs (the bounds are computed
+    afterwards, exactly, from the members)."""
+    import torch
+
+    S = bf16_mm(Xb, bf16_bits(C), pad_b=True).float()
+    S -= torch.from_numpy(0.5 * np.einsum("ij,ij->i", C, C))
+    return S.argmax(dim=1).numpy().astype(np.int64)
 
 
-def _assign_bf16(Xa: np.ndarray, Ca: np.ndarray) -> np.ndarray:
-    """_assign through one bfloat16 product (torch) on Xa = _with_bias(X, 1) and
-    Ca = _with_bias(C, -|c|^2 / 2): about the nearest centroid, which is all an assignment
-    needs (the bounds are computed afterwards, exactly, from the members)."""
-    return bf16_mm(Xa, Ca, pad_b=True).argmax(dim=1).numpy().astype(np.int64)
+def _rows_bf16(x: np.ndarray, s: int, e: int) -> np.ndarray:
+    """bfloat16 bits of rows s:e as stored (about unit length: good enough to assign)."""
+    import torch
 
-
-def _centroids_bf16(C: np.ndarray) -> np.ndarray:
-    return _with_bias(C, -0.5 * np.einsum("ij,ij->i", C, C))
+    out = np.empty((e - s, x.shape[1]), np.uint16)
+    torch.from_numpy(out).view(torch.bfloat16).copy_(torch.from_numpy(np.ascontiguousarray(x[s:e])))
+    return out
 
 
 def _sample(rng: np.random.Generator, idx: np.ndarray, cap: int) -> np.ndarray:
@@ -99,7 +100,7 @@ def auto_size(n: int, size: int = 0) -> int:
 def cluster_pool(x: np.ndarray, inv: np.ndarray, size: int = 0, seed: int = 0) -> PoolClusters:
     """Cluster the rows of x ([n, d], inv from row_inv_norms) into about n / size clusters
     (size 0: auto_size). Centroids and radii are left to chunk_stats / ensure_stats."""
-    with blas_threads(1):  # numpy: small products on one thread; torch: the big ones
+    with blas_threads(1), torch_threads(1):  # one thread but for the large products (bf16_mm)
         return _cluster_pool(x, inv, auto_size(len(x), size), seed)
 
 
@@ -119,17 +120,15 @@ def _cluster_pool(x: np.ndarray, inv: np.ndarray, size: int, seed: int) -> PoolC
         fine.append(_lloyd(Sj, kj, ITERS[1], rng) if len(Sj) else C1[j:j + 1])
         offset.append(offset[-1] + len(fine[-1]))
     # assign every row in one pass
-    C1a, finea = _centroids_bf16(C1), [_centroids_bf16(F) for F in fine]
     label = np.empty(n, np.int64)
     for s in range(0, n, 2 * BLOCK):
-        Xa = np.concatenate([_with_bias(unit_rows(x, inv, slice(s + h, min(n, s + h + BLOCK, s + 2 * BLOCK))), 1.0)
-                             for h in range(0, min(2 * BLOCK, n - s), BLOCK)])
-        cell = _assign_bf16(Xa, C1a)
+        Xb = _rows_bf16(x, s, min(n, s + 2 * BLOCK))
+        cell = _assign_bf16(Xb, C1)
         o = np.argsort(cell, kind="stable")
-        Xa, heads = Xa[o], np.searchsorted(cell[o], np.arange(len(C1) + 1))
+        Xb, heads = Xb[o], np.searchsorted(cell[o], np.arange(len(C1) + 1))
         for j in np.flatnonzero(np.diff(heads)):
             a, b = heads[j], heads[j + 1]
-            label[s + o[a:b]] = offset[j] + (_assign_bf16(Xa[a:b], finea[j]) if len(fine[j]) > 1 else 0)
+            label[s + o[a:b]] = offset[j] + (_assign_bf16(Xb[a:b], fine[j]) if len(fine[j]) > 1 else 0)
     # compact labels, order positions by (cluster, pool row)
     used, label = np.unique(label, return_inverse=True)
     perm = np.argsort(label, kind="stable")
@@ -173,7 +172,9 @@ def chunk_stats(cl: PoolClusters, c0: int, c1: int, X: np.ndarray) -> None:
 
 def ensure_stats(cl: PoolClusters, x: np.ndarray, inv: np.ndarray) -> PoolClusters:
     """Fill the centroids and radii if the first pass did not."""
-    if cl.mu is None:
+    if cl.mu is not None:
+        return cl
+    with torch_threads(1):
         for c0, c1 in cluster_chunks(cl.starts):
             chunk_stats(cl, c0, c1, unit_rows(x, inv, cl.perm[cl.starts[c0]:cl.starts[c1]]))
     return cl

@@ -4,11 +4,14 @@ Two mechanisms, both exact on the unit float32 rows (see _rows):
 
 1. Triangle-inequality pruning over clusters of the pool (_clusters). For pool cluster
    c (centroid mu, member x at ||x - mu|| = a_x) and labeled y at e_y = ||y - mu||,
-   ||x - y|| >= e_y - a_x. Each member first gets an upper bound ub_x on its nearest
-   distance from the k0 labeled rows nearest to mu; then y can only matter to x when
-   e_y < a_x + ub_x (or a_x + the count radius). Members are split into tiers by that
-   threshold and each tier is multiplied, in float32, against the labeled rows inside
-   its threshold only. This settles rows near the labeled set.
+   ||x - y|| >= e_y - a_x. e_y comes from one bf16 product of the centroids with the
+   labeled rows, with its proven error taken off (a lower bound on e_y). Each member
+   first gets an upper bound ub_x on its nearest distance from the k0 labeled rows
+   nearest to mu; then y can only matter to x when e_y < a_x + ub_x (or a_x + the count
+   radius). Members are sorted by that threshold and cut into tiers where the number of
+   labeled rows it admits (estimated on a sample) grows 4-fold; a tier is multiplied in
+   float32 against the labeled rows inside its threshold only, or, when that would cost
+   more, sent to the screen. This settles rows near the labeled set.
 
 2. A bfloat16 screen with a proven error window for the rows the bounds cannot help
    (far from every labeled row, or unclustered data): one bf16 GEMM (fp32 accumulate,
@@ -28,14 +31,15 @@ import logging
 import numpy as np
 
 from ._clusters import PoolClusters, chunk_stats, cluster_chunks
-from ._rows import bf16_bits, bf16_mm, bf16_value, blas_threads, unit_rows
+from ._rows import bf16_bits, bf16_mm, bf16_value, blas_threads, torch_threads, unit_rows
 
 log = logging.getLogger(__name__)
 
 ETA = 2e-4  # slack on squared Euclidean distances obtained through dot products (float32 error)
 U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8-bit significand)
-HIST = 128  # bins per unit of Euclidean distance in the per-cluster histogram of e
-TOPK = 16  # screened candidates read per row before falling back to a full row scan
+PROBE = 512  # labeled rows sampled to estimate candidate counts when choosing tiers
+FEW = 256  # candidates under which a cluster is settled in one product, without tiers
+TOPK = 4  # screened candidates read per row before falling back to a full row scan
 # rough costs on one core (ns): gathering a labeled row, a float32 pair in a small product,
 # a pair in the bf16 screen (a large product, top-k and recomputation included)
 GATHER_NS, PAIR_NS, SCREEN_PAIR_NS = 100.0, 10.0, 3.0
@@ -189,7 +193,7 @@ def nearest_pruned(x: np.ndarray, inv: np.ndarray, Y: np.ndarray, cl: PoolCluste
                    res: Results, k0: int = 8, screen_all: bool = False) -> dict:
     """Fill `res` for every pool row (mechanisms 1 and 2; screen_all: 2 only, for tests).
     -> counters for the log."""
-    with blas_threads(1):  # numpy: many small products; torch: the large ones
+    with blas_threads(1), torch_threads(1):  # one thread but for the large products (bf16_mm)
         screen = Screen(Y, radius, res)
         far, s0, pairs = _tiers(x, inv, Y, cl, radius, res, k0, screen_all, screen)
         for s in range(0, len(far), 512):
@@ -204,6 +208,8 @@ def nearest_pruned(x: np.ndarray, inv: np.ndarray, Y: np.ndarray, cl: PoolCluste
 
 def _tiers(x, inv, Y, cl: PoolClusters, radius, res: Results, k0: int, screen_all: bool, screen: Screen):
     """Mechanism 1. -> (positions left for the screen, their known similarity, pairs computed)."""
+    import torch
+
     m, d = Y.shape
     k0 = min(k0, m)
     y2 = np.einsum("ij,ij->i", Y, Y)
@@ -211,29 +217,40 @@ def _tiers(x, inv, Y, cl: PoolClusters, radius, res: Results, k0: int, screen_al
     far, far_s0 = [], []
     pairs = 0
     have_stats = cl.mu is not None
+    probe = np.sort(np.random.default_rng(0).choice(m, min(m, PROBE), replace=False))
     for c0, c1 in cluster_chunks(cl.starts, 8192):
         s0, s1 = cl.starts[c0], cl.starts[c1]
         X = unit_rows(x, inv, cl.perm[s0:s1])  # [b, d]
         if not have_stats:
             chunk_stats(cl, c0, c1, X)
-        Elo = np.sqrt(np.maximum(cl.mu2[c0:c1, None] + y2[None, :] - 2 * screen.dot_upper(cl.mu[c0:c1]) - ETA, 0))
-        near = np.argpartition(Elo, k0 - 1, axis=1)[:, :k0] if k0 < m else np.broadcast_to(np.arange(m), (c1 - c0, m))
-        near = np.sort(near, axis=1)
-        # per cluster, the cumulative histogram of e (counts rounded up at any threshold)
-        q = np.minimum((Elo * HIST).astype(np.int64), 3 * HIST) + (3 * HIST + 1) * np.arange(c1 - c0)[:, None]
-        cum = np.cumsum(np.bincount(q.ravel(), minlength=(c1 - c0) * (3 * HIST + 1)).reshape(c1 - c0, -1), axis=1)
+        Elo = screen.dot_upper(cl.mu[c0:c1])  # [kc, m] >= mu . y
+        Elo *= -2
+        Elo += y2
+        Elo += (cl.mu2[c0:c1] - ETA)[:, None]
+        np.sqrt(np.maximum(Elo, 0, out=Elo), out=Elo)  # <= ||mu - y||
+        near = np.sort(torch.topk(torch.from_numpy(Elo), k0, dim=1, largest=False).indices.numpy(), axis=1)
+        # per cluster, e of a fixed sample of the labeled rows, sorted: estimates how many
+        # labeled rows a threshold keeps (only to choose tiers; the candidates are exact)
+        es = np.sort(Elo[:, probe], axis=1)
         for c in range(c0, c1):
             lo, hi = cl.starts[c] - s0, cl.starts[c + 1] - s0
             Xc, e = X[lo:hi], Elo[c - c0]
             best0 = (Xc @ Y[near[c - c0]].T).max(axis=1)  # [nc]
             ub2 = np.maximum(np.maximum(2 - 2 * best0, 0) + ETA, r2)
             t = cl.a[s0 + lo:s0 + hi] + np.sqrt(ub2)  # y with e_y >= t cannot matter to x
+            tmax = t.max()
+            if not screen_all and np.searchsorted(es[c - c0], tmax) * (m / len(probe)) < FEW:
+                cand = np.flatnonzero(e < tmax)  # few candidates for every member: one product
+                if len(cand) < 2 * FEW:
+                    res.put_block(cl.perm[s0 + lo:s0 + hi], Xc @ Y[cand].T, cand, radius)
+                    pairs += len(Xc) * len(cand)
+                    continue
             # tiers: members sorted by t, cut where the candidate count grows 4-fold, so near
             # members do not pay for far ones; each tier goes to float32 on its candidates
             # (a gather, then a small product) or to the bf16 screen, whichever costs less
             o = np.argsort(t, kind="stable")
             ts = t[o]
-            cnt = cum[c - c0][np.minimum((ts * HIST).astype(np.int64), 3 * HIST)]
+            cnt = np.searchsorted(es[c - c0], ts) * (m / len(probe)) + 1
             cuts = np.r_[0, np.flatnonzero(np.diff(np.floor(np.log2(cnt + 1.0) / 2))) + 1, len(o)]
             size = np.diff(cuts)
             exact = cnt[cuts[1:] - 1] * (GATHER_NS + size * PAIR_NS) <= size * m * SCREEN_PAIR_NS

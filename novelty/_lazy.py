@@ -12,11 +12,12 @@ refreshed together: their stale rows at or above that value get the pending pick
 the search repeats. Of the pending picks, only those that pass the triangle test are
 applied: ||x - p|| >= ||mu_c - p|| - r_c, so p cannot lower any d of cluster c below
 lb(c, p) = (||mu_c - p|| - r_c)^2 / 2; p is skipped when lb(c, p) >= the largest d
-being refreshed there. lb(., p) is computed for every cluster once per pick (a [K, d]
-product); the surviving rows x picks go through one float32 GEMM. The covering radius
-after each pick is found the same way on d instead of w*d. Ties go to the lower pool
-index: within a cluster rows are in pool order, and between clusters the lower best
-row wins.
+being refreshed there; a row is skipped when its d is at most every remaining bound.
+lb(., p) is computed for every cluster once per pick (a [K, d] product, kept as a
+[K, budget] table); the surviving rows x picks go through one float32 GEMM. The
+covering radius after each pick is found the same way on d instead of w*d. Ties go to
+the lower pool index: within a cluster rows are in pool order, and between clusters
+the lower best row wins.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class LazyGreedy:
         t0 = 0 if centers is None else len(centers)
         B = max(budget, 1)
         self.P = np.zeros((B, dim), np.float32)  # unit rows of the picks
-        self.LB = np.zeros((B, cl.k), np.float32)  # lb(c, p) per pick and cluster
+        self.LB = np.zeros((cl.k, B), np.float32)  # lb(c, p) per cluster and pick
         self.t = t0
         self.applied = np.full(n, t0, np.int32)
         self.pmax, self.parg = self._seg_max(self.pp, np.arange(cl.k))
@@ -98,11 +99,11 @@ class LazyGreedy:
             np.minimum.at(first, slot, u)
             dsel = np.zeros(len(C), np.float32)
             np.maximum.at(dsel, slot, dR)
-            L = self.LB[u0:t][:, C]  # [k, |C|]
-            live = (L < dsel) & (np.arange(u0, t)[:, None] >= first)
-            J = u0 + np.flatnonzero(live.any(axis=1))  # picks that may lower some row
+            L = self.LB[C, u0:t]  # [|C|, k]
+            live = (L < dsel[:, None]) & (np.arange(u0, t) >= first[:, None])
+            J = u0 + np.flatnonzero(live.any(axis=0))  # picks that may lower some row
             if len(J):  # rows at or below every live bound of their cluster cannot change
-                Lmin = np.where(live, L, np.inf).min(axis=0)  # [|C|]
+                Lmin = np.where(live, L, np.inf).min(axis=1)  # [|C|]
                 can = dR > Lmin[slot]
                 self.applied[R[~can]] = t
                 R, dR = R[can], dR[can]
@@ -130,7 +131,7 @@ class LazyGreedy:
         self.P[t] = p
         q2 = cl.mu2 + p @ p - 2 * (cl.mu @ p)
         e = np.maximum(np.sqrt(np.maximum(q2 - ETA, 0)) - cl.r, 0)
-        self.LB[t] = 0.5 * e * e
+        self.LB[:, t] = 0.5 * e * e
         self.pp[i], self.dp[i], self.applied[i] = -np.inf, 0.0, DONE
         self.t += 1
         c = np.array([np.searchsorted(self.starts, i, side="right") - 1])

@@ -21,6 +21,7 @@ import numpy as np
 # and faulting those in costs as much as the arithmetic on them.
 BLOCK = 8192
 SMALL = 1 << 15  # elements below which numpy's cast beats torch's call overhead
+BIG_PRODUCT = 1 << 28  # multiply-adds from which a bf16 product gets all torch threads
 
 
 def cast_f32(x: np.ndarray) -> np.ndarray:
@@ -38,19 +39,24 @@ def cast_f32(x: np.ndarray) -> np.ndarray:
     return out
 
 
+_TORCH_DEFAULT: list[int] = []  # torch's thread count before novelty first changed it
+
+
 @contextmanager
 def torch_threads(n: int | None):
-    """Run a block with torch limited to n threads (None: leave as is).
+    """Run a block with torch on n threads (None: torch's own default). Imports torch.
 
-    numpy's OpenBLAS threads spin for a while after each product; torch's OpenMP
-    threads starting meanwhile on the same cores run ~10x slower. Code that interleaves
-    numpy products with torch calls (casts) runs torch on one thread; code that is torch
-    only keeps all of them. Imports torch."""
+    The pruned paths run torch on one thread but for their large products (bf16_mm):
+    OpenMP threads wait for each other at the end of every operation, and when another
+    process holds a core each small operation can wait a whole scheduler time slice,
+    which made them 10x slower on a busy 2-core machine. Numpy's OpenBLAS threads also
+    spin after each product and slow torch threads starting meanwhile (see blas_threads)."""
     import torch
 
     before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
+    if not _TORCH_DEFAULT:
+        _TORCH_DEFAULT.append(before)
+    torch.set_num_threads(_TORCH_DEFAULT[0] if n is None else n)
     try:
         yield torch
     finally:
@@ -174,7 +180,11 @@ def bf16_mm(A: np.ndarray, B: np.ndarray, pad_b: bool = False):
         return torch.from_numpy(P).view(torch.bfloat16)
 
     Bt = padded(B) if pad_b else torch.from_numpy(np.ascontiguousarray(B)).view(torch.bfloat16)
-    return (padded(A) @ Bt.T)[:len(A), :len(B)]
+    At = padded(A)
+    if At.shape[0] * Bt.shape[0] * At.shape[1] >= BIG_PRODUCT:
+        with torch_threads(None):
+            return (At @ Bt.T)[:len(A), :len(B)]
+    return (At @ Bt.T)[:len(A), :len(B)]
 
 
 def check_rows(x: np.ndarray, name: str) -> np.ndarray:

@@ -80,21 +80,21 @@ def nearest_with(x: np.ndarray, inv: np.ndarray, labeled: np.ndarray, radius: fl
         return NearestResult(np.full(n, np.inf, np.float32), np.full(n, -1, np.int64),
                              np.zeros(n, np.int32) if radius is not None else None, radius, False), clusters
     t0 = time.perf_counter()
-    first, inverse, copies = unique_rows(labeled)  # identical labeled rows: one row, the lower index
+    first, _, copies = unique_rows(labeled)  # identical labeled rows: one row, the lower index
     dedup = len(first) < m
     Y = unit_float32(labeled[first] if dedup else labeled)  # [u, d]
     res = Results(n, radius is not None, copies.astype(np.int32) if dedup else None)
     if cfg.approximate:
         _nearest_ivf(x, inv, Y, radius, cfg, res)
         how = "IVF"
-    elif cfg.method == "plain" or (cfg.method == "auto" and (n * len(Y) < PLAIN_BELOW or n < 8 * auto_size(n, cfg.cluster_size))):
+    elif cfg.method == "plain" or (cfg.method == "auto" and (n * len(Y) < PLAIN_BELOW
+                                                             or n < 8 * auto_size(n, cfg.cluster_size))):
         with torch_threads(1):
             nearest_plain(x, inv, Y, radius, res)
         how = "plain"
     else:
         if clusters is None:
-            with torch_threads(1):
-                clusters = cluster_pool(x, inv, cfg.cluster_size, seed=cfg.seed)
+            clusters = cluster_pool(x, inv, cfg.cluster_size, seed=cfg.seed)
         nearest_pruned(x, inv, Y, clusters, radius, res)
         how = "pruned"
     dist = np.maximum(np.float32(1.0) - res.sim, np.float32(0.0))

@@ -28,7 +28,9 @@ def brute(pool, labeled, budget, w=None, first=None):
     each pick, the priority vector at each step). `first`: the pick without labeled rows."""
     P = unit_float32(pool).astype(np.float64)
     n = len(P)
-    d = np.full(n, np.inf) if len(labeled) == 0 else np.maximum(1 - P @ unit_float32(labeled).astype(np.float64).T, 0).min(axis=1)
+    d = np.full(n, np.inf)
+    if len(labeled):
+        d = np.maximum(1 - P @ unit_float32(labeled).astype(np.float64).T, 0).min(axis=1)
     w = np.ones(n) if w is None else w.astype(np.float64)
     picks, radii, scores = [], [], []
     for t in range(budget):

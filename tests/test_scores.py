@@ -175,3 +175,27 @@ def test_covering_radius():
     want = np.minimum(D.min(axis=1), Dp.min(axis=1)).max()
     assert covering_radius(pool, lab, picks) == pytest.approx(want, abs=2e-6)
     assert covering_radius(pool, lab[:0]) == np.inf
+
+
+def test_bf16_rounding_and_padded_products():
+    import torch
+
+    from novelty._firstpass import Screen
+    from novelty._rows import bf16_bits, bf16_mm, bf16_value
+
+    rng = np.random.default_rng(11)
+    for shape in [(7, 33), (300, 512)]:  # the numpy path and the torch path
+        X = (rng.normal(size=shape) * 0.05).astype(np.float32)
+        want = torch.from_numpy(X).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        np.testing.assert_array_equal(bf16_bits(X), want)
+        assert np.abs(bf16_value(bf16_bits(X)) - X).max() <= 2.0 ** -8 * np.abs(X).max()
+    A, B = bf16_bits(rng.normal(size=(37, 64))), bf16_bits(rng.normal(size=(50, 64)))
+    direct = torch.from_numpy(A).view(torch.bfloat16) @ torch.from_numpy(B).view(torch.bfloat16).T
+    assert torch.equal(bf16_mm(A, B), direct) and torch.equal(bf16_mm(A, B, pad_b=True), direct)
+    # the screen's bound on centroid . labeled products holds, and is tight
+    Y = unit_float32(rng.normal(size=(400, 64)).astype(np.float16))
+    M = rng.normal(size=(30, 64))
+    M = (M / np.linalg.norm(M, axis=1, keepdims=True) * rng.uniform(0.1, 1, (30, 1))).astype(np.float32)  # centroids
+    up = Screen(Y, None, None).dot_upper(M)
+    exact = M.astype(np.float64) @ Y.astype(np.float64).T
+    assert (up >= exact).all() and (up - exact).max() < 0.03

@@ -1,0 +1,323 @@
+"""Active learning: does `novelty select` save labels? One command, on a CPU.
+
+    python benchmarks/active_learning.py            # 3 seeds x 5 strategies x 5 rounds of 150
+    python benchmarks/active_learning.py --quick    # tiny sizes, one round, 1 seed (< 1 min)
+
+The setting (benchmarks/_al_data.py): 32 px scenes with 2 object classes and pixel
+masks in 8 visual domains; a labeled seed from 2 domains, a pool from all 8 in which
+the seed's domains are the most common, clusters of near-copies everywhere but the
+test set, a test set that weighs all domains the same. The model (_al_model.py) is a
+small U-Net with MC dropout, trained from scratch on the labeled set each round
+(fixed steps, the same seed for every strategy), scored by foreground mIoU on the test set.
+
+Each round goes through the project's own commands, in-process (typer's CliRunner):
+`uncertainty --detector benchmarks/_al_model.py:factory --kind segmentation` with the
+current model (uncertainty and hybrid only), `select --budget B` (no --strategy for
+hybrid: the default once uncertainty exists), `mark-labeled --selection`.
+
+Vectors: `build-index` with a random-weight open_clip ViT (a 32 px config written to
+the work dir), once per seed; each strategy works on a copy. A random-weight encoder
+because the product's encoder is a generic image encoder, independent of the
+detector, and there are no pretrained weights offline; and because `uncertainty`
+needs the catalog to point at image files, which imported vectors do not.
+
+Seeds change everything: the data, the model's initialisation, the random picks.
+Seeds run in parallel processes (--jobs), one torch thread each. Per-(seed, strategy)
+results are cached under the work dir, so an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    # one thread per process, set before numpy loads its BLAS (spawned workers inherit it):
+    # idle OpenBLAS threads spin and took a core from the other worker
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+from _al_data import DataCfg, make_data, write_pngs  # noqa: E402
+
+STRATEGIES = ("random", "novelty", "kcenter", "uncertainty", "hybrid")
+NEEDS_U = ("uncertainty", "hybrid")
+ENCODER = {  # a random-weight open_clip ViT for 32 px images: 64 patches of 4 px
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 128, "patch_size": 4, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+}
+
+
+@dataclass(frozen=True)
+class BenchCfg:
+    data: DataCfg = DataCfg()
+    rounds: int = 5
+    budget: int = 150
+    seeds: tuple = (0, 1, 2)
+    strategies: tuple = STRATEGIES
+    steps: int = 500  # training steps per round (batch 32), the same for every labeled-set size
+    passes: int = 10  # MC-dropout passes
+    beta: float = 1.0  # --uncertainty-weight for hybrid
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+QUICK = BenchCfg(data=DataCfg(n_seed=40, n_pool=200, n_test=80, mean_copies=4.0), rounds=1, budget=20,
+                 seeds=(0,), steps=30, passes=3)
+
+
+# ------------------------------------------------------------------- the CLI, in-process
+def novelty(*args: str, env: dict | None = None) -> str:
+    from typer.testing import CliRunner
+
+    from novelty.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args], env=env)
+    if r.exit_code != 0:
+        raise RuntimeError(f"novelty {' '.join(map(str, args[:2]))} failed ({r.exit_code}): {r.output.strip()}"
+                           + (f"\n{r.exception!r}" if r.exception and not isinstance(r.exception, SystemExit) else ""))
+    return r.output
+
+
+def score_uncertainty(index: Path, weights: Path, passes: int) -> None:
+    novelty("uncertainty", "--detector", f"{HERE / '_al_model.py'}:factory", "--kind", "segmentation",
+            "--passes", passes, "--batch-size", 32, "--workers", 0, "--device", "cpu", "--index", index,
+            env={"NOVELTY_AL_WEIGHTS": str(weights)})
+
+
+def select(index: Path, strategy: str, budget: int, seed: int, beta: float, out: Path) -> list[str]:
+    """-> the picked file names, best first. hybrid is asked for as the default."""
+    args = ["select", "--budget", budget, "--seed", seed, "--uncertainty-weight", beta, "--out", out,
+            "--device", "cpu", "--index", index]
+    text = novelty(*args, *([] if strategy == "hybrid" else ["--strategy", strategy]))
+    assert f" with {strategy} " in text, text  # hybrid really is the default
+    with open(out, newline="") as f:
+        return [Path(r["path"]).name for r in csv.DictReader(f)]
+
+
+# ------------------------------------------------------------------------- one seed
+def _torch_setup() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # seeds run in parallel processes; one thread each scales best here
+    torch.set_flush_denormal(True)
+
+
+def _names(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}_{i:05d}.png" for i in range(n)]
+
+
+def prepare(cfg: BenchCfg, seed: int, work: Path) -> dict:
+    """Data on disk, the index (build-index), the round-0 model and its uncertainty."""
+    from _al_model import evaluate, save, train
+
+    _torch_setup()
+    sw = work / f"seed{seed}"
+    done = sw / "prepared.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    shutil.rmtree(sw, ignore_errors=True)
+    t0, c0 = time.perf_counter(), time.process_time()
+    data = make_data(replace(cfg.data, seed=seed))
+    write_pngs(data["seed"], sw / "images" / "seed", "seed")
+    write_pngs(data["pool"], sw / "images" / "pool", "pool")
+    np.savez(sw / "data.npz", **{f"{s}_{f}": getattr(data[s], f) for s in data for f in ("images", "masks", "domain", "cluster")})
+    enc = work / "al-vit-tiny.json"
+    t1 = time.perf_counter()
+    novelty("build-index", "--labeled", sw / "images" / "seed", "--unlabeled", sw / "images" / "pool", "--model", enc,
+            "--pretrained", "none", "--device", "cpu", "--workers", 0, "--batch-size", 256, "--index", sw / "index0")
+    t2 = time.perf_counter()
+    model = train(data["seed"].images, data["seed"].masks, cfg.steps, seed * 1000)
+    save(model, sw / "model_r0.pt")
+    ev = evaluate(model, data["test"].images, data["test"].masks, data["test"].domain)
+    t3 = time.perf_counter()
+    if set(cfg.strategies) & set(NEEDS_U):
+        score_uncertainty(sw / "index0", sw / "model_r0.pt", cfg.passes)  # round 1 of uncertainty and hybrid
+    info = {"seed": seed, "round0": ev, "seconds": {"data": t1 - t0, "build_index": t2 - t1, "train": t3 - t2,
+                                                   "uncertainty": time.perf_counter() - t3}}
+    info["analysis"] = analyse_round0(sw, data, model)
+    info["cpu_seconds"] = time.process_time() - c0
+    done.write_text(json.dumps(info))
+    return info
+
+
+def analyse_round0(sw: Path, data: dict, model) -> dict:
+    """Is the embedding's geometry about domains and near-copies? Is uncertainty about errors?"""
+    from _al_model import iou_counts, predict
+
+    from novelty.store import open_store
+
+    with open_store(sw / "index0") as store:
+        ids, X = store.vectors("unlabeled")
+        paths = store.describe(ids)
+    order = np.array([int(Path(paths[int(i)][1]).stem.split("_")[1]) for i in ids])
+    X = np.asarray(X, np.float32)
+    dom, clu = data["pool"].domain[order], data["pool"].cluster[order]
+    S = X @ X.T
+    np.fill_diagonal(S, -np.inf)
+    nn = np.argsort(-S, axis=1)[:, :10]  # [n, 10]
+    out = {"knn10_same_domain": float(np.mean(dom[nn] == dom[:, None])),
+           "nn1_same_cluster": float(np.mean(clu[nn[:, 0]] == clu))}
+    with open_store(sw / "index0") as store:
+        rows = store.db.execute("SELECT i.path, u.value FROM uncertainty u JOIN images i ON i.id = u.image "
+                                "WHERE u.run = (SELECT MAX(id) FROM runs WHERE kind='uncertainty')").fetchall()
+    if rows:
+        idx = np.array([int(Path(p).stem.split("_")[1]) for p, _ in rows])
+        u = np.array([v for _, v in rows], np.float64)
+        pred = predict(model, data["pool"].images[idx])
+        err = np.array([1 - np.mean([c[0] / max(c[1], 1) for c in iou_counts(p, t) if c[1]] or [1.0])
+                        for p, t in zip(pred, data["pool"].masks[idx])])
+        novel = ~np.isin(data["pool"].domain[idx], (0, 1))
+        out["u_spearman_error"] = _spearman(u, err)
+        out["u_auroc_novel_domain"] = _auroc(u, novel)
+        out["u_mean_seed_domains"], out["u_mean_novel_domains"] = float(u[~novel].mean()), float(u[novel].mean())
+    return out
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _auroc(score: np.ndarray, positive: np.ndarray) -> float:
+    r = np.argsort(np.argsort(score)) + 1.0
+    n1, n0 = positive.sum(), (~positive).sum()
+    return float((r[positive].sum() - n1 * (n1 + 1) / 2) / max(n1 * n0, 1))
+
+
+def run_strategy(cfg: BenchCfg, seed: int, strategy: str, work: Path) -> list[dict]:
+    """Rounds 1..R of one strategy from the seed's round 0; -> one row per round (0..R)."""
+    from _al_model import evaluate, save, train
+
+    _torch_setup()
+    sw = work / f"seed{seed}"
+    cache = sw / f"rows_{strategy}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    info = json.loads((sw / "prepared.json").read_text())
+    z = np.load(sw / "data.npz")
+    seed_n, pool_dom, pool_clu = len(z["seed_images"]), z["pool_domain"], z["pool_cluster"]
+    where = {n: i for i, n in enumerate(_names("pool", len(pool_dom)))}
+    index, run = sw / f"index_{strategy}", sw / f"run_{strategy}"
+    shutil.rmtree(index, ignore_errors=True), shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(sw / "index0", index, ignore=shutil.ignore_patterns(".lock"))
+    run.mkdir()
+    rows = [{"seed": seed, "strategy": strategy, "round": 0, "labels": seed_n, "miou": info["round0"]["miou"],
+             "by_domain": info["round0"]["by_domain"], "seconds": 0.0}]
+    picked: list[int] = []
+    weights = sw / "model_r0.pt"
+    for r in range(1, cfg.rounds + 1):
+        t0, c0 = time.perf_counter(), time.process_time()
+        if strategy in NEEDS_U and r > 1:
+            score_uncertainty(index, weights, cfg.passes)
+        out = run / f"select_r{r}.csv"
+        names = select(index, strategy, cfg.budget, seed * 1000 + r, cfg.beta, out)
+        novelty("mark-labeled", "--selection", out, "--index", index)
+        new = [where[n] for n in names]
+        assert not set(new) & set(picked), "a labeled image was picked again"
+        picked += new
+        t1 = time.perf_counter()
+        lab = np.asarray(picked)
+        model = train(np.concatenate([z["seed_images"], z["pool_images"][lab]]),
+                      np.concatenate([z["seed_masks"], z["pool_masks"][lab]]), cfg.steps, seed * 1000 + r)
+        weights = run / f"model_r{r}.pt"
+        save(model, weights)
+        ev = evaluate(model, z["test_images"], z["test_masks"], z["test_domain"])
+        new_a = np.asarray(new)
+        rows.append({"seed": seed, "strategy": strategy, "round": r, "labels": seed_n + len(picked), "miou": ev["miou"],
+                     "by_domain": ev["by_domain"],
+                     "picked_by_domain": np.bincount(pool_dom[new_a], minlength=len(ev["by_domain"])).tolist(),
+                     "picked_clusters": int(len(np.unique(pool_clu[new_a]))),
+                     "seconds": time.perf_counter() - t0, "select_seconds": t1 - t0, "cpu_seconds": time.process_time() - c0})
+    cache.write_text(json.dumps(rows))
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+def run_all(cfg: BenchCfg, work: Path, jobs: int) -> tuple[list[dict], list[dict]]:
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "al-vit-tiny.json").write_text(json.dumps(ENCODER))
+    (work / "cfg.json").write_text(json.dumps(asdict(cfg), indent=1))
+    # expensive strategies first, so the pool's workers finish together
+    tasks = sorted(((s, st) for s in cfg.seeds for st in cfg.strategies), key=lambda t: (t[1] not in NEEDS_U, t))
+    if jobs <= 1:
+        import torch
+
+        threads = torch.get_num_threads()
+        try:
+            infos = [prepare(cfg, s, work) for s in cfg.seeds]
+            rows = [row for s, st in tasks for row in run_strategy(cfg, s, st, work)]
+        finally:  # in-process (tests): leave torch as it was
+            torch.set_num_threads(threads)
+            torch.set_flush_denormal(False)
+        return infos, rows
+    import multiprocessing as mp
+    from concurrent.futures import as_completed
+
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
+        preps = {ex.submit(prepare, cfg, s, work): s for s in cfg.seeds}
+        futs = []
+        for f in as_completed(preps):  # a seed's strategies start as soon as its round 0 is ready
+            futs += [ex.submit(run_strategy, cfg, s, st, work) for s, st in tasks if s == preps[f]]
+        infos = sorted((f.result() for f in preps), key=lambda i: cfg.seeds.index(i["seed"]))
+        rows = [row for f in futs for row in f.result()]
+    return infos, rows
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one round, one seed: a smoke test")
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--strategies", nargs="+", choices=STRATEGIES)
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--budget", type=int)
+    p.add_argument("--pool", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--beta", type=float, help="--uncertainty-weight for hybrid")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes over seeds and strategies")
+    p.add_argument("--work", type=Path, help="work dir (default benchmarks/_work/al/<config hash>)")
+    p.add_argument("--md", type=Path, help="markdown file to write the section into (default benchmarks/AL_RESULTS.md)")
+    p.add_argument("--png", type=Path, help="plot (default benchmarks/active_learning.png)")
+    p.add_argument("--fresh", action="store_true", help="discard cached results in the work dir")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    from _al_report import report
+
+    a = parse_args(argv)
+    cfg = QUICK if a.quick else BenchCfg()
+    over = {k: v for k, v in (("rounds", a.rounds), ("budget", a.budget), ("steps", a.steps), ("beta", a.beta),
+                              ("seeds", tuple(a.seeds) if a.seeds else None),
+                              ("strategies", tuple(a.strategies) if a.strategies else None)) if v is not None}
+    cfg = replace(cfg, **over, **({"data": replace(cfg.data, n_pool=a.pool)} if a.pool else {}))
+    work = a.work or HERE / "_work" / "al" / cfg.key()
+    if a.fresh:
+        shutil.rmtree(work, ignore_errors=True)
+    default_out = work if a.quick else HERE
+    md, png = a.md or default_out / "AL_RESULTS.md", a.png or default_out / "active_learning.png"
+    t0 = time.perf_counter()
+    infos, rows = run_all(cfg, work, a.jobs)
+    seconds = time.perf_counter() - t0
+    (work / "results.json").write_text(json.dumps({"cfg": asdict(cfg), "prepared": infos, "rows": rows, "seconds": seconds}))
+    command = "python benchmarks/active_learning.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    summary = report(cfg, infos, rows, seconds, command.strip(), md, png, a.jobs)
+    print(summary["text"])
+    return summary
+
+
+if __name__ == "__main__":
+    main()
