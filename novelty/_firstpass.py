@@ -124,9 +124,9 @@ class Screen:
         E = (np.sqrt(np.einsum("ij,ij->i", err, err)) * self.ny_max + nm * self.dy_max
              + self.tol * nmb * self.ny_max + 1e-6)
         U = U_BF16 / (1 - U_BF16)
-        bound = (nmb * self.ny_max)[:, None]  # |out| <= |m~| |y~| (1 + U), rounding <= U of that
+        rounding = U * (1 + U) * nmb * self.ny_max  # |out| <= |m~| |y~| (1 + U); rounding <= U |out|
         out = bf16_mm(Mb, self.Yb).float().numpy()  # [k, m]
-        out += (E + U * (1 + U) * bound[:, 0])[:, None]
+        out += (E + rounding)[:, None]
         return out
 
     def run(self, X: np.ndarray, where: np.ndarray, s0: np.ndarray) -> None:

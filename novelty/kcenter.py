@@ -64,6 +64,8 @@ def _start(x, inv, labeled, cfg_first, nearest, clusters=None):
         nearest, clusters = nearest_with(x, inv, labeled, None, cfg_first, clusters)
     elif len(nearest.dist) != len(x):
         raise ConfigError(f"nearest has {len(nearest.dist)} rows but the pool {len(x)}")
+    elif nearest.clusters is not None and len(nearest.clusters.perm) == len(x):
+        clusters = nearest.clusters  # built by the first pass over this pool: reuse
     return nearest, clusters, np.array(nearest.dist, dtype=np.float32)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -49,6 +49,8 @@ class NearestResult:
     count: np.ndarray | None  # [n] int32 labeled rows within `radius` (inclusive); None without a radius
     radius: float | None = None
     approximate: bool = False
+    # the pool clusters the exact search built, for kcenter_greedy to reuse (internal)
+    clusters: PoolClusters | None = field(default=None, repr=False, compare=False)
 
 
 def _check_cfg(cfg: NearestCfg) -> None:
@@ -100,7 +102,7 @@ def nearest_with(x: np.ndarray, inv: np.ndarray, labeled: np.ndarray, radius: fl
     dist = np.maximum(np.float32(1.0) - res.sim, np.float32(0.0))
     idx = first[res.idx] if dedup else res.idx
     log.info("nearest labeled (%s): %d x %d in %.2fs", how, n, m, time.perf_counter() - t0)
-    return NearestResult(dist, idx, res.count, radius, cfg.approximate), clusters
+    return NearestResult(dist, idx, res.count, radius, cfg.approximate, clusters), clusters
 
 
 def _nearest_ivf(x: np.ndarray, inv: np.ndarray, Y: np.ndarray, radius: float | None, cfg: NearestCfg,
@@ -173,11 +175,20 @@ def default_radius(labeled: np.ndarray, quantile: float = 0.05, max_sample: int 
     return float(np.quantile(np.maximum(np.float32(1.0) - best, 0.0), quantile))
 
 
-def covering_radius(pool: np.ndarray, labeled: np.ndarray, picks: np.ndarray | None = None) -> float:
+def covering_radius(pool: np.ndarray, labeled: np.ndarray, picks: np.ndarray | None = None,
+                    nearest_dist: np.ndarray | None = None) -> float:
     """max over the pool of the distance to the nearest center, the centers being the
-    labeled rows and the picked pool rows. +inf without any center, 0.0 for an empty pool."""
+    labeled rows and the picked pool rows. +inf without any center, 0.0 for an empty pool.
+    nearest_dist [n]: the pool's distances to the labeled rows when already known (a
+    NearestResult.dist); then only the picks are searched."""
     pool, labeled = check_rows(pool, "pool"), check_rows(labeled, "labeled")
-    centers = labeled if picks is None or len(picks) == 0 else np.concatenate([labeled, pool[np.asarray(picks)]])
     if len(pool) == 0:
         return 0.0
+    has_picks = picks is not None and len(picks) > 0
+    if nearest_dist is not None:
+        d = np.asarray(nearest_dist, dtype=np.float32)
+        if has_picks:
+            d = np.minimum(d, nearest_labeled(pool, pool[np.asarray(picks)]).dist)
+        return float(d.max())
+    centers = np.concatenate([labeled, pool[np.asarray(picks)]]) if has_picks else labeled
     return float(nearest_labeled(pool, centers).dist.max())

@@ -88,7 +88,7 @@ def select(root: Path, cfg: SelectCfg) -> SelectResult:
         if sel.radius_trace is not None and len(sel.radius_trace):
             radius_after = float(sel.radius_trace[-1])
         else:
-            radius_after = scores.covering_radius(pool, labeled, sel.picks)
+            radius_after = scores.covering_radius(pool, labeled, sel.picks, nearest_dist=nearest.dist)
         picks = sel.picks
         meta = store.describe(np.concatenate([pool_ids[picks], lab_ids[np.unique(nearest.idx[picks][nearest.idx[picks] >= 0])]]))
         rows = []

@@ -27,7 +27,7 @@ def test_quick_run_end_to_end(tmp_path):
     md, png = tmp_path / "AL.md", tmp_path / "al.png"
     out = al.main(["--quick", "--jobs", "1", "--work", str(tmp_path / "work"), "--md", str(md), "--png", str(png)])
     cfg = al.QUICK
-    results = json.loads((tmp_path / "work" / "results.json").read_text())
+    results = json.loads(out["results"].read_text())
     rows = results["rows"]
     assert len(rows) == len(cfg.seeds) * len(cfg.strategies) * (cfg.rounds + 1)
     assert {r["strategy"] for r in rows} == set(al.STRATEGIES)

@@ -7,7 +7,7 @@ import pytest
 from novelty._rows import unit_float32
 from novelty.errors import ConfigError
 from novelty.kcenter import KCenterCfg, kcenter_greedy, kcenter_plain, kcenter_torch
-from novelty.scores import nearest_labeled
+from novelty.scores import NearestCfg, nearest_labeled
 
 TIE = 1e-6  # float32 rounding: candidates closer than this may be picked in either order
 
@@ -149,6 +149,10 @@ def test_precomputed_nearest_is_reused():
     b = kcenter_greedy(pool, lab, 60, cfg=KCenterCfg(cluster_size=64))
     assert a.nearest is near
     np.testing.assert_array_equal(a.picks, b.picks)
+    pruned = nearest_labeled(pool, lab, cfg=NearestCfg(method="pruned", cluster_size=64))
+    assert pruned.clusters is not None  # the pool clusters travel with the first pass...
+    c = kcenter_greedy(pool, lab, 60, cfg=KCenterCfg(method="pruned"), nearest=pruned)
+    np.testing.assert_array_equal(c.picks, b.picks)  # ...and the loop reuses them
     with pytest.raises(ConfigError, match="rows"):
         kcenter_greedy(pool[:10], lab, 5, nearest=near)
 

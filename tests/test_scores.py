@@ -174,6 +174,8 @@ def test_covering_radius():
     Dp, _ = brute(pool, pool[picks])
     want = np.minimum(D.min(axis=1), Dp.min(axis=1)).max()
     assert covering_radius(pool, lab, picks) == pytest.approx(want, abs=2e-6)
+    near = nearest_labeled(pool, lab)
+    assert covering_radius(pool, lab, picks, nearest_dist=near.dist) == pytest.approx(want, abs=2e-6)
     assert covering_radius(pool, lab[:0]) == np.inf
 
 
