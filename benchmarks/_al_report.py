@@ -12,7 +12,8 @@ from _al_data import DOMAINS, SEED_DOMAINS
 
 BEGIN, END = "<!-- active_learning.py: begin -->", "<!-- active_learning.py: end -->"
 COLORS = {"random": (120, 120, 120), "novelty": (230, 150, 30), "kcenter": (40, 110, 200),
-          "uncertainty": (150, 70, 180), "hybrid": (210, 40, 40)}
+          "uncertainty": (150, 70, 180), "hybrid": (210, 40, 40), "hybrid-rank": (20, 160, 120),
+          "hybrid-top": (30, 30, 30), "hybrid-floor": (200, 90, 160)}
 SINGLE = ("novelty", "kcenter", "uncertainty")
 
 

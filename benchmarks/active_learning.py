@@ -50,9 +50,10 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 from _al_data import DataCfg, make_data, write_pngs  # noqa: E402
+from _al_variants import VARIANTS  # noqa: E402
 
 STRATEGIES = ("random", "novelty", "kcenter", "uncertainty", "hybrid")
-NEEDS_U = ("uncertainty", "hybrid")
+NEEDS_U = ("uncertainty", "hybrid", *VARIANTS)
 ENCODER = {  # a random-weight open_clip ViT for 32 px images: 64 patches of 4 px
     "embed_dim": 64,
     "vision_cfg": {"image_size": 32, "layers": 3, "width": 128, "patch_size": 4, "head_width": 32},
@@ -71,8 +72,12 @@ class BenchCfg:
     passes: int = 10  # MC-dropout passes
     beta: float = 1.0  # --uncertainty-weight for hybrid
 
-    def key(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+    def key(self, *, data_only: bool = False) -> str:
+        """Hash of the config; data_only: of what round 0 depends on (the work dir)."""
+        d = asdict(self)
+        if data_only:
+            d = {k: d[k] for k in ("data", "rounds", "budget", "seeds", "steps", "passes")}
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
 QUICK = BenchCfg(data=DataCfg(n_seed=40, n_pool=200, n_test=80, mean_copies=4.0), rounds=1, budget=20,
@@ -112,6 +117,9 @@ def select(index: Path, strategy: str, budget: int, seed: int, beta: float, out:
 def _torch_setup() -> None:
     import torch
 
+    from _al_variants import register
+
+    register()  # candidate strategies, in this process's registry only
     torch.set_num_threads(1)  # seeds run in parallel processes; one thread each scales best here
     torch.set_flush_denormal(True)
 
@@ -204,18 +212,19 @@ def run_strategy(cfg: BenchCfg, seed: int, strategy: str, work: Path) -> list[di
 
     _torch_setup()
     sw = work / f"seed{seed}"
-    cache = sw / f"rows_{strategy}.json"
+    tag = f"_beta{cfg.beta:g}" if strategy in NEEDS_U and cfg.beta != 1.0 else ""
+    cache = sw / f"rows_{strategy}{tag}.json"
     if cache.exists():
         return json.loads(cache.read_text())
     info = json.loads((sw / "prepared.json").read_text())
     z = np.load(sw / "data.npz")
     seed_n, pool_dom, pool_clu = len(z["seed_images"]), z["pool_domain"], z["pool_cluster"]
     where = {n: i for i, n in enumerate(_names("pool", len(pool_dom)))}
-    index, run = sw / f"index_{strategy}", sw / f"run_{strategy}"
+    index, run = sw / f"index_{strategy}{tag}", sw / f"run_{strategy}{tag}"
     shutil.rmtree(index, ignore_errors=True), shutil.rmtree(run, ignore_errors=True)
     shutil.copytree(sw / "index0", index, ignore=shutil.ignore_patterns(".lock"))
     run.mkdir()
-    rows = [{"seed": seed, "strategy": strategy, "round": 0, "labels": seed_n, "miou": info["round0"]["miou"],
+    rows = [{"seed": seed, "strategy": strategy, "beta": cfg.beta if strategy in NEEDS_U else None, "round": 0, "labels": seed_n, "miou": info["round0"]["miou"],
              "by_domain": info["round0"]["by_domain"], "seconds": 0.0}]
     picked: list[int] = []
     weights = sw / "model_r0.pt"
@@ -237,7 +246,7 @@ def run_strategy(cfg: BenchCfg, seed: int, strategy: str, work: Path) -> list[di
         save(model, weights)
         ev = evaluate(model, z["test_images"], z["test_masks"], z["test_domain"])
         new_a = np.asarray(new)
-        rows.append({"seed": seed, "strategy": strategy, "round": r, "labels": seed_n + len(picked), "miou": ev["miou"],
+        rows.append({"seed": seed, "strategy": strategy, "beta": rows[0]["beta"], "round": r, "labels": seed_n + len(picked), "miou": ev["miou"],
                      "by_domain": ev["by_domain"],
                      "picked_by_domain": np.bincount(pool_dom[new_a], minlength=len(ev["by_domain"])).tolist(),
                      "picked_clusters": int(len(np.unique(pool_clu[new_a]))),
@@ -281,7 +290,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, one round, one seed: a smoke test")
     p.add_argument("--seeds", type=int, nargs="+")
-    p.add_argument("--strategies", nargs="+", choices=STRATEGIES)
+    p.add_argument("--strategies", nargs="+", choices=STRATEGIES + tuple(VARIANTS),
+                   help="default: the five product strategies; benchmarks/_al_variants.py holds candidates")
     p.add_argument("--rounds", type=int)
     p.add_argument("--budget", type=int)
     p.add_argument("--pool", type=int)
@@ -304,7 +314,7 @@ def main(argv=None) -> dict:
                               ("seeds", tuple(a.seeds) if a.seeds else None),
                               ("strategies", tuple(a.strategies) if a.strategies else None)) if v is not None}
     cfg = replace(cfg, **over, **({"data": replace(cfg.data, n_pool=a.pool)} if a.pool else {}))
-    work = a.work or HERE / "_work" / "al" / cfg.key()
+    work = a.work or HERE / "_work" / "al" / cfg.key(data_only=True)
     if a.fresh:
         shutil.rmtree(work, ignore_errors=True)
     default_out = work if a.quick else HERE
@@ -312,11 +322,12 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     infos, rows = run_all(cfg, work, a.jobs)
     seconds = time.perf_counter() - t0
-    (work / "results.json").write_text(json.dumps({"cfg": asdict(cfg), "prepared": infos, "rows": rows, "seconds": seconds}))
+    results = work / f"results-{cfg.key()}.json"
+    results.write_text(json.dumps({"cfg": asdict(cfg), "prepared": infos, "rows": rows, "seconds": seconds}))
     command = "python benchmarks/active_learning.py " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = report(cfg, infos, rows, seconds, command.strip(), md, png, a.jobs)
     print(summary["text"])
-    return summary
+    return {**summary, "results": results}
 
 
 if __name__ == "__main__":

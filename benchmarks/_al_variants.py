@@ -1,0 +1,52 @@
+"""Candidate changes to the hybrid strategy, tried by the active-learning benchmark
+through the real `novelty select` (the strategy registry is extended in-process; the
+library is not edited). Each is a function (SelectionInput) -> Selection, the shape of
+the functions in novelty/strategies.py, so the one that wins can move there as is.
+
+    hybrid-rank    kcenter weighted by the uncertainty's rank in the pool (n-th
+                   percentile ** beta) instead of its min-max scaled value: an outlier
+                   score no longer squeezes every other weight towards 0
+    hybrid-top     candidates first, then coverage (Zhdanov 2019, "diverse mini-batch
+                   active learning"): plain k-center restricted to the 3*B most uncertain
+                   pool images (weight 1 for them, 0 for the others)
+    hybrid-floor   kcenter with w = 0.5 + 0.5 * minmax(u): uncertainty breaks ties between
+                   equally far images but never vetoes a far one
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from novelty import strategies as S
+
+CANDIDATES = 3  # hybrid-top: candidates per pick
+
+
+def _u(x: S.SelectionInput, name: str) -> np.ndarray:
+    return np.asarray(S._need_uncertainty(x, name), np.float64)
+
+
+def hybrid_rank(x: S.SelectionInput) -> S.Selection:
+    u = _u(x, "hybrid-rank")
+    rank = np.argsort(np.argsort(u, kind="stable"), kind="stable")  # 0 .. n-1
+    w = ((rank + 1) / len(u)) ** x.beta
+    return S.kcenter(x, w.astype(np.float32))
+
+
+def hybrid_top(x: S.SelectionInput) -> S.Selection:
+    u = _u(x, "hybrid-top")
+    w = np.zeros(len(u), np.float32)
+    w[S.top(u, min(len(u), CANDIDATES * x.budget))] = 1.0
+    return S.kcenter(x, w)
+
+
+def hybrid_floor(x: S.SelectionInput) -> S.Selection:
+    w = 0.5 + 0.5 * S.uncertainty_weights(_u(x, "hybrid-floor"), x.beta)
+    return S.kcenter(x, w.astype(np.float32))
+
+
+VARIANTS = {"hybrid-rank": hybrid_rank, "hybrid-top": hybrid_top, "hybrid-floor": hybrid_floor}
+
+
+def register() -> None:
+    """Add the variants to novelty's strategy registry, in this process only."""
+    S._STRATEGIES.update(VARIANTS)
