@@ -90,6 +90,25 @@ def predict(model: UNet, images: np.ndarray, batch: int = 512) -> np.ndarray:
                            for s in range(0, len(images), batch)])
 
 
+@torch.inference_mode()
+def features(model: UNet, images: np.ndarray, batch: int = 512) -> np.ndarray:
+    """[n, S, S, 3] uint8 -> [n, 8w] float32: average- and max-pooled bottleneck
+    activations (before its dropout), the model's own view of an image."""
+    model.eval()
+    out = []
+    for s in range(0, len(images), batch):
+        x = to_tensor(images[s:s + batch]).contiguous(memory_format=torch.channels_last)
+        m = model.mid(F.max_pool2d(model.enc2(F.max_pool2d(model.enc1(x), 2)), 2))  # [b, 4w, S/4, S/4]
+        out.append(torch.cat([m.mean((2, 3)), m.amax((2, 3))], 1).numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def load(path) -> UNet:
+    model = UNet()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.to(memory_format=torch.channels_last).eval()
+
+
 def iou_counts(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """[2, 2] intersections and unions of the two foreground classes (rows: class 1, 2)."""
     out = np.zeros((2, 2), np.int64)
@@ -122,6 +141,4 @@ def factory() -> UNet:
     path = os.environ.get(WEIGHTS_ENV)
     if not path:
         raise RuntimeError(f"set {WEIGHTS_ENV} to the weights file of the model to score with")
-    model = UNet()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model.to(memory_format=torch.channels_last).eval()
+    return load(path)

@@ -169,7 +169,7 @@ def plot(s: dict, path: Path, title: str) -> None:
     """mIoU against labels: mean line per strategy and a ±sd band; random's final score dashed."""
     from PIL import Image, ImageDraw, ImageFont
 
-    W, H, l, r, t, b = 960, 600, 80, 190, 50, 60
+    W, H, l, r, t, b = 960, 600, 84, 190, 50, 60
     img = Image.new("RGBA", (W, H), "white")
     font = ImageFont.load_default(size=15)
     small = ImageFont.load_default(size=13)
@@ -195,7 +195,10 @@ def plot(s: dict, path: Path, title: str) -> None:
         d.text((X(x), H - b + 8), str(int(x)), fill="black", font=small, anchor="mt")
     d.rectangle([l, t, W - r, H - b], outline="black")
     d.text(((l + W - r) / 2, H - 22), "labeled images (seed + picks)", fill="black", font=font, anchor="mm")
-    d.text((18, (t + H - b) / 2), "test mIoU", fill="black", font=font, anchor="mm")
+    label = Image.new("RGBA", (120, 24), (255, 255, 255, 0))
+    ImageDraw.Draw(label).text((60, 12), "test mIoU", fill="black", font=font, anchor="mm")
+    label = label.rotate(90, expand=True)
+    img.alpha_composite(label, (8, int((t + H - b) / 2 - label.height / 2)))
     d.text((W / 2, 22), title, fill="black", font=font, anchor="mm")
     for k, m in s["mean"].items():  # bands first, lines on top
         band = Image.new("RGBA", img.size, (0, 0, 0, 0))

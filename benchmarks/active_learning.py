@@ -54,6 +54,7 @@ from _al_variants import VARIANTS  # noqa: E402
 
 STRATEGIES = ("random", "novelty", "kcenter", "uncertainty", "hybrid")
 NEEDS_U = ("uncertainty", "hybrid", *VARIANTS)
+NO_VECTORS = ("random", "uncertainty")  # the same picks whatever the embedding
 ENCODER = {  # a random-weight open_clip ViT for 32 px images: 64 patches of 4 px
     "embed_dim": 64,
     "vision_cfg": {"image_size": 32, "layers": 3, "width": 128, "patch_size": 4, "head_width": 32},
@@ -71,12 +72,15 @@ class BenchCfg:
     steps: int = 500  # training steps per round (batch 32), the same for every labeled-set size
     passes: int = 10  # MC-dropout passes
     beta: float = 1.0  # --uncertainty-weight for hybrid
+    embedding: str = "clip"  # clip: build-index, once | model: the current model's features, imported each round
 
     def key(self, *, data_only: bool = False) -> str:
         """Hash of the config; data_only: of what round 0 depends on (the work dir)."""
         d = asdict(self)
         if data_only:
             d = {k: d[k] for k in ("data", "rounds", "budget", "seeds", "steps", "passes")}
+        elif d["embedding"] == "clip":
+            d.pop("embedding")  # hashes as before the option existed
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -109,8 +113,40 @@ def select(index: Path, strategy: str, budget: int, seed: int, beta: float, out:
             "--device", "cpu", "--index", index]
     text = novelty(*args, *([] if strategy == "hybrid" else ["--strategy", strategy]))
     assert f" with {strategy} " in text, text  # hybrid really is the default
-    with open(out, newline="") as f:
-        return [Path(r["path"]).name for r in csv.DictReader(f)]
+    with open(out, newline="") as f:  # imported vectors have no path: their id is the file name
+        return [Path(r["path"]).name if r["path"] else r["id"] for r in csv.DictReader(f)]
+
+
+def feature_index(folder: Path, weights: Path, z, picked: list[int], scored: Path | None) -> Path:
+    """--embedding model: a fresh index of the model's own features (import-embeddings),
+    labeled = seed + picks, with the uncertainty of `scored` (the image index, where
+    `novelty uncertainty` ran) brought over by import-uncertainty."""
+    from _al_model import features, load
+
+    from novelty.records import latest_uncertainty
+    from novelty.store import open_store
+
+    n_seed, n_pool = len(z["seed_images"]), len(z["pool_images"])
+    F = features(load(weights), np.concatenate([z["seed_images"], z["pool_images"]]))  # [n, d]
+    F = (F - F.mean(0)) / (F.std(0) + 1e-6)  # standardised: ReLU features all share one direction
+    names = np.array(_names("seed", n_seed) + _names("pool", n_pool))
+    lab = np.zeros(len(F), bool)
+    lab[:n_seed] = True
+    lab[n_seed + np.asarray(picked, np.int64)] = True
+    folder.mkdir(parents=True)
+    for split, rows in (("labeled", lab), ("unlabeled", ~lab)):
+        np.save(folder / f"{split}.npy", F[rows])
+        (folder / f"{split}.txt").write_text("\n".join(names[rows]) + "\n")
+        novelty("import-embeddings", folder / f"{split}.npy", "--ids", folder / f"{split}.txt", "--split", split,
+                "--model", "segmenter-bottleneck", "--index", folder / "index")
+    if scored is not None:
+        with open_store(scored) as store:
+            u = latest_uncertainty(store)
+            meta = store.describe(u.ids)
+        with open(folder / "uncertainty.csv", "w") as f:
+            f.write("id,uncertainty\n" + "".join(f"{Path(meta[int(i)][1]).name},{float(v)!r}\n" for i, v in zip(u.ids, u.values)))
+        novelty("import-uncertainty", folder / "uncertainty.csv", "--index", folder / "index")
+    return folder / "index"
 
 
 # ------------------------------------------------------------------------- one seed
@@ -210,9 +246,12 @@ def run_strategy(cfg: BenchCfg, seed: int, strategy: str, work: Path) -> list[di
     """Rounds 1..R of one strategy from the seed's round 0; -> one row per round (0..R)."""
     from _al_model import evaluate, save, train
 
+    from novelty.store import open_store
+
     _torch_setup()
     sw = work / f"seed{seed}"
-    tag = f"_beta{cfg.beta:g}" if strategy in NEEDS_U and cfg.beta != 1.0 else ""
+    tag = (f"_beta{cfg.beta:g}" if strategy in NEEDS_U and cfg.beta != 1.0 else "") + \
+        ("_model" if cfg.embedding == "model" and strategy not in NO_VECTORS else "")
     cache = sw / f"rows_{strategy}{tag}.json"
     if cache.exists():
         return json.loads(cache.read_text())
@@ -224,6 +263,8 @@ def run_strategy(cfg: BenchCfg, seed: int, strategy: str, work: Path) -> list[di
     shutil.rmtree(index, ignore_errors=True), shutil.rmtree(run, ignore_errors=True)
     shutil.copytree(sw / "index0", index, ignore=shutil.ignore_patterns(".lock"))
     run.mkdir()
+    with open_store(index) as store:  # the paths as the catalog holds them
+        catalog_path = {Path(p).name: p for (p,) in store.db.execute("SELECT path FROM images WHERE split='unlabeled'")}
     rows = [{"seed": seed, "strategy": strategy, "beta": cfg.beta if strategy in NEEDS_U else None, "round": 0, "labels": seed_n, "miou": info["round0"]["miou"],
              "by_domain": info["round0"]["by_domain"], "seconds": 0.0}]
     picked: list[int] = []
@@ -233,8 +274,14 @@ def run_strategy(cfg: BenchCfg, seed: int, strategy: str, work: Path) -> list[di
         if strategy in NEEDS_U and r > 1:
             score_uncertainty(index, weights, cfg.passes)
         out = run / f"select_r{r}.csv"
-        names = select(index, strategy, cfg.budget, seed * 1000 + r, cfg.beta, out)
-        novelty("mark-labeled", "--selection", out, "--index", index)
+        if cfg.embedding == "model" and strategy not in NO_VECTORS:
+            fi = feature_index(run / f"features_r{r}", weights, z, picked, index if strategy in NEEDS_U else None)
+            names = select(fi, strategy, cfg.budget, seed * 1000 + r, cfg.beta, out)
+            (run / f"picked_r{r}.txt").write_text("".join(f"{catalog_path[n]}\n" for n in names))
+            novelty("mark-labeled", run / f"picked_r{r}.txt", "--index", index)
+        else:
+            names = select(index, strategy, cfg.budget, seed * 1000 + r, cfg.beta, out)
+            novelty("mark-labeled", "--selection", out, "--index", index)
         new = [where[n] for n in names]
         assert not set(new) & set(picked), "a labeled image was picked again"
         picked += new
@@ -297,6 +344,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pool", type=int)
     p.add_argument("--steps", type=int)
     p.add_argument("--beta", type=float, help="--uncertainty-weight for hybrid")
+    p.add_argument("--embedding", choices=("clip", "model"),
+                   help="clip (default): build-index with a random-weight open_clip ViT, once; model: the current "
+                        "segmenter's pooled bottleneck features, import-embeddings into a fresh index each round")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes over seeds and strategies")
     p.add_argument("--work", type=Path, help="work dir (default benchmarks/_work/al/<config hash>)")
     p.add_argument("--md", type=Path, help="markdown file to write the section into (default benchmarks/AL_RESULTS.md)")
@@ -311,6 +361,7 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     cfg = QUICK if a.quick else BenchCfg()
     over = {k: v for k, v in (("rounds", a.rounds), ("budget", a.budget), ("steps", a.steps), ("beta", a.beta),
+                              ("embedding", a.embedding),
                               ("seeds", tuple(a.seeds) if a.seeds else None),
                               ("strategies", tuple(a.strategies) if a.strategies else None)) if v is not None}
     cfg = replace(cfg, **over, **({"data": replace(cfg.data, n_pool=a.pool)} if a.pool else {}))
