@@ -391,20 +391,28 @@ class Store:
         """A shard's vectors, memory-mapped: float16 [n, d]."""
         return np.load(self.root / SHARDS / f"{name}.npy", mmap_mode="r")
 
-    def embedded(self, split: str | None = None) -> Layout:
-        """Where the vectors of embedded images are, ordered by id. `split=None` means all."""
+    def embedded(self, split: str | None = None, block: int = 1 << 16) -> Layout:
+        """Where the vectors of embedded images are, ordered by id. `split=None` means all.
+        Read `block` rows at a time: a million rows as Python tuples would hold ~250 MB."""
         q = "SELECT id, shard, row FROM images WHERE status='embedded'"
         args: tuple = ()
         if split is not None:
             q += " AND split=?"
             args = (split,)
-        rows = self.db.execute(q + " ORDER BY id", args).fetchall()
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        names = sorted({r[1] for r in rows})
-        lookup = {n: k for k, n in enumerate(names)}
-        shard_idx = np.fromiter((lookup[r[1]] for r in rows), dtype=np.int64, count=len(rows))
-        row = np.fromiter((r[2] for r in rows), dtype=np.int64, count=len(rows))
-        return Layout(ids, shard_idx, row, names)
+        cur = self.db.execute(q + " ORDER BY id", args)
+        ids, shard_idx, row = [], [], []
+        lookup: dict[str, int] = {}
+        while chunk := cur.fetchmany(block):
+            ids.append(np.fromiter((r[0] for r in chunk), dtype=np.int64, count=len(chunk)))
+            shard_idx.append(np.fromiter((lookup.setdefault(r[1], len(lookup)) for r in chunk), dtype=np.int64,
+                                         count=len(chunk)))
+            row.append(np.fromiter((r[2] for r in chunk), dtype=np.int64, count=len(chunk)))
+        empty = np.zeros(0, np.int64)
+        ids_a = np.concatenate(ids) if ids else empty
+        shard_a = np.concatenate(shard_idx) if shard_idx else empty
+        names = sorted(lookup)  # shard numbers in name order
+        remap = np.array([names.index(n) for n in lookup], np.int64)
+        return Layout(ids_a, remap[shard_a] if len(shard_a) else empty, np.concatenate(row) if row else empty, names)
 
     def vectors(self, split: str | None = None, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Gather embedded vectors into one float16 array [n, d], one shard at a time.
@@ -423,8 +431,19 @@ class Store:
         out = np.empty((len(all_ids), d), dtype=np.float16)  # [n, d]
         for k, name in enumerate(lay.names):
             sel = np.flatnonzero(shard_idx == k)
-            if len(sel):
-                out[sel] = self.shard(name)[row[sel]]
+            if not len(sel):
+                continue
+            src = self.shard(name)
+            r = row[sel]
+            # runs where both the output positions and the shard rows are consecutive
+            # (the usual case: ids and rows were assigned in the same order) are plain copies
+            brk = np.flatnonzero((np.diff(sel) != 1) | (np.diff(r) != 1)) + 1
+            starts, ends = np.r_[0, brk], np.r_[brk, len(sel)]
+            if len(starts) > len(sel) // 64:  # scattered: one fancy-indexed gather
+                out[sel] = src[r]
+                continue
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                out[sel[a]:sel[a] + (b - a)] = src[r[a]:r[a] + (b - a)]
         return all_ids, out
 
     def iter_blocks(self, split: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -8,12 +8,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
 from novelty.sample import SampleCfg, make_sample
 
 HERE = Path(__file__).parent
 TINY = str(HERE / "tiny-clip.json")  # 32-d, 64 px: fast on a CPU
 TINY_WIDE = str(HERE / "tiny-clip-wide.json")  # the same with 48-d output
+_runner = CliRunner()
+
+
+def run(*args):
+    """The novelty CLI in-process (typer's CliRunner); arguments are str()-ed."""
+    from novelty.cli import app
+
+    return _runner.invoke(app, [str(a) for a in args])
+
+
+def unit(X) -> np.ndarray:
+    """Rows scaled to unit length, in float64 (brute-force references)."""
+    X = np.asarray(X, dtype=np.float64)
+    return X / np.linalg.norm(X, axis=1, keepdims=True)
 
 
 @pytest.fixture(autouse=True)

@@ -5,17 +5,10 @@ import shutil
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from novelty.cli import app
 from novelty.store import open_store
-from tests.conftest import TINY, TINY_WIDE
+from tests.conftest import TINY, TINY_WIDE, run
 
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def build(index, *srcs, model=TINY, extra=()):

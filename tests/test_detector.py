@@ -5,19 +5,12 @@ import sqlite3
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from novelty.cli import app
 from novelty.detector import DetectorCfg, score_index
 from novelty.store import open_store
-from tests.conftest import TINY
+from tests.conftest import TINY, run
 
-runner = CliRunner()
 SPEC = "tests._tiny_models:make_detector"
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture

@@ -6,23 +6,11 @@ import shutil
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from novelty import inspect
-from novelty.cli import app
 from novelty.store import open_store
-from tests.conftest import TINY, TINY_WIDE
+from tests.conftest import TINY, TINY_WIDE, run, unit
 
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def unit(X):
-    X = np.asarray(X, dtype=np.float64)
-    return X / np.linalg.norm(X, axis=1, keepdims=True)
 
 
 def import_split(idx, tmp, name, X, ids, split):

@@ -6,25 +6,13 @@ import shutil
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from novelty import vectors
-from novelty.cli import app
 from novelty.export import write_selection
 from novelty.records import save_selection
 from novelty.store import open_store
-from tests.conftest import TINY
+from tests.conftest import TINY, run, unit
 
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def unit(X):
-    X = np.asarray(X, dtype=np.float64)
-    return X / np.linalg.norm(X, axis=1, keepdims=True)
 
 
 def read(path):

@@ -6,21 +6,14 @@ import subprocess
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from novelty.cli import app
 from novelty.report import ReportCfg, collect
 from novelty.store import open_store
-from tests.conftest import TINY
-from tests.test_labeling import record_selection, unit
+from tests.conftest import TINY, run, unit
+from tests.test_labeling import record_selection
 
-runner = CliRunner()
 EVIL_DIR = '"><b onmouseover=x>bold<'  # with the file inside: .../"><b onmouseover=x>bold</b>.png
 EVIL = '"><b onmouseover=x>bold</b>.png'
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def write_csv(path, rows):

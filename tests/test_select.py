@@ -5,16 +5,10 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from novelty.cli import app
+from tests.conftest import run
 from novelty.store import open_store
 
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def clustered(n, d, k, seed, spread=0.15):
