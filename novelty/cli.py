@@ -325,13 +325,16 @@ def report(
     selection: Annotated[Path, typer.Option("--selection", help="A selection file from select or export.", dir_okay=False)],
     out: Annotated[Path, typer.Option(help="The HTML file to write.", dir_okay=False)] = Path("report.html"),
     k: Annotated[int, typer.Option("--k", help="Nearest labeled images shown per pick.")] = 3,
+    limit: Annotated[int, typer.Option("--limit", help="Picks shown in the table, best first (0: all); the plots use all.")] = 500,
     index: IndexOpt = DEFAULT_INDEX,
 ):
     """One self-contained HTML page: each pick with its scores and nearest labeled images, and plots."""
     from .report import ReportCfg, build_report
 
-    d = build_report(index, selection, out, ReportCfg(k=k))
-    typer.echo(f"report on {d.counts['picks']} picks ({d.radius_source} covering radius) -> {out}")
+    d = build_report(index, selection, out, ReportCfg(k=k, limit=limit))
+    n = d.counts["picks"]
+    part = f"; the table shows the first {limit}" if 0 < limit < n else ""
+    typer.echo(f"report on {n} picks ({d.radius_source} covering radius{part}) -> {out}")
 
 
 @command

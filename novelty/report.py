@@ -34,6 +34,7 @@ class ReportCfg:
     k: int = 3  # nearest labeled images shown per pick
     thumb: int = 128  # thumbnail size in pixels (longest side)
     sample: int = 20000  # pool and labeled images the histograms are drawn from, at most
+    limit: int = 500  # picks shown as table rows (the plots use all of them); 0: every pick
     seed: int = 0
 
 
@@ -77,6 +78,8 @@ def collect(store: Store, rows: list[dict], cfg: ReportCfg) -> ReportData:
     """The numbers behind the page (tested against brute force)."""
     if cfg.k < 0:
         raise ConfigError(f"--k must be >= 0, got {cfg.k}")
+    if cfg.limit < 0:
+        raise ConfigError(f"--limit must be >= 0 (0: every pick), got {cfg.limit}")
     image = selection_ids(store, rows, "is the selection from this index?")
     lab_all = store.embedded("labeled").ids
     labeled = lab_all[~np.isin(lab_all, image)]
@@ -202,8 +205,9 @@ td.sc{width:240px}td.near{white-space:nowrap}figure{white-space:normal}dl{margin
 
 
 def render(store: Store, data: ReportData, cfg: ReportCfg, source: Path) -> str:
-    near_D, near_I = data.near_D[:, :cfg.k], data.near_I[:, :cfg.k]
-    meta = store.describe(np.concatenate([data.image, near_I[near_I >= 0]]))
+    shown_n = len(data.rows) if cfg.limit == 0 else min(cfg.limit, len(data.rows))
+    near_D, near_I = data.near_D[:shown_n, :cfg.k], data.near_I[:shown_n, :cfg.k]
+    meta = store.describe(np.concatenate([data.image[:shown_n], near_I[near_I >= 0]]))
     thumbs = Thumbs(cfg.thumb)
     sel_nov = data.near_D[:, 0]
     finite = np.concatenate([v[np.isfinite(v)] for v in (data.pool_novelty, data.labeled_novelty, sel_nov)])
@@ -216,7 +220,7 @@ def render(store: Store, data: ReportData, cfg: ReportCfg, source: Path) -> str:
         svg_curve(f"covering radius ({data.radius_source})", data.radius),
     ]
     body = []
-    for n, row in enumerate(data.rows):
+    for n, row in enumerate(data.rows[:shown_n]):
         i = int(data.image[n])
         shown, path, _ = meta[i]
         scores = "".join(f"<dt>{esc(k)}</dt><dd>{_num(row[k])}</dd>" for k in COLUMNS[3:] if row.get(k) not in (None, ""))
@@ -230,6 +234,8 @@ def render(store: Store, data: ReportData, cfg: ReportCfg, source: Path) -> str:
             f'<p class="meta">{esc(source)} · {run} · {c["picks"]} picks from a pool of {c["pool"]} · {c["labeled"]} labeled · '
             f'index {esc(store.root)} · {time.strftime("%Y-%m-%d %H:%M")}</p>'
             f'<div class="plots">{"".join(plots)}</div>'
+            + (f'<p class="meta">The table shows the first {shown_n} of {c["picks"]} picks (--limit); '
+               f'the plots use all of them.</p>' if shown_n < c["picks"] else "") +
             f'<table><thead><tr><th>rank</th><th>image</th><th>scores</th><th>nearest labeled (k = {cfg.k})</th></tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table></body></html>\n')
 

@@ -134,6 +134,14 @@ def test_report_on_imported_vectors_shows_ids_without_thumbnails(vec_index, tmp_
     page = out.read_text()
     assert "<img" not in page and page.count('class="noimg"') == 5 * 4
     assert ">p0" in page and ">l0" in page
+    # --limit: the table stops after the first N picks, best first; the plots still count all
+    r = run("report", "--selection", tmp_path / "sel.csv", "--out", out, "--index", vec_index, "--limit", 2)
+    assert r.exit_code == 0 and "covering radius; the table shows the first 2) ->" in r.output, r.output
+    page = out.read_text()
+    assert page.count('class="noimg"') == 2 * 4 and "first 2 of 5 picks" in page
+    assert page.count("<tr>") == 1 + 2  # header and two picks
+    r = run("report", "--selection", tmp_path / "sel.csv", "--out", out, "--index", vec_index, "--limit", 0)
+    assert r.exit_code == 0 and out.read_text().count('class="noimg"') == 5 * 4 and "first " not in out.read_text()
 
 
 def test_report_without_labeled_images(tmp_path):
@@ -157,6 +165,7 @@ def test_report_without_labeled_images(tmp_path):
         (None, [], "selection file MISSING does not exist"),
         ("id,rank\np001,1\nzz9,2\n", [], "1 of 2 id(s) are not in the index: 'zz9'; is the selection from this index?"),
         ("id,rank\np001,1\n", ["--k", "-1"], "--k must be >= 0"),
+        ("id,rank\np001,1\n", ["--limit", "-1"], "--limit must be >= 0"),
         ("rank\n1\n", [], "needs an id or a path column"),
         ("id\n", [], "holds no rows"),
     ],
