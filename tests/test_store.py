@@ -111,3 +111,36 @@ def test_catalog_survives_a_reader_while_writing(tmp_path):
         assert ro.execute("SELECT COUNT(*) FROM images").fetchone()[0] == 3
         st.commit_shard(st.pending_ids(), unit(3, 8))
         assert ro.execute("SELECT COUNT(*) FROM images WHERE status='embedded'").fetchone()[0] == 3
+
+
+def test_vectors_gather_equals_row_by_row_reads(tmp_path):
+    """vectors() copies runs of consecutive rows and falls back to a gather when they are
+    scattered; both must equal reading each row from its shard (several shards, gaps,
+    interleaved splits, an id subset in any order)."""
+    X = unit(700, 8, seed=3)
+    with create_store(tmp_path / "idx") as st:
+        st.check_encoder({"kind": "x", "model": "m"}, 8)
+        st.sync_sources(records(tmp_path, 700))
+        ids = st.pending_ids()
+        for s in range(0, 700, 256):  # three shards
+            st.commit_shard(ids[s:s + 256], X[s:s + 256], [f"h{i}" for i in range(s, min(700, s + 256))])
+        lay = st.embedded()
+        by_id = {int(i): st.shard(lay.names[s])[r] for i, s, r in zip(lay.ids, lay.shard, lay.row)}
+        # rows moved to the labeled split: a block (long runs with a gap: copies), then also
+        # every 3rd row of another stretch (scattered: the gather)
+        for moved in (ids[100:140], np.r_[ids[100:140], ids[300:600:3]]):
+            st.db.execute("UPDATE images SET split='unlabeled'")
+            st.db.execute(f"UPDATE images SET split='labeled' WHERE id IN ({','.join(map(str, moved.tolist()))})")
+            check_splits(st, ids, moved, by_id, X)
+        sub = np.sort(np.random.default_rng(0).choice(ids, 50, replace=False))
+        got_ids, got = st.vectors(ids=sub)
+        np.testing.assert_array_equal(got, X[np.searchsorted(ids, sub)].astype(np.float16))
+
+
+def check_splits(st, ids, moved, by_id, X):
+    for split in (None, "labeled", "unlabeled"):
+        got_ids, got = st.vectors(split)
+        want = np.sort(moved) if split == "labeled" else np.setdiff1d(ids, moved) if split == "unlabeled" else ids
+        assert got_ids.tolist() == want.tolist()
+        np.testing.assert_array_equal(got, np.stack([by_id[int(i)] for i in want]))
+        np.testing.assert_array_equal(got, X[np.searchsorted(ids, want)].astype(np.float16))
