@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import vectors
+from ._closepairs import PAIR_METHODS
 from .config import EncoderCfg, ReaderCfg
 from .errors import ConfigError, EncoderError, IndexMissingError, InputError
 from .store import SPLITS, Layout, Store, open_store
@@ -214,7 +215,8 @@ class DuplicatesCfg:
     threshold: float = DEFAULT_THRESHOLD  # pairs closer than this (cosine distance) are near-duplicates
     split: str | None = None  # None: both splits
     chunk: int = 65536  # vectors per database block held in memory (two at a time)
-    block: int = 1024  # queries per range search: bounds the pairs held at once
+    block: int = 1024  # queries per product: bounds the pairs held at once
+    method: str = "screen"  # screen: bf16 product + exact float32 recheck | faiss: float32 range search
 
 
 @dataclass
@@ -229,6 +231,8 @@ def check_duplicates_cfg(cfg: DuplicatesCfg) -> None:
         raise ConfigError(f"--threshold is a cosine distance in (0, 2], got {cfg.threshold}")
     if cfg.block < 1 or cfg.chunk < 1:
         raise ConfigError(f"block and chunk must be >= 1, got {cfg.block} and {cfg.chunk}")
+    if cfg.method not in PAIR_METHODS:
+        raise ConfigError(f"unknown pair method {cfg.method!r}; choose one of: {', '.join(PAIR_METHODS)}")
     check_split(cfg.split)
 
 
@@ -248,22 +252,19 @@ def _gather(store: Store, lay: Layout, sel: slice) -> np.ndarray:
 
 
 def close_pairs(store: Store, lay: Layout, cfg: DuplicatesCfg, progress: Progress | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Layout positions (i < j) of every pair closer than cfg.threshold. Exact: FAISS
-    range searches (flat inner product, BLAS) of each query chunk against itself and
-    every later chunk, so memory is bounded by two chunks and one block of results."""
-    import faiss
-
+    """Layout positions (i < j) of every pair closer than cfg.threshold. Exact: each query
+    chunk against itself and every later chunk (_closepairs: a bf16 screen with a proven
+    error window and a float32 recheck, or FAISS range searches), so memory is bounded by
+    two chunks and one block of results."""
+    pairs = PAIR_METHODS[cfg.method]
     n, C = len(lay.ids), cfg.chunk
+    s_min = 1.0 - cfg.threshold
     for a in range(0, n, C):
         Q = _gather(store, lay, slice(a, a + C))  # [c, d]
         for b in range(a, n, C):
-            index = faiss.IndexFlatIP(Q.shape[1])
-            index.add(Q if b == a else _gather(store, lay, slice(b, b + C)))
-            for s in range(0, len(Q), cfg.block):
-                lims, _, I = index.range_search(Q[s:s + cfg.block], 1.0 - cfg.threshold)
-                i = a + s + np.repeat(np.arange(len(lims) - 1), np.diff(lims).astype(np.int64))
-                j = b + I
-                yield i[i < j], j[i < j]
+            D = Q if b == a else _gather(store, lay, slice(b, b + C))
+            i, j, _ = pairs(Q, D, s_min, cfg.block, upper=b == a)
+            yield a + i, b + j
             if progress:
                 progress(1)
 

@@ -203,7 +203,8 @@ def test_duplicates_match_brute_force(vec_index, tmp_path, scope):
         assert "already labeled" not in r.output
 
 
-def test_duplicates_blockwise_on_chains_match_brute_force(tmp_path):
+@pytest.mark.parametrize("method", ["screen", "faiss"])
+def test_duplicates_blockwise_on_chains_match_brute_force(tmp_path, method):
     """Dense clusters, thresholds at gaps in the pair distances, tiny blocks: components
     that only connect through chains spread over many blocks."""
     rng = np.random.default_rng(7)
@@ -220,7 +221,7 @@ def test_duplicates_blockwise_on_chains_match_brute_force(tmp_path):
         for q in (0.002, 0.01, 0.03):
             g = gaps[np.searchsorted(gaps, int(q * len(d)))]
             t = float((d[g] + d[g + 1]) / 2)
-            res = inspect.find_duplicates(st, inspect.DuplicatesCfg(threshold=t, chunk=40, block=7))
+            res = inspect.find_duplicates(st, inspect.DuplicatesCfg(threshold=t, chunk=40, block=7, method=method))
             pos = np.searchsorted(ids, res.image)
             got = {}
             for p, k in zip(pos.tolist(), res.group.tolist()):
@@ -228,6 +229,37 @@ def test_duplicates_blockwise_on_chains_match_brute_force(tmp_path):
             want = brute_groups(V, t, np.ones(len(V), bool))
             assert {frozenset(s) for s in got.values()} == want and len(want) > 1
             assert res.summary["largest"] == max(len(s) for s in want)
+
+
+@pytest.mark.parametrize("d, spread", [(512, 0.02), (512, 0.12), (37, 0.3)])
+def test_screened_pairs_equal_float32_pairs(d, spread):
+    """The bf16 screen with its error window finds exactly the pairs a float32 scan finds:
+    near-copies (many pairs close to the threshold) and spread data, a diagonal block
+    (i < j only) and a rectangular one, thresholds placed among the pair distances."""
+    from novelty._closepairs import faiss_pairs, screen_pairs
+
+    rng = np.random.default_rng(d)
+    C = rng.normal(size=(40, d))
+    X = (C[rng.integers(0, 40, 900)] + spread * rng.normal(size=(900, d))).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    X = X.astype(np.float16).astype(np.float32)  # stored rows: float16, not exactly unit
+    S = np.sort((X.astype(np.float64) @ X.T.astype(np.float64))[np.triu_indices(900, 1)])
+    gaps = np.flatnonzero(np.diff(S) > 3e-6)  # thresholds in gaps: no pair within float noise
+    for q in (0.001, 0.01, 0.05):
+        g = gaps[min(np.searchsorted(gaps, int((1 - q) * len(S))), len(gaps) - 1)]
+        s_min = float(S[g + 1] - 2e-6)  # a pair just above the threshold: the screen must keep it
+        for Q, D, upper in ((X, X, True), (X[:300], X[300:], False)):
+            i, j, sim = screen_pairs(Q, D, s_min, block=128, upper=upper)
+            ref = Q @ D.T > np.float32(s_min)
+            if upper:
+                ref = np.triu(ref, 1)
+            wi, wj = np.nonzero(ref)
+            assert len(wi) > 0
+            got = sorted(zip(i.tolist(), j.tolist()))
+            assert got == sorted(zip(wi.tolist(), wj.tolist()))
+            np.testing.assert_allclose(sim, np.einsum("ij,ij->i", Q[i], D[j]), rtol=0, atol=1e-6)
+            fi, fj, _ = faiss_pairs(Q, D, s_min, block=128, upper=upper)
+            assert sorted(zip(fi.tolist(), fj.tolist())) == got
 
 
 def test_union_find_matches_brute_force():
