@@ -235,3 +235,39 @@ def report(cfg, infos, rows, seconds, command, md: Path, png: Path, jobs: int = 
     plot(s, png, f"Active learning on synthetic segmentation: mean ± sd over {n} seed{'s' * (n > 1)}")
     write_section(md, body)
     return {"text": body, "summary": s, "md": md, "png": png}
+
+
+def compare(work: Path) -> str:
+    """Every cached result in a work dir: strategy x embedding (and beta), each over the
+    seeds it has, against random paired by seed. -> a markdown table."""
+    import json
+
+    runs: dict[str, dict[int, list[dict]]] = {}
+    for f in sorted(work.glob("seed*/rows_*.json")):
+        seed = int(f.parent.name[4:])
+        runs.setdefault(f.stem[5:], {})[seed] = json.loads(f.read_text())
+    if "random" not in runs:
+        return "no cached random run to compare with"
+
+    def per_seed(tag, seeds):
+        fin = np.array([runs[tag][s][-1]["miou"] for s in seeds])
+        mean = np.array([np.mean([r["miou"] for r in runs[tag][s][1:]]) for s in seeds])
+        return fin, mean
+
+    def sd(x):
+        return f"{x.std(ddof=1):.3f}" if len(x) > 1 else "-"
+
+    out = [f"Every cached run in `{work}`; `_model`: the segmenter's own features (`--embedding model`), else the "
+           "random-weight ViT (`--embedding clip`); random and uncertainty do not use vectors. Each row over the seeds "
+           "it has; differences against random paired by seed (mean ± sd over seeds) and wins.", "",
+           "| strategy | seeds | final mIoU | mean mIoU over rounds | final − random | wins | mean over rounds − random | wins |",
+           "|---|---|---|---|---|---|---|---|"]
+    table = []
+    for tag in runs:
+        seeds = sorted(set(runs[tag]) & set(runs["random"]))
+        f, m = per_seed(tag, seeds)
+        rf, rm = per_seed("random", seeds)
+        table.append((-m.mean(), f"| {tag} | {','.join(map(str, seeds))} | {f.mean():.3f} ± {sd(f)} | {m.mean():.3f} ± {sd(m)} | "
+                                 f"{(f - rf).mean():+.3f} ± {sd(f - rf)} | {int(((f - rf) > 0).sum())}/{len(seeds)} | "
+                                 f"{(m - rm).mean():+.3f} ± {sd(m - rm)} | {int(((m - rm) > 0).sum())}/{len(seeds)} |"))
+    return "\n".join(out + [row for _, row in sorted(table)])

@@ -347,6 +347,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--embedding", choices=("clip", "model"),
                    help="clip (default): build-index with a random-weight open_clip ViT, once; model: the current "
                         "segmenter's pooled bottleneck features, import-embeddings into a fresh index each round")
+    p.add_argument("--compare", action="store_true",
+                   help="only print a table of every cached run in the work dir (strategies, embeddings, variants)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes over seeds and strategies")
     p.add_argument("--work", type=Path, help="work dir (default benchmarks/_work/al/<config hash>)")
     p.add_argument("--md", type=Path, help="markdown file to write the section into (default benchmarks/AL_RESULTS.md)")
@@ -366,6 +368,12 @@ def main(argv=None) -> dict:
                               ("strategies", tuple(a.strategies) if a.strategies else None)) if v is not None}
     cfg = replace(cfg, **over, **({"data": replace(cfg.data, n_pool=a.pool)} if a.pool else {}))
     work = a.work or HERE / "_work" / "al" / cfg.key(data_only=True)
+    if a.compare:
+        from _al_report import compare
+
+        text = compare(work)
+        print(text)
+        return {"text": text}
     if a.fresh:
         shutil.rmtree(work, ignore_errors=True)
     default_out = work if a.quick else HERE
