@@ -88,10 +88,12 @@ def markdown(cfg, infos: list[dict], rows: list[dict], seconds: float, command: 
     s = summarise(cfg, rows)
     L, sts = s["labels"], list(cfg.strategies)
     cpu = sum(i.get("cpu_seconds", 0.0) for i in infos) + sum(r.get("cpu_seconds", 0.0) for r in rows)
+    cached = seconds < 0.05 * cpu / max(jobs, 1)  # nothing (or almost nothing) was recomputed
+    wall = (f"regenerated from the cached rounds in {seconds:.0f} s" if cached else
+            f"wall time {seconds / 60:.1f} min in {jobs} process{'es' * (jobs > 1)} (one torch thread each)")
     out = [f"Command: `{command}`  ", f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()}, "
-           f"CPU only; wall time {seconds / 60:.1f} min in {jobs} process{'es' * (jobs > 1)} (one torch thread each); "
-           f"{cpu / 60:.1f} CPU-minutes in all, i.e. {cpu / 60 / max(1, os.cpu_count() or 1):.1f} min on "
-           f"{os.cpu_count()} idle cores.",
+           f"CPU only; {wall}; the rounds took {cpu / 60:.1f} CPU-minutes in all, i.e. "
+           f"{cpu / 60 / max(1, os.cpu_count() or 1):.1f} min on {os.cpu_count()} idle cores.",
            "", f"Setting: 32 px images, 2 classes with masks, 8 domains; seed {cfg.data.n_seed} labels (domains "
            f"{', '.join(map(str, SEED_DOMAINS))} only), pool {cfg.data.n_pool} (all domains, clusters of near-copies, "
            f"mean {cfg.data.mean_copies:g}), test {cfg.data.n_test} (all domains equally); {cfg.rounds} rounds of "
@@ -138,7 +140,7 @@ def markdown(cfg, infos: list[dict], rows: list[dict], seconds: float, command: 
         def avg(k):
             v = [a[k] for a in an if k in a]
             return f"{np.mean(v):.2f}" if v else "-"
-        out += ["", "Diagnostics at round 0 (mean over seeds): in the index's embedding, "
+        out += ["", "Diagnostics at round 0 (mean over seeds): in the build-index embedding (the random-weight ViT), "
                 f"{avg('knn10_same_domain')} of each pool image's 10 nearest neighbours share its domain and "
                 f"{avg('nn1_same_cluster')} of nearest neighbours are a near-copy of it. The round-0 model's uncertainty "
                 f"has Spearman {avg('u_spearman_error')} with its per-image error (1 - IoU) and AUROC "
@@ -237,17 +239,18 @@ def report(cfg, infos, rows, seconds, command, md: Path, png: Path, jobs: int = 
     return {"text": body, "summary": s, "md": md, "png": png}
 
 
-def compare(work: Path) -> str:
-    """Every cached result in a work dir: strategy x embedding (and beta), each over the
-    seeds it has, against random paired by seed. -> a markdown table."""
+def compare(work: Path, base: str = "random") -> str:
+    """Every cached result in a work dir: strategy x embedding (and beta, top-percent),
+    each over the seeds it has, against `base` (a cached run's tag, e.g. random or
+    kcenter_model) paired by seed. -> a markdown table."""
     import json
 
     runs: dict[str, dict[int, list[dict]]] = {}
     for f in sorted(work.glob("seed*/rows_*.json")):
         seed = int(f.parent.name[4:])
         runs.setdefault(f.stem[5:], {})[seed] = json.loads(f.read_text())
-    if "random" not in runs:
-        return "no cached random run to compare with"
+    if base not in runs:
+        return f"no cached {base} run to compare with; cached: {', '.join(sorted(runs))}"
 
     def per_seed(tag, seeds):
         fin = np.array([runs[tag][s][-1]["miou"] for s in seeds])
@@ -257,16 +260,19 @@ def compare(work: Path) -> str:
     def sd(x):
         return f"{x.std(ddof=1):.3f}" if len(x) > 1 else "-"
 
-    out = [f"Every cached run in `{work}`; `_model`: the segmenter's own features (`--embedding model`), else the "
-           "random-weight ViT (`--embedding clip`); random and uncertainty do not use vectors. Each row over the seeds "
-           "it has; differences against random paired by seed (mean ± sd over seeds) and wins.", "",
-           "| strategy | seeds | final mIoU | mean mIoU over rounds | final − random | wins | mean over rounds − random | wins |",
+    out = [f"Every cached run in `{os.path.relpath(work)}`; `_model`: the segmenter's own features (`--embedding model`), else the "
+           "random-weight ViT (`--embedding clip`); `_top100`: uncertainty from the mean BALD of all pixels (`--top-percent 100`), "
+           f"else of the top 5 %; random and uncertainty do not use vectors. Each row over the seeds it has; differences "
+           f"against {base} paired by seed (mean ± sd over seeds) and wins.", "",
+           f"| strategy | seeds | final mIoU | mean mIoU over rounds | final − {base} | wins | mean over rounds − {base} | wins |",
            "|---|---|---|---|---|---|---|---|"]
     table = []
     for tag in runs:
-        seeds = sorted(set(runs[tag]) & set(runs["random"]))
+        seeds = sorted(set(runs[tag]) & set(runs[base]))
+        if not seeds:
+            continue
         f, m = per_seed(tag, seeds)
-        rf, rm = per_seed("random", seeds)
+        rf, rm = per_seed(base, seeds)
         table.append((-m.mean(), f"| {tag} | {','.join(map(str, seeds))} | {f.mean():.3f} ± {sd(f)} | {m.mean():.3f} ± {sd(m)} | "
                                  f"{(f - rf).mean():+.3f} ± {sd(f - rf)} | {int(((f - rf) > 0).sum())}/{len(seeds)} | "
                                  f"{(m - rm).mean():+.3f} ± {sd(m - rm)} | {int(((m - rm) > 0).sum())}/{len(seeds)} |"))

@@ -11,6 +11,10 @@ the functions in novelty/strategies.py, so the one that wins can move there as i
                    pool images (weight 1 for them, 0 for the others)
     hybrid-floor   kcenter with w = 0.5 + 0.5 * minmax(u): uncertainty breaks ties between
                    equally far images but never vetoes a far one
+    kcenter-typ    kcenter weighted by typicality (TypiClust, Hacohen et al. 2022: the
+                   inverse mean distance to the K = 20 nearest pool images, over its
+                   max): an isolated outlier no longer wins by being far
+    hybrid-typ     hybrid's weight times that typicality
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import numpy as np
 from novelty import strategies as S
 
 CANDIDATES = 3  # hybrid-top: candidates per pick
+TYPICALITY_K = 20  # TypiClust's K
 
 
 def _u(x: S.SelectionInput, name: str) -> np.ndarray:
@@ -44,7 +49,34 @@ def hybrid_floor(x: S.SelectionInput) -> S.Selection:
     return S.kcenter(x, w.astype(np.float32))
 
 
-VARIANTS = {"hybrid-rank": hybrid_rank, "hybrid-top": hybrid_top, "hybrid-floor": hybrid_floor}
+def typicality(pool: np.ndarray, k: int = TYPICALITY_K, block: int = 2048) -> np.ndarray:
+    """[n] in (0, 1]: 1 / mean Euclidean distance to the k nearest other pool rows
+    (unit rows: |a - b| = sqrt(2 - 2 a.b)), divided by its max. Exact, block-wise."""
+    X = np.asarray(pool, np.float32)
+    k = min(k, len(X) - 1)
+    if k < 1:
+        return np.ones(len(X), np.float32)
+    out = np.empty(len(X), np.float64)
+    for s in range(0, len(X), block):
+        S = X[s:s + block] @ X.T  # [b, n]
+        S[np.arange(len(S)), np.arange(s, s + len(S))] = -np.inf  # not itself
+        near = -np.partition(-S, k - 1, axis=1)[:, :k]  # the k largest similarities
+        out[s:s + block] = np.sqrt(np.maximum(2.0 - 2.0 * near, 0.0)).mean(1)
+    typ = 1.0 / np.maximum(out, 1e-6)
+    return (typ / typ.max()).astype(np.float32)
+
+
+def kcenter_typ(x: S.SelectionInput) -> S.Selection:
+    return S.kcenter(x, typicality(x.pool))
+
+
+def hybrid_typ(x: S.SelectionInput) -> S.Selection:
+    w = S.uncertainty_weights(_u(x, "hybrid-typ"), x.beta) * typicality(x.pool)
+    return S.kcenter(x, w.astype(np.float32))
+
+
+VARIANTS = {"hybrid-rank": hybrid_rank, "hybrid-top": hybrid_top, "hybrid-floor": hybrid_floor,
+            "kcenter-typ": kcenter_typ, "hybrid-typ": hybrid_typ}
 
 
 def register() -> None:

@@ -9,6 +9,8 @@ Generates --n JPEGs of --width x --height under benchmarks/_work/ (once), then m
 e2e / min(decode, encode) says whether the stages overlap (target >= 0.85).
 Peak RSS of e2e is measured in a fresh process at n and at 2n: it must not grow with n.
 Weights are random (--pretrained none) unless given: speed does not depend on them.
+--mmap-threshold MB runs e2e with another glibc mmap threshold than build-index pins
+(speed against memory growth; RESULTS.md); --skip decode encode runs e2e alone.
 """
 from __future__ import annotations
 
@@ -91,11 +93,17 @@ def bench_e2e(args, lst: Path) -> tuple[float, float]:
     """In a fresh process: (images/s of the embedding stage, peak RSS in MB)."""
     root = WORK / "e2e_idx"
     shutil.rmtree(root, ignore_errors=True)
+    pin = "" if args.mmap_threshold is None else f"""
+import novelty.indexer as _ix
+from novelty._compat import bound_heap_growth as _b
+_ix.bound_heap_growth = lambda: _b({int(args.mmap_threshold * 2**20)})  # what build-index pins, overridden
+"""
     code = f"""
 import json, resource, sys
 from pathlib import Path
 from novelty.config import BuildCfg, EncoderCfg, ReaderCfg
 from novelty.indexer import build_index
+{pin}
 cfg = BuildCfg(EncoderCfg({args.model!r}, {args.pretrained!r}, {args.device!r}), ReaderCfg(batch_size={args.batch_size}, workers={args.workers}))
 s = build_index(Path({str(root)!r}), [], [Path({str(lst)!r})], cfg)
 print(json.dumps({{"rate": s.rate, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
@@ -115,22 +123,28 @@ def main():
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=480)
+    p.add_argument("--mmap-threshold", type=float, metavar="MB",
+                   help="end to end with glibc's M_MMAP_THRESHOLD pinned here instead of build-index's 128 KB "
+                        "(novelty/_compat.py:bound_heap_growth): the speed / memory-growth trade-off")
+    p.add_argument("--skip", nargs="*", default=[], choices=("decode", "encode"), help="stages not to measure")
     args = p.parse_args()
 
     import torch
 
     folder = make_images(2 * args.n, args.width, args.height)
     lst, lst2 = subset(folder, args.n), subset(folder, 2 * args.n)
-    dec = bench_decode(args, lst)
-    enc = bench_encode(args)
+    dec = bench_decode(args, lst) if "decode" not in args.skip else float("nan")
+    enc = bench_encode(args) if "encode" not in args.skip else float("nan")
     e2e, rss = bench_e2e(args, lst)
     e2e2, rss2 = bench_e2e(args, lst2)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores"
-    print(f"model {args.model}  device {name}  batch {args.batch_size}  workers {args.workers}  images {args.width}x{args.height} JPEG")
+    print(f"model {args.model}  device {name}  batch {args.batch_size}  workers {args.workers}  images {args.width}x{args.height} JPEG"
+          + ("" if args.mmap_threshold is None else f"  M_MMAP_THRESHOLD {args.mmap_threshold:g} MB"))
     print(f"| stage | images/s |\n|---|---|")
     print(f"| decode only | {dec:.0f} |\n| encode only | {enc:.1f} |\n| end to end (n={args.n}) | {e2e:.1f} |\n| end to end (n={2 * args.n}) | {e2e2:.1f} |")
-    print(f"end to end / min(decode, encode) = {e2e / min(dec, enc):.2f}  (target >= 0.85)")
+    if not args.skip:
+        print(f"end to end / min(decode, encode) = {e2e / min(dec, enc):.2f}  (target >= 0.85)")
     print(f"peak RSS of end to end: {rss:.0f} MB at n={args.n}, {rss2:.0f} MB at n={2 * args.n}")
 
 

@@ -303,7 +303,7 @@ def duplicates(
     out: Annotated[Path, typer.Option(help="CSV of group,id,path,split (groups largest first).", dir_okay=False)] = Path("duplicates.csv"),
     index: IndexOpt = DEFAULT_INDEX,
 ):
-    """Groups of near-duplicates: connected components of close pairs, from exact FAISS range searches in blocks."""
+    """Groups of near-duplicates: connected components of close pairs, found exactly, block by block (bf16 screen + float32 recheck)."""
     from .inspect import DEFAULT_THRESHOLD, DuplicatesCfg
     from .inspect import duplicates as run
 

@@ -60,6 +60,26 @@ def test_quick_run_end_to_end(tmp_path):
     again = md.read_text()
     assert again.count("<!-- active_learning.py: begin -->") == 1 and again.endswith("notes kept\n")
 
+    # the other vector source: build-index's random-weight ViT instead of imported model features
+    assert cfg.embedding == "model"
+    clip = al.main(["--quick", "--jobs", "1", "--embedding", "clip", "--strategies", "random", "kcenter",
+                    "--work", str(tmp_path / "work"), "--md", str(md), "--png", str(png)])
+    crow = [r for r in json.loads(clip["results"].read_text())["rows"] if r["strategy"] == "kcenter"]
+    assert [r["round"] for r in crow] == list(range(cfg.rounds + 1))
+    assert sum(crow[-1]["picked_by_domain"]) == cfg.budget
+    assert (tmp_path / "work" / "seed0" / "rows_kcenter.json").exists()  # cached apart from the model-feature run
+    assert (tmp_path / "work" / "seed0" / "rows_kcenter_model.json").exists()
+
+    # which uncertainty score tracks the round-0 model's errors: one row per score, numbers in range
+    diag = al.main(["--quick", "--diagnose", "--work", str(tmp_path / "work")])["text"]
+    from _al_diagnose import SCORES
+
+    table = [line for line in diag.splitlines() if line.startswith("| ") and "±" in line]
+    assert len(table) == len(SCORES)
+    for line in table:
+        cells = [float(c.split("±")[0]) for c in line.strip("|").split("|")[1:]]
+        assert -1 <= cells[0] <= 1 and -1 <= cells[1] <= 1 and 0 <= cells[2] <= 1 and 0 <= cells[3] <= 1
+
 
 def test_labels_to_reach_interpolates():
     al = load_benchmark()
