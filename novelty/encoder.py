@@ -120,7 +120,9 @@ def reparameterize(model) -> bool:
     open_clip's MobileCLIP instructions ask: MobileOne and FastViT blocks (MobileCLIP,
     MobileCLIP2) train with parallel conv + BN branches that sum to one conv. Same
     embeddings to float noise (3e-8 on a CPU); 1.5x faster there
-    (benchmarks/RESULTS.md). -> whether the model had anything to fold."""
+    (benchmarks/RESULTS.md). On CUDA the model is already half precision and folds in
+    it: the folding's rounding is of the order of fp16 inference's own (unmeasured here,
+    no GPU). -> whether the model had anything to fold."""
     if not any(hasattr(m, a) for m in model.modules() for a in ("reparameterize", "switch_to_deploy")):
         return False
     from timm.utils.model import reparameterize_model  # timm loads after _compat's torchvision shim

@@ -1,6 +1,8 @@
 """open_clip encoders: reparameterisation of MobileCLIP's train-time branches."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -31,9 +33,7 @@ def test_mobileclip_is_reparameterized_with_the_same_embeddings(name):
     assert (got * want).sum(1).min() > 1 - 1e-6  # the same direction: cosine distance ~ 0
 
 
-def test_plain_vit_is_left_alone(tmp_path):
-    from pathlib import Path
-
+def test_plain_vit_is_left_alone():
     cfg = Path(__file__).parent / "tiny-clip.json"
     enc = create_encoder(EncoderCfg(model=str(cfg), pretrained="none", device="cpu"))
     assert "reparameterized" not in enc.info
