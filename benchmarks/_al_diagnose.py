@@ -28,32 +28,32 @@ SCORES = {  # name -> (pixel map, top percent); 'novelty uncertainty --top-perce
 
 
 def mc_probs(model, images: np.ndarray, passes: int, seed: int = 0, batch: int = 500):
-    """[T, n, C, S, S] softmax maps, dropout sampling only (BatchNorm in eval)."""
+    """[T, n, C, S, S] softmax maps from novelty's own MC-dropout sampler (the masks
+    `novelty uncertainty --seed` draws)."""
     import torch
 
     from _al_model import to_tensor
 
-    model.eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
-            m.train()
+    from novelty.uncertainty.mc import MCDropout
+    from novelty.uncertainty.segmentation import probs_from_logits
+
     out = []
-    with torch.inference_mode():
+    with torch.inference_mode(), MCDropout(model, seed) as mc:
         for s in range(0, len(images), batch):
             x = to_tensor(images[s:s + batch]).contiguous(memory_format=torch.channels_last)
-            torch.manual_seed(seed + s)
-            out.append(torch.stack([torch.softmax(model(x), 1) for _ in range(passes)]))
-    model.eval()
+            logits = mc.sample(x, passes)  # [T*b, C, S, S], pass-major
+            out.append(probs_from_logits(logits.reshape(passes, len(x), *logits.shape[1:]), class_axis=2))
     return torch.cat(out, 1)
 
 
 def diagnose(work: Path, passes: int, top_n: int = 750) -> str:
-    from _al_model import load
+    from _al_model import image_errors, load
     from active_learning import _auroc, _spearman
 
     from novelty.uncertainty.segmentation import pixel_maps, top_percent_mean
 
     rows: dict[str, list] = {k: [] for k in SCORES}
+    novel_share = []
     seeds = sorted(int(p.parent.name[4:]) for p in work.glob("seed*/model_r0.pt"))
     if not seeds:
         return f"no cached round-0 model under {work}; run the benchmark first"
@@ -62,10 +62,9 @@ def diagnose(work: Path, passes: int, top_n: int = 750) -> str:
         X, M, dom = z["pool_images"], z["pool_masks"], z["pool_domain"]
         P = mc_probs(load(work / f"seed{seed}" / "model_r0.pt"), X, passes)
         pred = P.mean(0).argmax(1).numpy()
-        err = np.array([1 - np.mean([((p == k) & (t == k)).sum() / ((p == k) | (t == k)).sum()
-                                     for k in (1, 2) if ((p == k) | (t == k)).any()] or [1.0])
-                        for p, t in zip(pred, M)])
+        err = image_errors(pred, M)
         novel = ~np.isin(dom, (0, 1))
+        novel_share.append(novel.mean())
         ent, mi = pixel_maps(P)  # [n, S, S] each
         maps = {"bald": mi, "entropy": ent}
         for name, (which, pct) in SCORES.items():
@@ -75,7 +74,7 @@ def diagnose(work: Path, passes: int, top_n: int = 750) -> str:
         del P, ent, mi, maps
     out = [f"Round-0 segmenter, T = {passes} passes, pool of {len(err)}, seeds {', '.join(map(str, seeds))}: "
            f"mean ± sd over seeds. Top {top_n}: the images a pure uncertainty ranking would label first "
-           f"(the pool's novel-domain share is {novel.mean():.0%}).", "",
+           f"(the pool's share in unseen domains is {np.mean(novel_share):.0%}).", "",
            f"| image score | Spearman with per-image error | top {top_n}: mean error − pool's | top {top_n}: share in unseen domains | AUROC unseen domain |",
            "|---|---|---|---|---|"]
     for name, v in rows.items():

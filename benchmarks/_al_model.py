@@ -118,6 +118,13 @@ def iou_counts(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return out
 
 
+def image_errors(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """[n] per-image error: 1 - the mean IoU of the foreground classes that appear in the
+    prediction or the truth (1 if neither class appears in either)."""
+    return np.array([1 - np.mean([c[0] / c[1] for c in iou_counts(p, t) if c[1]] or [1.0])
+                     for p, t in zip(pred, truth)])
+
+
 def miou(counts: np.ndarray) -> float:
     """Mean over the foreground classes of intersection / union (dataset-level counts)."""
     return float(np.mean(counts[:, 0] / np.maximum(counts[:, 1], 1)))

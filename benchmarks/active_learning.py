@@ -62,6 +62,7 @@ from _al_variants import VARIANTS  # noqa: E402
 STRATEGIES = ("random", "novelty", "kcenter", "uncertainty", "hybrid")
 NEEDS_U = ("uncertainty", "hybrid", *(v for v in VARIANTS if v.startswith("hybrid")))
 NO_VECTORS = ("random", "uncertainty")  # the same picks whatever the embedding
+TOP_PERCENT = 5.0  # `novelty uncertainty --top-percent`'s default: round 0 (index0) is scored with it
 ENCODER = {  # a random-weight open_clip ViT for 32 px images: 64 patches of 4 px
     "embed_dim": 64,
     "vision_cfg": {"image_size": 32, "layers": 3, "width": 128, "patch_size": 4, "head_width": 32},
@@ -79,7 +80,7 @@ class BenchCfg:
     steps: int = 500  # training steps per round (batch 32), the same for every labeled-set size
     passes: int = 10  # MC-dropout passes
     beta: float = 1.0  # --uncertainty-weight for hybrid
-    top_percent: float = 5.0  # uncertainty --top-percent: image score = mean BALD of this % most uncertain pixels
+    top_percent: float = TOP_PERCENT  # uncertainty --top-percent: image score = mean BALD of this % most uncertain pixels
     embedding: str = "model"  # model: the current model's features, imported each round | clip: build-index, once
 
     def key(self, *, data_only: bool = False) -> str:
@@ -91,7 +92,7 @@ class BenchCfg:
         else:
             if d["embedding"] == "clip":
                 d.pop("embedding")  # hashes as before the option existed (clip was the default)
-            if d["top_percent"] == 5.0:
+            if d["top_percent"] == TOP_PERCENT:
                 d.pop("top_percent")
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -113,7 +114,7 @@ def novelty(*args: str, env: dict | None = None) -> str:
     return r.output
 
 
-def score_uncertainty(index: Path, weights: Path, passes: int, top_percent: float = 5.0) -> None:
+def score_uncertainty(index: Path, weights: Path, passes: int, top_percent: float = TOP_PERCENT) -> None:
     novelty("uncertainty", "--detector", f"{HERE / '_al_model.py'}:factory", "--kind", "segmentation",
             "--passes", passes, "--top-percent", top_percent, "--batch-size", 32, "--workers", 0, "--device", "cpu", "--index", index,
             env={"NOVELTY_AL_WEIGHTS": str(weights)})
@@ -201,7 +202,7 @@ def prepare(cfg: BenchCfg, seed: int, work: Path) -> dict:
     ev = evaluate(model, data["test"].images, data["test"].masks, data["test"].domain)
     t3 = time.perf_counter()
     if set(cfg.strategies) & set(NEEDS_U):
-        score_uncertainty(sw / "index0", sw / "model_r0.pt", cfg.passes)  # round 1 of uncertainty and hybrid (top 5 %)
+        score_uncertainty(sw / "index0", sw / "model_r0.pt", cfg.passes)  # round 1 of uncertainty and hybrid (TOP_PERCENT)
     info = {"seed": seed, "round0": ev, "seconds": {"data": t1 - t0, "build_index": t2 - t1, "train": t3 - t2,
                                                    "uncertainty": time.perf_counter() - t3}}
     info["analysis"] = analyse_round0(sw, data, model)
@@ -212,7 +213,7 @@ def prepare(cfg: BenchCfg, seed: int, work: Path) -> dict:
 
 def analyse_round0(sw: Path, data: dict, model) -> dict:
     """Is the embedding's geometry about domains and near-copies? Is uncertainty about errors?"""
-    from _al_model import iou_counts, predict
+    from _al_model import image_errors, predict
 
     from novelty.store import open_store
 
@@ -234,8 +235,7 @@ def analyse_round0(sw: Path, data: dict, model) -> dict:
         idx = np.array([int(Path(p).stem.split("_")[1]) for p, _ in rows])
         u = np.array([v for _, v in rows], np.float64)
         pred = predict(model, data["pool"].images[idx])
-        err = np.array([1 - np.mean([c[0] / max(c[1], 1) for c in iou_counts(p, t) if c[1]] or [1.0])
-                        for p, t in zip(pred, data["pool"].masks[idx])])
+        err = image_errors(pred, data["pool"].masks[idx])
         novel = ~np.isin(data["pool"].domain[idx], (0, 1))
         out["u_spearman_error"] = _spearman(u, err)
         out["u_auroc_novel_domain"] = _auroc(u, novel)
@@ -263,7 +263,7 @@ def run_strategy(cfg: BenchCfg, seed: int, strategy: str, work: Path) -> list[di
     _torch_setup()
     sw = work / f"seed{seed}"
     tag = (f"_beta{cfg.beta:g}" if strategy in NEEDS_U and cfg.beta != 1.0 else "") + \
-        (f"_top{cfg.top_percent:g}" if strategy in NEEDS_U and cfg.top_percent != 5.0 else "") + \
+        (f"_top{cfg.top_percent:g}" if strategy in NEEDS_U and cfg.top_percent != TOP_PERCENT else "") + \
         ("_model" if cfg.embedding == "model" and strategy not in NO_VECTORS else "")
     cache = sw / f"rows_{strategy}{tag}.json"
     if cache.exists():
@@ -284,7 +284,7 @@ def run_strategy(cfg: BenchCfg, seed: int, strategy: str, work: Path) -> list[di
     weights = sw / "model_r0.pt"
     for r in range(1, cfg.rounds + 1):
         t0, c0 = time.perf_counter(), time.process_time()
-        if strategy in NEEDS_U and (r > 1 or cfg.top_percent != 5.0):  # round 1: index0 was scored at 5 %
+        if strategy in NEEDS_U and (r > 1 or cfg.top_percent != TOP_PERCENT):  # round 1: index0 was scored at TOP_PERCENT
             score_uncertainty(index, weights, cfg.passes, cfg.top_percent)
         out = run / f"select_r{r}.csv"
         if cfg.embedding == "model" and strategy not in NO_VECTORS:
@@ -388,12 +388,11 @@ def main(argv=None) -> dict:
     cfg = replace(cfg, **over, **({"data": replace(cfg.data, n_pool=a.pool)} if a.pool else {}))
     work = a.work or HERE / "_work" / "al" / cfg.key(data_only=True)
     if a.diagnose:
-        from _al_diagnose import diagnose
-
-        _torch_setup()
         import torch
 
-        torch.set_num_threads(os.cpu_count() or 1)
+        from _al_diagnose import diagnose
+
+        torch.set_num_threads(os.cpu_count() or 1)  # one process here, not one per seed
         text = diagnose(work, cfg.passes)
         print(text)
         return {"text": text}

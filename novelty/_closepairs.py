@@ -28,7 +28,6 @@ class Side:
 
     def __init__(self, X: np.ndarray, last: float):
         b, d = X.shape
-        self.X = X
         bits = bf16_bits(X)
         v = bf16_value(bits)
         err = v - X
