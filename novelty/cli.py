@@ -239,7 +239,11 @@ def uncertainty(
                + (f" ({s.resumed} scored before the run was interrupted)" if s.resumed else ""))
     if s.failed_by_reason:
         typer.echo("  failed: " + ", ".join(f"{k}: {v}" for k, v in s.failed_by_reason.items()))
-    typer.echo(f"  mean score {s.mean:.4f} (T={passes}, {kind.value}, aggregation {aggregation}); select now defaults to --strategy hybrid")
+    if s.with_score == 0:
+        err(f"error: no image could be scored in run #{s.run}; `select` ignores a run without scores")
+        raise typer.Exit(1)
+    how = f"aggregation {aggregation}" if kind is Kind.detection else f"mean of the top {top_percent:g}% of pixels"
+    typer.echo(f"  mean score {s.mean:.4f} (T={passes}, {kind.value}, {how}); select now defaults to --strategy hybrid")
 
 
 @command

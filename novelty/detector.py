@@ -51,6 +51,7 @@ class UncertaintySummary:
     skipped_no_image: int = 0
     failed_by_reason: dict = field(default_factory=dict)
     mean: float = 0.0
+    with_score: int = 0  # images of the run (this call and before an interruption) that have a score
     seconds: float = 0.0
 
 
@@ -141,8 +142,8 @@ def score_index(root: Path, cfg: DetectorCfg, progress_factory: Callable[[int], 
             if len(pending) >= cfg.commit_every:
                 commit()
         commit()
-        mean = store.db.execute("SELECT AVG(value) FROM uncertainty WHERE run=?", (run,)).fetchone()[0]
-        s.mean = float(mean or 0.0)
+        n, mean = store.db.execute("SELECT COUNT(value), AVG(value) FROM uncertainty WHERE run=?", (run,)).fetchone()
+        s.with_score, s.mean = int(n), float(mean or 0.0)
         s.seconds = time.monotonic() - t0
         store.finish_run(run, asdict(s))
     return s

@@ -38,7 +38,10 @@ def save_uncertainty(store: Store, params: dict, ids, values, failures=()) -> in
 
 
 def latest_uncertainty(store: Store) -> UncertaintyScores | None:
-    row = store.db.execute("SELECT id, params FROM runs WHERE kind='uncertainty' AND finished IS NOT NULL "
+    """The scores of the latest finished uncertainty run that scored at least one image
+    (a run whose every image failed is passed over), or None."""
+    row = store.db.execute("SELECT id, params FROM runs r WHERE kind='uncertainty' AND finished IS NOT NULL AND EXISTS "
+                           "(SELECT 1 FROM uncertainty u WHERE u.run = r.id AND u.value IS NOT NULL) "
                            "ORDER BY id DESC LIMIT 1").fetchone()
     if row is None:
         return None

@@ -73,6 +73,34 @@ def test_segmentation_kind(index):
         pytest.skip("no segmenter factory in tests/_tiny_models.py")
     assert r.exit_code == 0, r.output
     assert len(scores(index)) == 73
+    assert "mean of the top 5% of pixels" in r.output and "aggregation" not in r.output
+
+
+def test_run_that_scores_nothing_fails_and_select_ignores_it(index, sample_dir, tmp_path):
+    # the images were moved after indexing: every one fails, the run says so and exits non-zero
+    moved = tmp_path / "moved"
+    (sample_dir / "unlabeled").rename(moved)
+    try:
+        r = run("uncertainty", "--detector", SPEC, "--kind", "detection", "--passes", 3, "--image-size", 32,
+                "--index", index, "--workers", 0)
+    finally:
+        moved.rename(sample_dir / "unlabeled")
+    assert r.exit_code == 1, r.output
+    assert "0 images scored" in r.output and "no image could be scored" in r.output
+    assert "select now defaults" not in r.output and "Traceback" not in r.output
+    assert set(scores(index).values()) == {None}  # every image recorded, with its reason
+    r = run("select", "--budget", 5, "--index", index, "--out", tmp_path / "sel.csv")
+    assert r.exit_code == 0 and "with kcenter" in r.output, r.output
+    # after a good run, a later run that scores nothing does not hide it
+    args = ("uncertainty", "--detector", SPEC, "--kind", "detection", "--passes", 3, "--image-size", 32, "--index", index, "--workers", 0)
+    assert run(*args).exit_code == 0
+    (sample_dir / "unlabeled").rename(moved)
+    try:
+        assert run(*args, "--seed", 1).exit_code == 1
+    finally:
+        moved.rename(sample_dir / "unlabeled")
+    r = run("select", "--budget", 5, "--index", index, "--out", tmp_path / "sel.csv")
+    assert r.exit_code == 0 and "with hybrid" in r.output, r.output
 
 
 @pytest.mark.parametrize(
