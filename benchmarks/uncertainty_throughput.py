@@ -5,18 +5,23 @@
 A small single-stage CNN detector (stride-16 backbone with BatchNorm, a dropout head,
 3 anchors per cell, top 100 boxes per image; about 0.36 GMAC per 320x320 image; random
 weights, since speed does not depend on them) scores --n random images with T in
-{5, 10, 20} passes, four ways that draw the same masks and so give the same scores:
+{5, 10, 20} passes, in ways that draw the same masks and so give the same scores:
 
   batched   the batch repeated T times, [T*B, 3, H, W], ONE forward (max_batch = T*B;
             the default on a GPU)
-  auto      the default (max_batch = None): on the CPU, forwards of about 1 Mpixel
+  auto      the default (max_batch = None): on the CPU, forwards of about 0.5 Mpixel
             of input (CPU_PIXELS_PER_FORWARD), on a GPU the same as batched
   per-pass  T forwards of the batch (max_batch = B)
-  per-image T*B forwards of one image (max_batch = 1): the naive loop
+  per-image T*B forwards of one image (max_batch = 1)
+
+each with the trunk shared (the default: the backbone, which no dropout layer touches,
+runs once per image and its output is repeated for the passes; novelty/uncertainty/trunk.py)
+and, for auto and per-image, without (every pass runs the whole model; per-image
+unshared is the naive loop).
 
 Figures are images/s end to end through ``score_batches`` (forwards + box matching
-and scoring), the best of --repeat runs. `max|d|` is the largest score difference between
-the three ways (float rounding only).
+and scoring), the best of --repeat runs. `max|d|` is the largest score difference
+between all the ways (float rounding only).
 """
 from __future__ import annotations
 
@@ -72,9 +77,10 @@ class SmallDetector(nn.Module):
         return out
 
 
-def run(model, images: torch.Tensor, batch: int, passes: int, max_batch: int | None, device: str) -> np.ndarray:
+def run(model, images: torch.Tensor, batch: int, passes: int, max_batch: int | None, device: str,
+        share: bool = True) -> np.ndarray:
     batches = [(list(range(i, min(i + batch, len(images)))), images[i:i + batch]) for i in range(0, len(images), batch)]
-    cfg = UncertaintyCfg(kind="detection", passes=passes, device=device, max_batch=max_batch)
+    cfg = UncertaintyCfg(kind="detection", passes=passes, device=device, max_batch=max_batch, share_trunk=share)
     return np.array([r.score for r in score_batches(model, batches, cfg)])
 
 
@@ -103,26 +109,28 @@ def bench(model, size: int, args, device: str, dev: str) -> None:
     B = args.batch_size
     run(model, images[:B], B, 2, None, device)  # warm up
     print(f"\nSmallDetector {size}x{size}, B={B}, n={args.n}, device: {dev}, torch {torch.__version__}")
-    print(f"{'T':>3} | {'batched':>8} | {'auto':>8} | {'per-pass':>8} | {'per-image':>9} | "
-          f"{'best / per-image':>16} | {'max|d|':>7}")
+    modes = {"batched": ("T*B", True), "auto": (None, True), "per-pass": ("B", True), "per-image": (1, True),
+             "auto, unshared": (None, False), "per-image, unshared": (1, False)}
+    print("| T | " + " | ".join(modes) + " | auto: shared / unshared | max abs diff |")
+    print("|---" * (len(modes) + 3) + "|")
     for T in args.passes:
-        modes = {"batched": T * B, "auto": None, "per-pass": B, "per-image": 1}
         best, scores = {}, {}
-        for name, mb in modes.items():
+        for name, (mb, share) in modes.items():
+            mb = T * B if mb == "T*B" else B if mb == "B" else mb
             times = []
             for _ in range(args.repeat):
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                scores[name] = run(model, images, B, T, mb, device)
+                scores[name] = run(model, images, B, T, mb, device, share)
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
             best[name] = args.n / min(times)
         diff = max(np.abs(scores[m] - scores["batched"]).max() for m in modes)
-        top = max(("batched", "auto", "per-pass"), key=best.get)
-        print(f"{T:>3} | {best['batched']:>8.1f} | {best['auto']:>8.1f} | {best['per-pass']:>8.1f} | "
-              f"{best['per-image']:>9.1f} | {best[top] / best['per-image']:>6.2f}x {top:>9} | {diff:>7.1e}")
+        print(f"| {T} | " + " | ".join(f"{best[m]:.1f}" for m in modes)
+              + f" | {best['auto'] / best['auto, unshared']:.2f}x | {diff:.1e} |")
+
 
 if __name__ == "__main__":
     main()

@@ -222,6 +222,7 @@ def uncertainty(
     inject_dropout: Annotated[float, typer.Option("--inject-dropout", help="Add Dropout(P) before the model's head layers (for models without dropout).")] = 0.0,
     image_size: Annotated[Optional[int], typer.Option(help="Resize images to this square size (default preprocess only).")] = None,
     workers: Annotated[int, typer.Option(min=0)] = 1,
+    share_trunk: Annotated[bool, typer.Option(help="Run the modules that no dropout layer touches (the backbone) once per image instead of once per pass; the scores are the same up to float rounding.")] = True,
     index: IndexOpt = DEFAULT_INDEX,
 ):
     """Score unlabeled images by MC-dropout disagreement of your detector; `select` then uses hybrid."""
@@ -229,7 +230,7 @@ def uncertainty(
 
     cfg = DetectorCfg(spec=detector, kind=kind.value, passes=passes, batch_size=batch_size, seed=seed, device=device.value,
                       aggregation=aggregation, topk=topk, score_thresh=score_thresh, top_percent=top_percent, inject_dropout=inject_dropout,
-                      image_size=image_size, workers=workers)
+                      image_size=image_size, workers=workers, share_trunk=share_trunk)
     bar = progress_bar("mc-dropout")
     try:
         s = score_index(index, cfg, progress_factory=bar)

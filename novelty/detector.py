@@ -40,6 +40,7 @@ class DetectorCfg:
     workers: int = 1
     split: str = "unlabeled"
     commit_every: int = 1024
+    share_trunk: bool = True  # dropout-free modules once per image (uncertainty/trunk.py); scores equal up to rounding
 
 
 @dataclass
@@ -69,7 +70,7 @@ def collate_any(items):
 
 def _params(cfg: DetectorCfg) -> dict:
     p = asdict(cfg)
-    for k in ("batch_size", "workers", "commit_every", "device"):
+    for k in ("batch_size", "workers", "commit_every", "device", "share_trunk"):
         p.pop(k)  # how, not what: they do not change the scores
     return p
 
@@ -93,6 +94,7 @@ def score_index(root: Path, cfg: DetectorCfg, progress_factory: Callable[[int], 
     if cfg.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     ucfg = UncertaintyCfg(kind=cfg.kind, passes=cfg.passes, seed=cfg.seed, device=cfg.device, inject_dropout=cfg.inject_dropout,
+                          share_trunk=cfg.share_trunk,
                           detection=DetectionCfg(aggregation=cfg.aggregation, topk=cfg.topk, score_thresh=cfg.score_thresh),
                           segmentation=SegmentationCfg(top_percent=cfg.top_percent))
     t0 = time.monotonic()

@@ -51,6 +51,18 @@ def test_uncertainty_then_hybrid_select(index, tmp_path):
     assert all(float(x["uncertainty"]) == pytest.approx(by_id[x["id"]]) for x in rows)
 
 
+def test_unshared_trunk_gives_the_same_scores(index):
+    args = ("uncertainty", "--detector", SPEC, "--kind", "detection", "--passes", 4, "--image-size", 32,
+            "--index", index, "--workers", 0, "--aggregation", "mean")
+    assert run(*args).exit_code == 0
+    shared = scores(index)
+    r = run(*args, "--no-share-trunk")
+    assert r.exit_code == 0, r.output
+    unshared = scores(index)
+    assert shared.keys() == unshared.keys()
+    assert max(abs(shared[k] - unshared[k]) for k in shared) < 1e-5
+
+
 def test_killed_scoring_resumes_the_open_run(index):
     cfg = DetectorCfg(spec=SPEC, kind="detection", passes=3, image_size=32, workers=0, commit_every=8, batch_size=4)
     full = score_index(index, cfg)

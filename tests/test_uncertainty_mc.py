@@ -181,6 +181,90 @@ def test_out_of_memory_halves_the_rows():
     assert torch.equal(got.reshape(6, 4, 2, 8, 8).transpose(0, 1), torch.stack(ref))
 
 
+# -- the shared trunk --------------------------------------------------------------------
+class SkipNet(nn.Module):
+    """U-Net-like: the encoder's output is used both through the dropout and around it;
+    `tail` takes a list (not shared), `twice` modifies its input in place, `listy`
+    returns a list of dicts (cannot be repeated per pass)."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, x):
+            x.mul_(self.scale)  # in place, on purpose
+            return x + 1
+
+    class Listy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return [{"v": v} for v in self.lin(x.mean((2, 3)))]
+
+    class Tail(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, parts):
+            return self.lin(torch.stack(parts))
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.twice, self.listy, self.tail = self.Twice(), self.Listy(), self.Tail()
+        self.drop = nn.Dropout2d(0.5)
+        self.dec = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        e = self.enc(x)
+        t = self.twice(e)  # e is now doubled in place as well
+        extra = torch.stack([d["v"] for d in self.listy(t)])  # [N, 4]
+        y = self.dec(torch.cat([self.drop(t), e], 1))  # skip connection around the dropout
+        return y + self.tail(list(extra))[:, :3, None, None]
+
+
+def test_trunk_modules_are_the_largest_dropout_free_parts(detector):
+    from novelty.uncertainty.mc import DROPOUT_TYPES
+    from novelty.uncertainty.trunk import trunk_modules
+
+    assert [n for n, _ in trunk_modules(detector, DROPOUT_TYPES)] == ["backbone", "head"]
+    assert [n for n, _ in trunk_modules(SkipNet(), DROPOUT_TYPES)] == ["enc", "twice", "listy", "tail", "dec"]
+
+
+@pytest.mark.parametrize("max_batch", [None, 8, 3])
+def test_shared_trunk_equals_the_whole_model_per_pass(max_batch):
+    torch.manual_seed(0)
+    model, x, T = SkipNet().eval(), torch.rand(4, 3, 8, 8), 5
+    conv_rows = []
+    h = model.enc[0].register_forward_hook(lambda m, a, o: conv_rows.append(a[0].shape[0]))
+    try:
+        with MCDropout(model, seed=1, max_batch=max_batch, share_trunk=False) as mc:
+            ref = mc.sample(x, T)
+        unshared = sum(conv_rows)
+        conv_rows.clear()
+        with MCDropout(model, seed=1, max_batch=max_batch) as mc:
+            got = mc.sample(x, T)
+            stats = dict(mc.trunk.stats)
+    finally:
+        h.remove()
+    assert unshared == T * 4
+    assert sum(conv_rows) == 4  # once per image, also when the passes are split over forwards
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(got[:4], got[4:8])  # the passes still differ
+    assert stats["shared"] > 0 and stats["unshared"] > 0  # enc shared; dec (after the dropout) and tail (a list) not
+    assert not any("forward" in m.__dict__ for m in model.modules())  # wrappers removed on exit
+
+
+def test_trunk_sharing_speeds_up_scores_and_keeps_them(detector, scenes):
+    ref = scores(detector, scenes, share_trunk=False, seed=2)
+    for mb in (None, 8, 1):
+        np.testing.assert_allclose(scores(detector, scenes, share_trunk=True, seed=2, max_batch=mb), ref, atol=1e-5)
+
+
 # -- out of distribution -----------------------------------------------------------------
 def test_noise_scores_higher_than_scenes(detector, segmenter):
     ind = make_scenes(24, seed=200)[0]

@@ -15,6 +15,12 @@ memory the cap is halved, for this and later batches, and the batch redone. Dete
 and segmentation logits ([T*B, C, H, W] or a dict with 'out') come back in row order;
 ``per_image`` regroups them.
 
+Shared trunk. By default (``share_trunk``) the largest sub-modules that no dropout
+layer touches (a backbone, an encoder) run once per image rather than once per pass,
+and their output is repeated for the passes (trunk.py); the scores are the same up to
+float rounding. At T = 10 this made a small CPU detector 3.4x faster
+(benchmarks/uncertainty_throughput.py).
+
 Seeding. The mask of pass t at the l-th dropout layer (``model.modules()`` order) is
 drawn from a generator on the input's device seeded with ``SeedSequence([seed, l, t])``,
 for the per-image shape of the layer's input (per channel for the feature dropouts),
@@ -40,6 +46,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError
+from .trunk import TrunkSharing
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +108,7 @@ def _repeat(images, sl: slice, n: int):
 class MCDropout:
     """Context manager: seeded MC-dropout sampling of ``model`` (module docstring)."""
 
-    def __init__(self, model: nn.Module, seed: int = 0, max_batch: int | None = None):
+    def __init__(self, model: nn.Module, seed: int = 0, max_batch: int | None = None, share_trunk: bool = True):
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
         if max_batch is not None and max_batch < 1:
@@ -122,6 +129,9 @@ class MCDropout:
         self._calls: dict[int, int] = {}
         self._handles: list = []
         self._modes: list = []
+        self._reuse = False  # a later forward of this batch runs the same images (trunk.py)
+        self._start = 0
+        self.trunk = TrunkSharing(model, DROPOUT_TYPES, self._forward_info) if share_trunk else None
 
     def __enter__(self) -> MCDropout:
         self._modes = [(m, m.training) for m in self.model.modules()]
@@ -129,12 +139,16 @@ class MCDropout:
         self._calls.clear()
         self._handles = [m.register_forward_hook(functools.partial(self._hook, i, name))
                          for i, (name, m) in enumerate(self.layers)]
+        if self.trunk is not None:
+            self.trunk.install()
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self.trunk is not None:
+            self.trunk.remove()
         for m, flag in self._modes:
             m.training = flag
 
@@ -193,16 +207,31 @@ class MCDropout:
             return [(tuple(range(t, min(passes, t + per))), slice(0, n_images)) for t in range(0, passes, per)]
         return [((t,), slice(b, min(n_images, b + R))) for t in range(passes) for b in range(0, n_images, R)]
 
+    def _forward_info(self):
+        """For trunk.py: (passes, images, first image, reuse) of the forward in flight, or None."""
+        return None if self._chunk is None else (*self._chunk, self._start, self._reuse)
+
     def _run(self, images, n_images: int, passes: int):
         parts = []
-        for ts, sl in self.plan(n_images, passes):
-            inp = _repeat(images, sl, len(ts))
-            self._chunk = (ts, len(range(*sl.indices(n_images))))
-            try:
-                with torch.inference_mode():
-                    parts.append(_rows_of(self.model(inp)))
-            finally:
-                self._chunk = None
+        plan = self.plan(n_images, passes)
+        self._reuse = len({sl.indices(n_images) for _, sl in plan}) < len(plan)
+        if self.trunk is not None:
+            self.trunk.new_batch()
+        try:
+            for ts, sl in plan:
+                inp = _repeat(images, sl, len(ts))
+                self._chunk = (ts, len(range(*sl.indices(n_images))))
+                self._start = sl.indices(n_images)[0]
+                if self.trunk is not None:
+                    self.trunk.new_forward()
+                try:
+                    with torch.inference_mode():
+                        parts.append(_rows_of(self.model(inp)))
+                finally:
+                    self._chunk = None
+        finally:
+            if self.trunk is not None:
+                self.trunk.new_batch()  # the kept trunk outputs live for one batch
         rows = torch.cat(parts) if isinstance(parts[0], torch.Tensor) else [r for p in parts for r in p]
         if len(rows) != passes * n_images:
             raise ModelError(f"the model returned {len(rows)} outputs for {passes * n_images} inputs")

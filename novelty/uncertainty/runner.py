@@ -44,6 +44,7 @@ class UncertaintyCfg:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_batch: int | None = None  # rows (images x passes) per forward; None: auto (auto_rows)
     inject_dropout: float = 0.0  # > 0: Dropout(p) before the head layers (inject.py)
+    share_trunk: bool = True  # run the modules no dropout touches once per image, not per pass (trunk.py)
     detection: DetectionCfg = DetectionCfg()
     segmentation: SegmentationCfg = SegmentationCfg()
 
@@ -160,7 +161,7 @@ def score_batches(model: nn.Module, batches: Iterable[tuple[Sequence[Hashable], 
     after each batch with its number of images."""
     device = resolve_device(cfg.device)
     prepare_model(model, cfg)
-    with MCDropout(model, cfg.seed, cfg.max_batch) as mc:
+    with MCDropout(model, cfg.seed, cfg.max_batch, cfg.share_trunk) as mc:
         for keys, images in batches:
             n = len(keys)
             assert n == (images.shape[0] if isinstance(images, torch.Tensor) else len(images)), "keys and images differ in length"
