@@ -20,24 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._firstpass import U_BF16, _lower, dot_tol
-from ._rows import bf16_bits, bf16_mm, bf16_value, torch_threads
-
-
-class Side:
-    """bf16 bits of a block of rows [b, d] with the offset column, and the norms the bound needs."""
-
-    def __init__(self, X: np.ndarray, last: float):
-        b, d = X.shape
-        bits = bf16_bits(X)
-        v = bf16_value(bits)
-        err = v - X
-        self.dx = np.sqrt(np.einsum("ij,ij->i", err, err)).astype(np.float64)  # |x~ - x|
-        self.nx = np.sqrt(np.einsum("ij,ij->i", X, X)).astype(np.float64)  # |x|
-        self.nxb = np.sqrt(np.einsum("ij,ij->i", v, v)).astype(np.float64)  # |x~|
-        dp = (d + 1 + 15) // 16 * 16
-        self.bits = np.zeros((b, dp), np.uint16)
-        self.bits[:, :d] = bits
-        self.bits[:, d] = bf16_bits(np.array([last], np.float32))[0]
+from ._rows import BF16Side, bf16_bits, bf16_mm, bf16_value, torch_threads
 
 
 def screen_pairs(Q: np.ndarray, D: np.ndarray, s_min: float, block: int = 1024,
@@ -51,7 +34,7 @@ def screen_pairs(Q: np.ndarray, D: np.ndarray, s_min: float, block: int = 1024,
         return z, z, np.zeros(0, np.float32)
     d = Q.shape[1]
     cf = float(bf16_value(bf16_bits(np.array([s_min], np.float32)))[0])  # c~, exactly
-    qs, ds = Side(Q, -cf), Side(D, 1.0)  # q~.(d~, 1) ... with the offset column: x~.y~ - c~
+    qs, ds = BF16Side(Q, -cf), BF16Side(D, 1.0)  # q~.(d~, 1) ... with the offset column: x~.y~ - c~
     dy_max, nyb_max = float(ds.dx.max(initial=0)), float(ds.nxb.max(initial=0))
     tol = dot_tol(d + 1)
     U = U_BF16 / (1 - U_BF16)

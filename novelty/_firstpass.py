@@ -31,7 +31,7 @@ import logging
 import numpy as np
 
 from ._clusters import PoolClusters, chunk_stats, cluster_chunks
-from ._rows import bf16_bits, bf16_mm, bf16_value, blas_threads, torch_threads, unit_rows
+from ._rows import BF16Side, bf16_mm, blas_threads, torch_threads, unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -94,61 +94,39 @@ class Screen:
     """bf16 screen of pool rows against all labeled rows (mechanism 2): one torch GEMM
     and a top-k per block; the bounds and the float32 recomputation in numpy."""
 
-    def __init__(self, Y: np.ndarray, radius: float | None, res: Results, rows: int = 512):
+    def __init__(self, Y: np.ndarray, radius: float | None, res: Results):
         import torch
 
         self.torch, self.radius, self.res, self.Y = torch, radius, res, Y
-        m, d = Y.shape
-        self.d, self.dp = d, (d + 1 + 15) // 16 * 16  # room for the offset column, padded
-        Yb = bf16_bits(Y)
-        err = bf16_value(Yb) - Y
-        self.dy = np.sqrt(np.einsum("ij,ij->i", err, err))  # [m] |y~ - y|
-        self.ny = np.linalg.norm(bf16_value(Yb), axis=1)  # [m] |y~|
-        self.dy_max, self.ny_max = float(self.dy.max()), float(self.ny.max())
-        Ya = np.zeros((m, self.dp), np.uint16)
-        Ya[:, :d] = Yb
-        Ya[:, d] = bf16_bits(np.float32(-1.0))
-        self.Ya, self.Yb = Ya, Yb  # bf16 bits [m, dp] (with the offset column), [m, d]
-        self.Xa = np.zeros((rows, self.dp), np.uint16)
+        d = Y.shape[1]
+        side = BF16Side(Y, -1.0)  # a pool row's offset column c times -1: products are x~.y~ - c
+        self.dy_max, self.ny_max = float(side.dx.max()), float(side.nxb.max())
+        self.Ya = side.bits  # bf16 bits [m, dp], with the offset column
         self.tol = dot_tol(d)
         self.screened = self.recomputed = 0
 
     def dot_upper(self, M: np.ndarray) -> np.ndarray:
         """Upper bounds [k, m] on M @ Y.T for rows M [k, d] (any norm), from one bf16 product:
         |m~.y~ - m.y| <= |m~ - m| |y~| + |m| |y~ - y| (+ accumulation), + the output rounding."""
-        Mb = bf16_bits(M)
-        Mv = bf16_value(Mb)
-        err = Mv - M
-        nm = np.sqrt(np.einsum("ij,ij->i", M, M))
-        nmb = np.sqrt(np.einsum("ij,ij->i", Mv, Mv))
-        E = (np.sqrt(np.einsum("ij,ij->i", err, err)) * self.ny_max + nm * self.dy_max
-             + self.tol * nmb * self.ny_max + 1e-6)
+        side = BF16Side(M, 0.0)  # offset 0: the products are m~.y~
+        E = side.dx * self.ny_max + side.nx * self.dy_max + self.tol * side.nxb * self.ny_max + 1e-6
         U = U_BF16 / (1 - U_BF16)
-        rounding = U * (1 + U) * nmb * self.ny_max  # |out| <= |m~| |y~| (1 + U); rounding <= U |out|
-        out = bf16_mm(Mb, self.Yb).float().numpy()  # [k, m]
+        rounding = U * (1 + U) * side.nxb * self.ny_max  # |out| <= |m~| |y~| (1 + U); rounding <= U |out|
+        out = bf16_mm(side.bits, self.Ya).float().numpy()  # [k, m]
         out += (E + rounding)[:, None]
         return out
 
     def run(self, X: np.ndarray, where: np.ndarray, s0: np.ndarray) -> None:
-        """Rows X [b, d] (unit float32, b <= rows) of pool rows `where`; s0 [b]: an exact
+        """Rows X [b, d] (unit float32) of pool rows `where`; s0 [b]: an exact
         similarity each row is known to reach (a lower bound on its best). Fills res."""
-        torch, d, b = self.torch, self.d, len(X)
-        Xb = bf16_bits(X)
-        Xv = bf16_value(Xb)
-        err = Xv - X
-        dx = np.sqrt(np.einsum("ij,ij->i", err, err))
-        cb = bf16_bits(s0)  # offset: the known similarity, rounded
-        cf = bf16_value(cb).astype(np.float64)
-        Xa = self.Xa[:b]
-        Xa[:, :d] = Xb
-        Xa[:, d] = cb
-        out = bf16_mm(Xa, self.Ya)  # [b, m] bf16: x~.y~ - c, rounded
+        torch, b = self.torch, len(X)
+        side = BF16Side(X, s0)  # offset: the known similarity, rounded
+        dx, nx, nxb, cf = side.dx, side.nx, side.nxb, side.offset
+        out = bf16_mm(side.bits, self.Ya)  # [b, m] bf16: x~.y~ - c, rounded
         k = min(TOPK, out.shape[1])
         top_v, top_i = torch.topk(out, k, dim=1)
         top_v, top_i = top_v.float().numpy().astype(np.float64), top_i.numpy()
         # |out - (x.y - c)| <= E + U |out| for every element
-        nx = np.sqrt(np.einsum("ij,ij->i", X, X)).astype(np.float64)
-        nxb = np.sqrt(np.einsum("ij,ij->i", Xv, Xv)).astype(np.float64)
         E = dx * self.ny_max + self.dy_max * nx + self.tol * (nxb * self.ny_max + np.abs(cf)) + 1e-6
         U = U_BF16 / (1 - U_BF16)
         vmax = top_v[:, 0]

@@ -159,6 +159,26 @@ def bf16_value(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+class BF16Side:
+    """One side of a bf16 screen: the bf16 bits of rows X [b, d] (float32) with an offset
+    column (padded to a multiple of 16 columns), and what the error bound on their
+    products needs: dx = |x~ - x|, nx = |x|, nxb = |x~| (float64, per row) and the
+    offsets as rounded to bf16. offset: a scalar or one per row."""
+
+    def __init__(self, X: np.ndarray, offset):
+        b, d = X.shape
+        bits = bf16_bits(X)
+        v = bf16_value(bits)
+        err = v - X
+        self.dx = np.sqrt(np.einsum("ij,ij->i", err, err)).astype(np.float64)
+        self.nx = np.sqrt(np.einsum("ij,ij->i", X, X)).astype(np.float64)
+        self.nxb = np.sqrt(np.einsum("ij,ij->i", v, v)).astype(np.float64)
+        self.bits = np.zeros((b, (d + 1 + 15) // 16 * 16), np.uint16)
+        self.bits[:, :d] = bits
+        self.bits[:, d] = bf16_bits(np.broadcast_to(np.asarray(offset, np.float32), (b,)))
+        self.offset = bf16_value(self.bits[:, d]).astype(np.float64)
+
+
 def _bucket(k: int) -> int:
     """Round k up to a power of two (at least 64): few distinct shapes."""
     return max(64, 1 << (int(k) - 1).bit_length())

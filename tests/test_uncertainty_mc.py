@@ -259,6 +259,20 @@ def test_shared_trunk_equals_the_whole_model_per_pass(max_batch):
     assert not any("forward" in m.__dict__ for m in model.modules())  # wrappers removed on exit
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_scripted_trunk_is_shared_and_restored():
+    torch.manual_seed(0)
+    body = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()))
+    own = body.__dict__.get("forward")
+    model, x = nn.Sequential(body, nn.Dropout2d(0.5), nn.Conv2d(4, 2, 1)).eval(), torch.rand(2, 3, 8, 8)
+    with MCDropout(model, 0, share_trunk=False) as mc:
+        ref = mc.sample(x, 4)
+    with MCDropout(model, 0) as mc:
+        torch.testing.assert_close(mc.sample(x, 4), ref)
+        assert mc.trunk.stats["shared"] == 1
+    assert body.__dict__.get("forward") is own  # TorchScript's own forward is back
+
+
 def test_trunk_sharing_speeds_up_scores_and_keeps_them(detector, scenes):
     ref = scores(detector, scenes, share_trunk=False, seed=2)
     for mb in (None, 8, 1):

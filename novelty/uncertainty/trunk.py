@@ -116,10 +116,14 @@ class TrunkSharing:
         self._saved: list = []
 
     def install(self) -> None:
-        for k, (_, m) in enumerate(self.modules):
-            had = "forward" in m.__dict__
-            self._saved.append((m, had, m.__dict__.get("forward")))
-            m.forward = self._wrap(k, m, m.forward)
+        for k, (name, m) in enumerate(self.modules):
+            had, own = "forward" in m.__dict__, m.__dict__.get("forward")
+            try:
+                m.forward = self._wrap(k, m, m.forward)
+            except (AttributeError, RuntimeError, TypeError) as e:
+                log.info("trunk module %s is not shared (%s)", name, e)
+                continue
+            self._saved.append((m, had, own))
 
     def remove(self) -> None:
         for m, had, fwd in self._saved:
