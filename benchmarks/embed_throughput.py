@@ -95,8 +95,8 @@ def bench_e2e(args, lst: Path) -> tuple[float, float]:
     shutil.rmtree(root, ignore_errors=True)
     pin = "" if args.mmap_threshold is None else f"""
 import novelty.indexer as _ix
-from novelty._compat import bound_heap_growth as _b
-_ix.bound_heap_growth = lambda: _b({int(args.mmap_threshold * 2**20)})  # what build-index pins, overridden
+from novelty._compat import bounded_heap as _b
+_ix.bounded_heap = lambda: _b({int(args.mmap_threshold * 2**20)})  # what build-index pins, overridden
 """
     code = f"""
 import json, resource, sys
@@ -125,7 +125,7 @@ def main():
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--mmap-threshold", type=float, metavar="MB",
                    help="end to end with glibc's M_MMAP_THRESHOLD pinned here instead of build-index's 128 KB "
-                        "(novelty/_compat.py:bound_heap_growth): the speed / memory-growth trade-off")
+                        "(novelty/_compat.py:bounded_heap): the speed / memory-growth trade-off")
     p.add_argument("--skip", nargs="*", default=[], choices=("decode", "encode"), help="stages not to measure")
     args = p.parse_args()
 

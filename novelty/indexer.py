@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import sources, vectors
-from ._compat import bound_heap_growth
+from ._compat import bounded_heap
 from .config import BuildCfg
 from .encoder import Encoder, create_encoder, library_versions
 from .reader import make_loader
@@ -103,8 +103,12 @@ def build_index(
     progress_factory: Callable[[int], Progress] | None = None,
 ) -> BuildSummary:
     """Scan, embed what is new or changed, refresh the FAISS index. Safe to re-run."""
+    with bounded_heap():
+        return _build_index(root, labeled, unlabeled, cfg, progress_factory)
+
+
+def _build_index(root, labeled, unlabeled, cfg: BuildCfg, progress_factory) -> BuildSummary:
     t0 = time.monotonic()
-    bound_heap_growth()
     sources.check_sources([*labeled, *unlabeled])
     encoder = create_encoder(cfg.encoder)  # fails fast on a bad model or weights, before any write
     with create_store(root) as store:

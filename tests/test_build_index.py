@@ -181,3 +181,36 @@ def test_import_embeddings(tmp_path):
 def test_info_without_index(tmp_path):
     r = run("info", "--index", tmp_path / "none")
     assert r.exit_code == 3 and "no index at" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_heap_pin_is_lifted_after_build_index():
+    """build-index pins glibc's mmap threshold at 128 KB (flat memory while embedding); a
+    process that goes on to other work (a notebook, the active-learning benchmark) must
+    not keep paying a fresh mmap and its page faults for every buffer above 128 KB."""
+    import subprocess
+    import sys
+
+    faults = """
+import resource
+import numpy as np
+from novelty._compat import _mallopt, bounded_heap
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(200):
+        a = np.ones(1 << 18)  # 2 MB, freed at once
+        del a
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+"""
+
+    def measure(body: str) -> list[str]:
+        r = subprocess.run([sys.executable, "-c", faults + body], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split()
+
+    ours = measure("with bounded_heap() as pinned:\n    inside = faults()\nprint(pinned, inside, faults())")
+    if ours[0] != "True":
+        pytest.skip("not glibc: mallopt is unavailable")
+    inside, after = int(ours[1]), int(ours[2])
+    left_pinned = int(measure("_mallopt(-3, 128 * 1024)\nprint(faults())")[0])  # what build-index used to leave
+    assert inside > 200 * 100 and left_pinned > 200 * 100  # pinned: every 2 MB buffer faults its pages in
+    assert after < left_pinned / 20, (inside, after, left_pinned)
