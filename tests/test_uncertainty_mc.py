@@ -245,18 +245,109 @@ def test_shared_trunk_equals_the_whole_model_per_pass(max_batch):
         with MCDropout(model, seed=1, max_batch=max_batch, share_trunk=False) as mc:
             ref = mc.sample(x, T)
         unshared = sum(conv_rows)
-        conv_rows.clear()
         with MCDropout(model, seed=1, max_batch=max_batch) as mc:
+            first = mc.sample(x, T)  # the first call of each trunk module is checked against the unshared one
+            conv_rows.clear()
             got = mc.sample(x, T)
             stats = dict(mc.trunk.stats)
     finally:
         h.remove()
     assert unshared == T * 4
     assert sum(conv_rows) == 4  # once per image, also when the passes are split over forwards
+    torch.testing.assert_close(first, ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(got[:4], got[4:8])  # the passes still differ
     assert stats["shared"] > 0 and stats["unshared"] > 0  # enc shared; dec (after the dropout) and tail (a list) not
     assert not any("forward" in m.__dict__ for m in model.modules())  # wrappers removed on exit
+
+
+class GruHead(nn.Module):
+    """h_n of a batch-first GRU is [layers, N, H]: its leading dim is not the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.cnn, self.rnn = nn.Conv2d(3, 4, 3, padding=1), nn.GRU(20, 6, batch_first=True)
+        self.drop, self.head = nn.Dropout(0.5), nn.Linear(6, 2)
+
+    def forward(self, x):
+        _, h = self.rnn(self.cnn(x).flatten(1, 2).transpose(1, 2))
+        return self.head(self.drop(h[-1]))
+
+
+class SharedDrop(nn.Module):
+    """One dropout instance under two names: the child holding it is not a trunk."""
+
+    class Block(nn.Module):
+        def __init__(self, drop):
+            super().__init__()
+            self.lin, self.drop = nn.Linear(8, 8), drop
+
+        def forward(self, x):
+            return self.drop(self.lin(x))
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+        self.block, self.head = self.Block(self.drop), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.block(x.flatten(1)[:, :8]))
+
+
+class Permuted(nn.Module):
+    """A trunk returning a permuted view, which later code must be able to .view."""
+
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x).permute(0, 2, 3, 1)
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.drop, self.head = self.Enc(), nn.Dropout(0.5), nn.Linear(4 * 5 * 7, 2)
+
+    def forward(self, x):
+        f = self.enc(x).permute(0, 3, 1, 2)
+        return self.head(self.drop(f.view(f.shape[0], -1)))
+
+
+class Aliasing(nn.Module):
+    """A trunk that returns its input; a later in-place op must reach the skip path."""
+
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return x
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.gate = nn.Conv2d(3, 4, 3, padding=1), self.Gate()
+        self.drop, self.head = nn.Dropout2d(0.5), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        f = self.stem(x)
+        g = torch.relu_(self.gate(f))  # f is g: the skip connection sees the ReLU too
+        return self.head(torch.cat([self.drop(g), f], 1))
+
+
+@pytest.mark.parametrize("make", [GruHead, SharedDrop, Permuted, Aliasing])
+@pytest.mark.parametrize("B", [1, 2])
+def test_trunk_sharing_refuses_what_it_cannot_share(make, B):
+    # found in review: each of these gave other outputs (or crashed) with sharing on
+    torch.manual_seed(0)
+    model, x = make().eval(), torch.rand(B, 3, 5, 7)
+    for max_batch in (None, 1):
+        with MCDropout(model, 1, max_batch, share_trunk=False) as mc:
+            ref = mc.sample(x, 3)
+        with MCDropout(model, 1, max_batch) as mc:
+            for _ in range(2):  # the checked call, then the shared one
+                torch.testing.assert_close(mc.sample(x, 3), ref, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -268,7 +359,8 @@ def test_scripted_trunk_is_shared_and_restored():
     with MCDropout(model, 0, share_trunk=False) as mc:
         ref = mc.sample(x, 4)
     with MCDropout(model, 0) as mc:
-        torch.testing.assert_close(mc.sample(x, 4), ref)
+        torch.testing.assert_close(mc.sample(x, 4), ref)  # checked
+        torch.testing.assert_close(mc.sample(x, 4), ref)  # shared
         assert mc.trunk.stats["shared"] == 1
     assert body.__dict__.get("forward") is own  # TorchScript's own forward is back
 

@@ -11,18 +11,21 @@ images is in flight, each trunk module's ``forward`` is wrapped:
    pass's); other arguments may only be None, numbers or strings. Otherwise (a row
    differs because dropout acted upstream, a list of images, an ImageList, ...) the
    module runs as usual.
-2. It then runs on the first pass's B rows only, and its output (a tensor, or a
-   tuple, list or dict of tensors with B rows) is repeated U times, in the same memory
-   format. An output that is not of that form is computed again on all rows, and the
-   module is not shared again.
-3. Its output on those B rows is kept for the batch (keyed by the module, its call
-   number in the forward and the images), so when the passes of one batch are split
-   over several forwards (the CPU cap on rows per forward, or after running out of
-   memory), a later forward whose inputs are equal to the kept ones reuses it instead
-   of recomputing. A module whose input differs between forwards (dropout acted
-   upstream) or that writes into its input is not kept again in that batch.
-4. A module that changed its input in place has the change copied to the other passes'
-   rows, as the unshared forward would have made it.
+2. Its first such call (per MCDropout context) runs as usual, and its output is the
+   one returned; it is also compared with what sharing would give. The module is
+   never shared if it writes into its inputs, returns them or a view of them, or if
+   its output on the first pass's rows, repeated, differs from the whole output in
+   structure, shape or value (beyond rounding): a leading dim that is not the batch
+   (a GRU's h_n, sequence-first tensors), or rows that depend on each other.
+3. After that check it runs on the first pass's B rows only, and its output (a tensor,
+   or a tuple, list or dict of tensors with B rows) is repeated U times, each tensor
+   with the same order of dims in memory.
+4. Its output on those B rows is kept for the batch (keyed by the module, its call
+   number in the forward and the images; reused only when the tensor inputs are equal
+   and the other arguments too), so when the passes of one batch are split over
+   several forwards (the CPU cap on rows per forward, or after running out of memory),
+   a later forward reuses it instead of recomputing. A module whose input differs
+   between forwards (dropout acted upstream) is not kept again in that batch.
 
 This is exact under the assumption the batched passes already make: in eval mode, a
 module's output for one image does not depend on the other images of the batch. Up to
@@ -45,18 +48,14 @@ _SCALARS = (type(None), bool, int, float, str)
 def trunk_modules(model: nn.Module, dropout_types: tuple) -> list[tuple[str, nn.Module]]:
     """The largest sub-modules with parameters and no dropout layer inside, in
     ``named_modules`` order (the root itself never: it has the dropout layers)."""
-    drop = [name for name, m in model.named_modules() if isinstance(m, dropout_types)]
     out: list[tuple[str, nn.Module]] = []
-
-    def holds_dropout(name: str) -> bool:
-        return any(d == name or d.startswith(name + ".") for d in drop)
 
     def walk(prefix: str, module: nn.Module) -> None:
         for child_name, child in module.named_children():
             name = f"{prefix}.{child_name}" if prefix else child_name
             if isinstance(child, dropout_types) or not any(True for _ in child.parameters()):
                 continue
-            if holds_dropout(name):
+            if any(isinstance(m, dropout_types) for m in child.modules()):  # a dropout shared under two names too
                 walk(name, child)
             else:
                 out.append((name, child))
@@ -66,17 +65,13 @@ def trunk_modules(model: nn.Module, dropout_types: tuple) -> list[tuple[str, nn.
     return [(n, m) for n, m in out if not (id(m) in seen or seen.add(id(m)))]
 
 
-def _format(t: torch.Tensor):
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
-    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous():
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
 def _repeat(t: torch.Tensor, U: int) -> torch.Tensor:
-    """[B, ...] -> [U*B, ...], pass-major, in t's memory format."""
-    out = torch.empty((U * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device, memory_format=_format(t))
+    """[B, ...] -> [U*B, ...], pass-major, dense, with t's order of dims in memory
+    (contiguous, channels_last, or a permuted layout that later code may .view)."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # outermost in memory first (stable)
+    shape = (U * t.shape[0], *t.shape[1:])
+    out = torch.empty([shape[d] for d in order], dtype=t.dtype, device=t.device).permute(
+        *sorted(range(t.dim()), key=order.__getitem__))
     out.unflatten(0, (U, t.shape[0])).copy_(t.unsqueeze(0).expand(U, *t.shape))
     return out
 
@@ -110,7 +105,9 @@ class TrunkSharing:
         self.chunk = chunk
         self.unshareable: set[int] = set()
         self.memo: dict = {}  # (module index, call number, first image, B) -> (inputs, output), on B rows
-        self.varies: set[int] = set()  # modules not to reuse in this batch: input differed, or written in place
+        self.varies: set[int] = set()  # modules whose input differed between forwards of this batch
+        self.pure: set[int] = set()  # checked: neither writes into nor returns its inputs
+        self.expands: set[int] = set()  # checked: once per image, repeated, equals every pass
         self.calls: dict[int, int] = {}
         self.stats = {"shared": 0, "reused": 0, "unshared": 0}
         self._saved: list = []
@@ -142,6 +139,39 @@ class TrunkSharing:
         self.varies.clear()
         self.calls.clear()
 
+    def _checked(self, k: int, expand: bool) -> bool:
+        return k in self.pure and (not expand or k in self.expands)
+
+    def _check(self, k: int, forward, args, kwargs, small, U: int, B: int):
+        """A module's first shared call: run it as usual (its output is returned, so this
+        call is exact whatever happens) and check that sharing it would give the same:
+        it must not write into its inputs nor return them (or views of them), and with
+        U > 1 its output on the first pass's rows, repeated, must equal the whole
+        output (same structure, shapes and values up to rounding; this catches a
+        leading dim that is not the batch, or rows that depend on each other)."""
+        s_args, s_kwargs, tensors = small
+        before = [t.clone() for t in tensors]
+        out = forward(*args, **kwargs)
+        name = self.modules[k][0]
+        if not all(torch.equal(a, t) for a, t in zip(before, tensors)):
+            return self._refuse(k, name, "writes into its input", out)
+        if _aliases(out, [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]):
+            return self._refuse(k, name, "returns its input or a view of it", out)
+        self.pure.add(k)
+        if U > 1:
+            c_args, c_kwargs = _swap(s_args, s_kwargs, tensors, before)
+            rep = _expand(forward(*c_args, **c_kwargs), U, B)
+            if rep is None or not _same(rep, out):
+                return self._refuse(k, name, "gives another output when run once per image", out)
+            self.expands.add(k)
+        return out
+
+    def _refuse(self, k: int, name: str, why: str, out):
+        self.unshareable.add(k)
+        log.info("trunk module %s %s; it runs on every pass", name or "<root>", why)
+        self.stats["unshared"] += 1
+        return out
+
     def _wrap(self, k: int, module: nn.Module, forward):
         def shared_forward(*args, **kwargs):
             chunk = self.chunk()
@@ -157,32 +187,29 @@ class TrunkSharing:
                 self.stats["unshared"] += 1
                 return forward(*args, **kwargs)
             s_args, s_kwargs, tensors = small
+            if not self._checked(k, U > 1):
+                return self._check(k, forward, args, kwargs, small, U, B)
             key = (k, call, start, B)
+            scalars = _scalars(s_args, s_kwargs)
             memo = self.memo.pop(key, None)
-            if memo is not None and len(memo[0]) == len(tensors) and all(
-                    a.shape == b.shape and torch.equal(a, b) for a, b in zip(memo[0], tensors)):
+            hit = memo is not None and memo[1] == scalars and len(memo[0]) == len(tensors) and all(
+                a.shape == b.shape and torch.equal(a, b) for a, b in zip(memo[0], tensors))
+            if hit:
                 self.stats["reused"] += 1
-                out_small = memo[1]
+                out_small = memo[2]
                 self.memo[key] = memo
             else:
                 if memo is not None:
                     self.varies.add(k)  # its input changes between passes: dropout acts upstream
-                keep = reuse and k not in self.varies
-                before = [t.clone() for t in tensors] if keep else None
                 out_small = forward(*s_args, **s_kwargs)
-                _propagate_in_place(args, kwargs, U, B)
-                if keep and all(torch.equal(a, t) for a, t in zip(before, tensors)):
-                    self.memo[key] = (before, out_small)
-                elif keep:
-                    self.varies.add(k)  # it writes into its input: reusing its output would skip that
+                if reuse and k not in self.varies:
+                    self.memo[key] = ([t.clone() for t in tensors], scalars, out_small)
             # a fresh copy whenever the output is kept: code downstream may write into it
             out = _expand(out_small, U, B) if U > 1 or key in self.memo else out_small
-            if out is None:
-                self.unshareable.add(k)
+            if out is None:  # U == 1 and an output of no copyable form (a list of dicts): not kept
                 self.memo.pop(key, None)
-                log.info("trunk module %s returns %s, which cannot be repeated per pass; it runs on every pass",
-                         self.modules[k][0] or "<root>", type(out_small).__name__)
-                return forward(*args, **kwargs)
+                self.unshareable.add(k)
+                return forward(*args, **kwargs) if hit else out_small
             self.stats["shared"] += 1
             return out
 
@@ -219,16 +246,44 @@ def _first_pass(args, kwargs, U: int, B: int):
     return s_args, s_kwargs, tensors
 
 
-def _propagate_in_place(args, kwargs, U: int, B: int) -> None:
-    """A module that wrote into its (first-pass) input: give the other passes' rows the same
-    values, as running it on all rows would have."""
-    if U < 2:
-        return
-    for v in (*args, *kwargs.values()):
-        if isinstance(v, torch.Tensor):
-            rows = v.unflatten(0, (U, B))
-            if not torch.equal(rows[1], rows[0]):
-                rows[1:].copy_(rows[0].unsqueeze(0).expand(U - 1, *rows.shape[1:]))
+def _scalars(s_args, s_kwargs) -> tuple:
+    """The non-tensor arguments, for the memo's key."""
+    return (tuple(a for a in s_args if not isinstance(a, torch.Tensor)),
+            tuple((n, v) for n, v in s_kwargs.items() if not isinstance(v, torch.Tensor)))
+
+
+def _swap(s_args, s_kwargs, tensors, copies):
+    """The first-pass arguments with each tensor replaced by its copy."""
+    by_id = {id(t): c for t, c in zip(tensors, copies)}
+    return (tuple(by_id.get(id(a), a) for a in s_args), {n: by_id.get(id(v), v) for n, v in s_kwargs.items()})
+
+
+def _leaves(out) -> list:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _leaves(o)]
+    if isinstance(out, Mapping):
+        return [t for o in out.values() for t in _leaves(o)]
+    return []
+
+
+def _aliases(out, inputs: list) -> bool:
+    """Does any tensor of `out` share memory with an input?"""
+    ptrs = {t.untyped_storage().data_ptr() for t in inputs}
+    return any(t.untyped_storage().data_ptr() in ptrs for t in _leaves(out))
+
+
+def _same(a, b) -> bool:
+    """Same structure, shapes and values up to float rounding."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)))
+    if isinstance(a, Mapping):
+        return isinstance(b, Mapping) and list(a) == list(b) and all(_same(a[n], b[n]) for n in a)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return False
 
 
 class _NotShared(Exception):
