@@ -336,7 +336,27 @@ class Aliasing(nn.Module):
         return self.head(torch.cat([self.drop(g), f], 1))
 
 
-@pytest.mark.parametrize("make", [GruHead, SharedDrop, Permuted, Aliasing])
+class SquareMask(nn.Module):
+    """An [L, L] argument whose L happens to be T*B: cut as a batch, the module fails."""
+
+    class Mix(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x, mask):
+            return self.lin(x) + mask.sum()
+
+    def __init__(self):
+        super().__init__()
+        self.mix, self.drop, self.head = self.Mix(), nn.Dropout(0.5), nn.Linear(4, 2)
+
+    def forward(self, x):
+        v = x.flatten(1)[:, :4]
+        return self.head(self.drop(self.mix(v, torch.ones(len(v), len(v)))))
+
+
+@pytest.mark.parametrize("make", [GruHead, SharedDrop, Permuted, Aliasing, SquareMask])
 @pytest.mark.parametrize("B", [1, 2])
 def test_trunk_sharing_refuses_what_it_cannot_share(make, B):
     # found in review: each of these gave other outputs (or crashed) with sharing on

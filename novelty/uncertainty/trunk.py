@@ -160,7 +160,10 @@ class TrunkSharing:
         self.pure.add(k)
         if U > 1:
             c_args, c_kwargs = _swap(s_args, s_kwargs, tensors, before)
-            rep = _expand(forward(*c_args, **c_kwargs), U, B)
+            try:
+                rep = _expand(forward(*c_args, **c_kwargs), U, B)
+            except Exception as e:  # e.g. an argument that was not a batch, cut as if it were
+                return self._refuse(k, name, f"fails on the first pass's rows alone ({type(e).__name__})", out)
             if rep is None or not _same(rep, out):
                 return self._refuse(k, name, "gives another output when run once per image", out)
             self.expands.add(k)
