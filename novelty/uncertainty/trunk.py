@@ -104,7 +104,7 @@ class TrunkSharing:
         self.modules = trunk_modules(model, dropout_types)
         self.chunk = chunk
         self.unshareable: set[int] = set()
-        self.memo: dict = {}  # (module index, call number, first image, B) -> (inputs, output), on B rows
+        self.memo: dict = {}  # (module index, call number, first image, B) -> (inputs, other args, output), B rows
         self.varies: set[int] = set()  # modules whose input differed between forwards of this batch
         self.pure: set[int] = set()  # checked: neither writes into nor returns its inputs
         self.expands: set[int] = set()  # checked: once per image, repeated, equals every pass
