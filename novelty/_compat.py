@@ -23,7 +23,6 @@ branch, and any other import error is raised unchanged.
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import re
 import sys

@@ -220,8 +220,8 @@ class MCDropout:
         try:
             for ts, sl in plan:
                 inp = _repeat(images, sl, len(ts))
-                self._chunk = (ts, len(range(*sl.indices(n_images))))
-                self._start = sl.indices(n_images)[0]
+                start, stop, _ = sl.indices(n_images)
+                self._chunk, self._start = (ts, stop - start), start
                 if self.trunk is not None:
                     self.trunk.new_forward()
                 try:
