@@ -2,6 +2,7 @@
 
     python benchmarks/active_learning.py            # 3 seeds x 5 strategies x 5 rounds of 150
     python benchmarks/active_learning.py --quick    # tiny sizes, one round, 1 seed (< 1 min)
+    python benchmarks/active_learning.py --retrain 3 --strategies kcenter hybrid   # training noise of cached runs
 
 The setting (benchmarks/_al_data.py): 32 px scenes with 2 object classes and pixel
 masks in 8 visual domains; a labeled seed from 2 domains, a pool from all 8 in which
@@ -77,7 +78,10 @@ class BenchCfg:
     budget: int = 150
     seeds: tuple = (0, 1, 2)
     strategies: tuple = STRATEGIES
-    steps: int = 500  # training steps per round (batch 32), the same for every labeled-set size
+    # training steps per round (batch 32), the same for every labeled-set size. 1000 since session 5:
+    # at 500 the U-Net often had not yet learned disc from square (train mIoU 0.57), and the test
+    # mIoU of one labeled set ranged 0.42-0.70 over training seeds (RESULTS.md, *Training noise*)
+    steps: int = 1000
     passes: int = 10  # MC-dropout passes
     beta: float = 1.0  # --uncertainty-weight for hybrid
     top_percent: float = TOP_PERCENT  # uncertainty --top-percent: image score = mean BALD of this % most uncertain pixels
@@ -254,6 +258,13 @@ def _auroc(score: np.ndarray, positive: np.ndarray) -> float:
     return float((r[positive].sum() - n1 * (n1 + 1) / 2) / max(n1 * n0, 1))
 
 
+def run_tag(cfg: BenchCfg, strategy: str) -> str:
+    """What tells this config's runs of `strategy` apart in a seed's folder (rows_<strategy><tag>.json)."""
+    return (f"_beta{cfg.beta:g}" if strategy in NEEDS_U and cfg.beta != 1.0 else "") + \
+        (f"_top{cfg.top_percent:g}" if strategy in NEEDS_U and cfg.top_percent != TOP_PERCENT else "") + \
+        ("_model" if cfg.embedding == "model" and strategy not in NO_VECTORS else "")
+
+
 def run_strategy(cfg: BenchCfg, seed: int, strategy: str, work: Path) -> list[dict]:
     """Rounds 1..R of one strategy from the seed's round 0; -> one row per round (0..R)."""
     from _al_model import evaluate, save, train
@@ -262,9 +273,7 @@ def run_strategy(cfg: BenchCfg, seed: int, strategy: str, work: Path) -> list[di
 
     _torch_setup()
     sw = work / f"seed{seed}"
-    tag = (f"_beta{cfg.beta:g}" if strategy in NEEDS_U and cfg.beta != 1.0 else "") + \
-        (f"_top{cfg.top_percent:g}" if strategy in NEEDS_U and cfg.top_percent != TOP_PERCENT else "") + \
-        ("_model" if cfg.embedding == "model" and strategy not in NO_VECTORS else "")
+    tag = run_tag(cfg, strategy)
     cache = sw / f"rows_{strategy}{tag}.json"
     if cache.exists():
         return json.loads(cache.read_text())
@@ -366,6 +375,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="only print a table of every cached run in the work dir (strategies, embeddings, variants)")
     p.add_argument("--diagnose", action="store_true",
                    help="only print which uncertainty image score tracks the cached round-0 models' errors")
+    p.add_argument("--retrain", type=int, metavar="K",
+                   help="only retrain each cached round's labeled set K more times (other training seeds) and print "
+                        "how much of the spread is training noise; with --seeds and --strategies")
+    p.add_argument("--retrain-steps", type=int, metavar="N",
+                   help="--retrain: train N steps instead of the cached runs' own --steps")
+    p.add_argument("--retrain-rounds", type=int, nargs="+", metavar="R", help="--retrain: only these rounds (default all)")
     p.add_argument("--against", default="random",
                    help="--compare: the cached run to pair against (e.g. kcenter_model); default random")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes over seeds and strategies")
@@ -396,6 +411,17 @@ def main(argv=None) -> dict:
         text = diagnose(work, cfg.passes)
         print(text)
         return {"text": text}
+    if (a.retrain_rounds or a.retrain_steps is not None) and a.retrain is None:
+        raise SystemExit("--retrain-rounds and --retrain-steps only go with --retrain K")
+    if a.retrain is not None:
+        from _al_retrain import retrain
+
+        if a.retrain < 1 or (a.retrain_steps is not None and a.retrain_steps < 1):
+            raise SystemExit("--retrain K and --retrain-steps N must be at least 1")
+        res = retrain(cfg, work, {st: run_tag(cfg, st) for st in cfg.strategies}, a.retrain, a.jobs, a.retrain_rounds,
+                      a.retrain_steps)
+        print(res["text"])
+        return res
     if a.compare:
         from _al_report import compare
 

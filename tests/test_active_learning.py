@@ -3,12 +3,14 @@ uncertainty through the CLI, every strategy's select and mark-labeled, retrainin
 the table, markdown and plot. The result itself is not asserted, only its form."""
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "active_learning.py"
@@ -79,6 +81,56 @@ def test_quick_run_end_to_end(tmp_path):
     for line in table:
         cells = [float(c.split("±")[0]) for c in line.strip("|").split("|")[1:]]
         assert -1 <= cells[0] <= 1 and -1 <= cells[1] <= 1 and 0 <= cells[2] <= 1 and 0 <= cells[3] <= 1
+
+    # training noise: the labeled sets are read back from each run's catalog, then retrained
+    from _al_retrain import labeled_sets
+
+    sw = tmp_path / "work" / "seed0"
+    for st in ("kcenter_model", "hybrid_model", "random"):
+        run = sw / f"run_{st}"
+        if (run / "picked_r1.txt").exists():  # model-feature runs: the catalog paths they marked
+            paths = (run / "picked_r1.txt").read_text().split()
+        else:  # the others marked their selection file
+            with open(run / "select_r1.csv", newline="") as f:
+                paths = [r["path"] for r in csv.DictReader(f)]
+        picked = {int(Path(p).stem.split("_")[1]) for p in paths}
+        (got,) = labeled_sets(sw / f"index_{st}", cfg.rounds, cfg.budget)
+        assert len(got) == cfg.budget == len(set(got.tolist()))
+        assert set(got.tolist()) == picked
+    rt = al.main(["--quick", "--jobs", "1", "--retrain", "2", "--strategies", "kcenter", "random",
+                  "--work", str(tmp_path / "work")])
+    kc = [r for r in rows if r["strategy"] == "kcenter" and r["round"] == 1][0]
+    got = {s["strategy"]: s for s in rt["sets"]}
+    assert set(got) == {"kcenter", "random"} and got["kcenter"]["cached"] == kc["miou"]
+    assert len(got["kcenter"]["retrained"]) == 2 and all(0.0 <= v <= 1.0 for v in got["kcenter"]["retrained"])
+    assert "| kcenter | 1 |" in rt["text"]
+
+
+def test_labeled_sets_split_by_round(tmp_path):
+    """The catalog's mark-labeled stamps give each round's picks back, in round order."""
+    al = load_benchmark()
+    work = tmp_path / "work"
+    al.main(["--quick", "--jobs", "1", "--rounds", "2", "--strategies", "kcenter", "--work", str(work),
+             "--md", str(tmp_path / "AL.md"), "--png", str(tmp_path / "al.png")])
+    from _al_retrain import labeled_sets
+
+    run = work / "seed0" / "run_kcenter_model"
+    rounds = [{int(Path(p).stem.split("_")[1]) for p in (run / f"picked_r{r}.txt").read_text().split()} for r in (1, 2)]
+    assert len(rounds[0]) == len(rounds[1]) == al.QUICK.budget and not rounds[0] & rounds[1]
+    first, both = labeled_sets(work / "seed0" / "index_kcenter_model", 2, al.QUICK.budget)
+    assert set(first.tolist()) == rounds[0]
+    assert set(both.tolist()) == rounds[0] | rounds[1] and len(both) == 2 * al.QUICK.budget
+    with pytest.raises(RuntimeError, match="labeled picks"):
+        labeled_sets(work / "seed0" / "index_kcenter_model", 3, al.QUICK.budget)
+
+
+def test_retrain_arguments_are_checked():
+    al = load_benchmark()
+    for argv, msg in ((["--retrain-rounds", "1"], "only go with --retrain"), (["--retrain-steps", "10"], "only go with --retrain"),
+                      (["--retrain", "0"], "at least 1"), (["--retrain", "1", "--retrain-steps", "0"], "at least 1"),
+                      (["--retrain", "1", "--retrain-rounds", "2"], r"rounds are 1\.\.1")):
+        with pytest.raises(SystemExit, match=msg):
+            al.main(["--quick", *argv])
 
 
 def test_labels_to_reach_interpolates():
