@@ -80,7 +80,7 @@ class BenchCfg:
     strategies: tuple = STRATEGIES
     # training steps per round (batch 32), the same for every labeled-set size. 1000 since session 5:
     # at 500 the U-Net often had not yet learned disc from square (train mIoU 0.57), and the test
-    # mIoU of one labeled set ranged 0.42-0.70 over training seeds (RESULTS.md, *Training noise*)
+    # mIoU of one labeled set ranged 0.42-0.68 over training seeds (RESULTS.md, *Training noise*)
     steps: int = 1000
     passes: int = 10  # MC-dropout passes
     beta: float = 1.0  # --uncertainty-weight for hybrid
