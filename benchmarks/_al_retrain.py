@@ -23,10 +23,12 @@ def labeled_sets(run_index: Path, n_rounds: int, budget: int) -> list[np.ndarray
     """Pool indices labeled by rounds 1..r, for r = 1..n_rounds, from the catalog of a
     run's image index: mark-labeled stamps every image it moves (labeled_at), one
     stamp per call, so the stamps' order is the rounds' order."""
+    from active_learning import pool_index
+
     with sqlite3.connect(f"file:{run_index / 'catalog.sqlite'}?mode=ro", uri=True) as db:
         rows = db.execute("SELECT path FROM images WHERE split = 'labeled' AND labeled_at IS NOT NULL "
                           "ORDER BY labeled_at, id").fetchall()
-    pool = np.array([int(Path(p).stem.split("_")[1]) for (p,) in rows], np.int64)
+    pool = np.array([pool_index(p) for (p,) in rows], np.int64)
     if len(pool) < n_rounds * budget:
         raise RuntimeError(f"{run_index}: {len(pool)} labeled picks, expected {n_rounds * budget}")
     return [pool[: r * budget] for r in range(1, n_rounds + 1)]
@@ -35,8 +37,8 @@ def labeled_sets(run_index: Path, n_rounds: int, budget: int) -> list[np.ndarray
 def retrain_run(cfg, work: Path, seed: int, strategy: str, tag: str, k: int, rounds: tuple, steps: int) -> list[dict]:
     """One cached (seed, strategy) run: -> [{seed, strategy, round, cached, retrained: [K]}] per round in `rounds`,
     each retraining `steps` steps long."""
-    from _al_model import evaluate, train
-    from active_learning import _torch_setup
+    from _al_model import evaluate
+    from active_learning import _torch_setup, train_round
 
     _torch_setup()
     sw = work / f"seed{seed}"
@@ -49,10 +51,8 @@ def retrain_run(cfg, work: Path, seed: int, strategy: str, tag: str, k: int, rou
     for r, lab in enumerate(labeled_sets(sw / f"index_{strategy}{tag}", cfg.rounds, cfg.budget), 1):
         if r not in rounds:
             continue
-        X = np.concatenate([z["seed_images"], z["pool_images"][lab]])
-        Y = np.concatenate([z["seed_masks"], z["pool_masks"][lab]])
-        got = [evaluate(train(X, Y, steps, seed * 1000 + r + 100000 * j), z["test_images"], z["test_masks"],
-                        z["test_domain"])["miou"] for j in range(1, k + 1)]
+        got = [evaluate(train_round(z, lab, steps, seed, r, j), z["test_images"], z["test_masks"], z["test_domain"])["miou"]
+               for j in range(1, k + 1)]
         out.append({"seed": seed, "strategy": strategy, "round": r, "cached": cached[r], "retrained": got})
         print(f"seed {seed} {strategy} round {r}: cached {cached[r]:.3f}, retrained "
               f"{', '.join(f'{v:.3f}' for v in got)}", file=sys.stderr, flush=True)
@@ -71,14 +71,10 @@ def retrain(cfg, work: Path, tags: dict[str, str], k: int, jobs: int = 1, rounds
 
     tasks = [(cfg, work, seed, st, tag, k, rounds, steps) for seed in cfg.seeds for st, tag in tags.items()]
     if jobs <= 1:
-        import torch
+        from active_learning import torch_restored
 
-        threads = torch.get_num_threads()
-        try:
+        with torch_restored():
             sets = [s for t in tasks for s in retrain_run(*t)]
-        finally:  # in-process (tests): leave torch as it was
-            torch.set_num_threads(threads)
-            torch.set_flush_denormal(False)
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor

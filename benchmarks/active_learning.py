@@ -36,6 +36,7 @@ results are cached under the work dir, so an interrupted run resumes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
@@ -177,6 +178,33 @@ def _torch_setup() -> None:
     torch.set_flush_denormal(True)
 
 
+@contextlib.contextmanager
+def torch_restored():
+    """Around in-process work (tests) that calls _torch_setup: leave torch as it was."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
+
+
+def pool_index(path) -> int:
+    """pool_00042.png (or a path to it) -> 42."""
+    return int(Path(path).stem.split("_")[1])
+
+
+def train_round(z, lab: np.ndarray, steps: int, seed: int, r: int, k: int = 0):
+    """The U-Net trained on the seed plus the pool images `lab`, for round r of a seed.
+    k = 0: the training the benchmark's rounds use; k >= 1: other training seeds, for --retrain."""
+    from _al_model import train
+
+    return train(np.concatenate([z["seed_images"], z["pool_images"][lab]]),
+                 np.concatenate([z["seed_masks"], z["pool_masks"][lab]]), steps, seed * 1000 + r + 100000 * k)
+
+
 def _names(prefix: str, n: int) -> list[str]:
     return [f"{prefix}_{i:05d}.png" for i in range(n)]
 
@@ -224,7 +252,7 @@ def analyse_round0(sw: Path, data: dict, model) -> dict:
     with open_store(sw / "index0") as store:
         ids, X = store.vectors("unlabeled")
         paths = store.describe(ids)
-    order = np.array([int(Path(paths[int(i)][1]).stem.split("_")[1]) for i in ids])
+    order = np.array([pool_index(paths[int(i)][1]) for i in ids])
     X = np.asarray(X, np.float32)
     dom, clu = data["pool"].domain[order], data["pool"].cluster[order]
     S = X @ X.T
@@ -236,7 +264,7 @@ def analyse_round0(sw: Path, data: dict, model) -> dict:
         rows = store.db.execute("SELECT i.path, u.value FROM uncertainty u JOIN images i ON i.id = u.image "
                                 "WHERE u.run = (SELECT MAX(id) FROM runs WHERE kind='uncertainty')").fetchall()
     if rows:
-        idx = np.array([int(Path(p).stem.split("_")[1]) for p, _ in rows])
+        idx = np.array([pool_index(p) for p, _ in rows])
         u = np.array([v for _, v in rows], np.float64)
         pred = predict(model, data["pool"].images[idx])
         err = image_errors(pred, data["pool"].masks[idx])
@@ -267,7 +295,7 @@ def run_tag(cfg: BenchCfg, strategy: str) -> str:
 
 def run_strategy(cfg: BenchCfg, seed: int, strategy: str, work: Path) -> list[dict]:
     """Rounds 1..R of one strategy from the seed's round 0; -> one row per round (0..R)."""
-    from _al_model import evaluate, save, train
+    from _al_model import evaluate, save
 
     from novelty.store import open_store
 
@@ -309,8 +337,7 @@ def run_strategy(cfg: BenchCfg, seed: int, strategy: str, work: Path) -> list[di
         picked += new
         t1 = time.perf_counter()
         lab = np.asarray(picked)
-        model = train(np.concatenate([z["seed_images"], z["pool_images"][lab]]),
-                      np.concatenate([z["seed_masks"], z["pool_masks"][lab]]), cfg.steps, seed * 1000 + r)
+        model = train_round(z, lab, cfg.steps, seed, r)
         weights = run / f"model_r{r}.pt"
         save(model, weights)
         ev = evaluate(model, z["test_images"], z["test_masks"], z["test_domain"])
@@ -332,15 +359,9 @@ def run_all(cfg: BenchCfg, work: Path, jobs: int) -> tuple[list[dict], list[dict
     # expensive strategies first, so the pool's workers finish together
     tasks = sorted(((s, st) for s in cfg.seeds for st in cfg.strategies), key=lambda t: (t[1] not in NEEDS_U, t))
     if jobs <= 1:
-        import torch
-
-        threads = torch.get_num_threads()
-        try:
+        with torch_restored():
             infos = [prepare(cfg, s, work) for s in cfg.seeds]
             rows = [row for s, st in tasks for row in run_strategy(cfg, s, st, work)]
-        finally:  # in-process (tests): leave torch as it was
-            torch.set_num_threads(threads)
-            torch.set_flush_denormal(False)
         return infos, rows
     import multiprocessing as mp
     from concurrent.futures import as_completed
