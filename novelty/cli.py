@@ -11,11 +11,45 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import typer.core
+
+try:  # typer >= 0.2x carries its own copy of click
+    from typer._click import exceptions as _click_errors
+except ImportError:  # older typer runs on click itself
+    from click import exceptions as _click_errors
 
 from .config import DEFAULT_INDEX, DEFAULT_MODEL, BuildCfg, EncoderCfg, ReaderCfg
 from .errors import ConfigError, NoveltyError
 
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """Usage errors (a bad choice, a missing option) as one line on stderr and exit code 2,
+    like library errors, instead of click's usage box. Help with no arguments stays."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        no_args_help = getattr(_click_errors, "NoArgsIsHelpError", ())  # click >= 8.2
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except no_args_help as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except _click_errors.UsageError as e:
+            where = e.ctx.command_path if e.ctx else "novelty"
+            err(f"error: {e.format_message()} (see `{where} --help`)")
+            sys.exit(e.exit_code)
+        except _click_errors.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            err("aborted")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="novelty",
     help="Choose which unlabeled images to label next: embed, index, score, select.",
     no_args_is_help=True,
@@ -202,6 +236,12 @@ def select(
     typer.echo(f"  time             {t['total']:.1f}s (load {t['load']:.1f}s, nearest-labeled {t['first_pass']:.1f}s, selection {t['select']:.1f}s)")
 
 
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 class Kind(str, Enum):
     detection = "detection"
     segmentation = "segmentation"
@@ -223,6 +263,7 @@ def uncertainty(
     image_size: Annotated[Optional[int], typer.Option(help="Resize images to this square size (default preprocess only).")] = None,
     workers: Annotated[int, typer.Option(min=0)] = 1,
     share_trunk: Annotated[bool, typer.Option(help="Run the modules that no dropout layer touches (the backbone) once per image instead of once per pass; the scores are the same up to float rounding.")] = True,
+    precision: Annotated[Precision, typer.Option(help="Run the passes under torch.autocast: bf16 (GPUs, and CPUs with AVX512-BF16 or AMX) or fp16 (CUDA only). Scores then differ from fp32's by rounding; an interrupted run resumes only at its own precision.")] = Precision.fp32,
     index: IndexOpt = DEFAULT_INDEX,
 ):
     """Score unlabeled images by MC-dropout disagreement of your detector; `select` then uses hybrid."""
@@ -230,7 +271,7 @@ def uncertainty(
 
     cfg = DetectorCfg(spec=detector, kind=kind.value, passes=passes, batch_size=batch_size, seed=seed, device=device.value,
                       aggregation=aggregation, topk=topk, score_thresh=score_thresh, top_percent=top_percent, inject_dropout=inject_dropout,
-                      image_size=image_size, workers=workers, share_trunk=share_trunk)
+                      image_size=image_size, workers=workers, share_trunk=share_trunk, precision=precision.value)
     bar = progress_bar("mc-dropout")
     try:
         s = score_index(index, cfg, progress_factory=bar)
@@ -244,6 +285,8 @@ def uncertainty(
         err(f"error: no image could be scored in run #{s.run}; `select` ignores a run without scores")
         raise typer.Exit(1)
     how = f"aggregation {aggregation}" if kind is Kind.detection else f"mean of the top {top_percent:g}% of pixels"
+    if precision is not Precision.fp32:
+        how += f", {precision.value}"
     typer.echo(f"  mean score {s.mean:.4f} (T={passes}, {kind.value}, {how}); select now defaults to --strategy hybrid")
 
 

@@ -41,6 +41,7 @@ class DetectorCfg:
     split: str = "unlabeled"
     commit_every: int = 1024
     share_trunk: bool = True  # dropout-free modules once per image (uncertainty/trunk.py); scores equal up to rounding
+    precision: str = "fp32"  # fp32 | bf16 | fp16: the passes under torch.autocast (uncertainty/runner.py)
 
 
 @dataclass
@@ -72,6 +73,8 @@ def _params(cfg: DetectorCfg) -> dict:
     p = asdict(cfg)
     for k in ("batch_size", "workers", "commit_every", "device", "share_trunk"):
         p.pop(k)  # how, not what: they do not change the scores
+    if p["precision"] == "fp32":
+        p.pop("precision")  # as before the option existed: a run started then still resumes
     return p
 
 
@@ -94,9 +97,12 @@ def score_index(root: Path, cfg: DetectorCfg, progress_factory: Callable[[int], 
     if cfg.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     ucfg = UncertaintyCfg(kind=cfg.kind, passes=cfg.passes, seed=cfg.seed, device=cfg.device, inject_dropout=cfg.inject_dropout,
-                          share_trunk=cfg.share_trunk,
+                          share_trunk=cfg.share_trunk, precision=cfg.precision,
                           detection=DetectionCfg(aggregation=cfg.aggregation, topk=cfg.topk, score_thresh=cfg.score_thresh),
                           segmentation=SegmentationCfg(top_percent=cfg.top_percent))
+    from .uncertainty.runner import autocast, resolve_device
+
+    autocast(ucfg.precision, resolve_device(ucfg.device))  # fp16 on a CPU fails here, before a run is started
     t0 = time.monotonic()
     with open_store(root, writable=True) as store:
         rows = store.db.execute("SELECT id, path FROM images WHERE split=? AND status='embedded' ORDER BY id", (cfg.split,)).fetchall()

@@ -214,3 +214,26 @@ def faults():
     left_pinned = int(measure("_mallopt(-3, 128 * 1024)\nprint(faults())")[0])  # what build-index used to leave
     assert inside > 200 * 100 and left_pinned > 200 * 100  # pinned: every 2 MB buffer faults its pages in
     assert after < left_pinned / 20, (inside, after, left_pinned)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["build-index", "--device", "tpu"], "Invalid value for '--device'"),
+        (["select", "--budget"], "Option '--budget' requires an argument"),
+        (["select", "--budget", "many"], "Invalid value for '--budget'"),
+        (["uncertainty", "--kind", "detection"], "Missing option '--detector'"),
+        (["no-such-command"], "No such command 'no-such-command'"),
+    ],
+)
+def test_usage_errors_give_one_line_and_exit_2(args, message):
+    # click's own checks (choices, types, missing options) follow the library errors' rule
+    r = run(*args)
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and r.output.startswith("novelty: error: "), r.output
+
+
+def test_help_is_still_help():
+    for args in ([], ["select", "--help"]):
+        r = run(*args)
+        assert "Usage: novelty" in r.output and len(r.output.splitlines()) > 5, r.output

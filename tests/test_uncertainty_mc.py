@@ -500,7 +500,27 @@ def test_auto_rows_caps_cpu_forwards():
     assert auto_rows(torch.zeros(8, 3, 320, 320), torch.device("cuda")) is None  # no cap on a GPU
 
 
+@pytest.mark.parametrize("kind", ["detection", "segmentation"])
+def test_bf16_passes_round_the_scores_and_no_more(kind, detector, segmenter, scenes):
+    model = detector if kind == "detection" else segmenter
+    images = torch.cat([scenes, make_scenes(8, seed=101)[0]])
+    fp32 = scores(model, images, kind=kind)
+    bf16 = scores(model, images, kind=kind, precision="bf16")
+    assert not np.array_equal(fp32, bf16)  # the passes really ran in bfloat16
+    # bfloat16 keeps 8 significant bits: the scores move by rounding, the ranking barely
+    np.testing.assert_allclose(bf16, fp32, atol=0.05 * float(np.abs(fp32).max()))
+    rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
+    assert np.corrcoef(rank(fp32), rank(bf16))[0, 1] > 0.9
+
+
+def test_fp16_needs_cuda(segmenter, scenes):
+    with pytest.raises(ConfigError, match="fp16 runs on CUDA only"):
+        scores(segmenter, scenes, kind="segmentation", precision="fp16")
+
+
 def test_cfg_validation():
+    with pytest.raises(ConfigError, match="fp32, bf16, fp16"):
+        UncertaintyCfg(precision="fp8")
     for bad in (dict(kind="keypoints"), dict(passes=1), dict(seed=-1), dict(max_batch=0)):
         with pytest.raises(ConfigError):
             UncertaintyCfg(**bad)
