@@ -98,7 +98,7 @@ def markdown(cfg, infos: list[dict], rows: list[dict], seconds: float, command: 
            f"{', '.join(map(str, SEED_DOMAINS))} only), pool {cfg.data.n_pool} (all domains, clusters of near-copies, "
            f"mean {cfg.data.mean_copies:g}), test {cfg.data.n_test} (all domains equally); {cfg.rounds} rounds of "
            f"{cfg.budget}; U-Net retrained from scratch for {cfg.steps} steps each round; T = {cfg.passes} MC-dropout "
-           f"passes; hybrid with --uncertainty-weight {cfg.beta:g}; seeds {', '.join(map(str, cfg.seeds))}.", "",
+           f"passes; training and passes in {cfg.precision}; hybrid with --uncertainty-weight {cfg.beta:g}; seeds {', '.join(map(str, cfg.seeds))}.", "",
            "Test mIoU (foreground classes), mean ± sd over seeds, against the number of labels:", "",
            "| strategy | " + " | ".join(str(int(x)) for x in L) + " |", "|---|" + "---|" * len(L)]
     for st in sts:

@@ -34,9 +34,10 @@ def labeled_sets(run_index: Path, n_rounds: int, budget: int) -> list[np.ndarray
     return [pool[: r * budget] for r in range(1, n_rounds + 1)]
 
 
-def retrain_run(cfg, work: Path, seed: int, strategy: str, tag: str, k: int, rounds: tuple, steps: int) -> list[dict]:
+def retrain_run(cfg, work: Path, seed: int, strategy: str, tag: str, k: int, rounds: tuple, steps: int,
+                precision: str) -> list[dict]:
     """One cached (seed, strategy) run: -> [{seed, strategy, round, cached, retrained: [K]}] per round in `rounds`,
-    each retraining `steps` steps long."""
+    each retraining `steps` steps long, at `precision`."""
     from _al_model import evaluate
     from active_learning import _torch_setup, train_round
 
@@ -51,7 +52,7 @@ def retrain_run(cfg, work: Path, seed: int, strategy: str, tag: str, k: int, rou
     for r, lab in enumerate(labeled_sets(sw / f"index_{strategy}{tag}", cfg.rounds, cfg.budget), 1):
         if r not in rounds:
             continue
-        got = [evaluate(train_round(z, lab, steps, seed, r, j), z["test_images"], z["test_masks"], z["test_domain"])["miou"]
+        got = [evaluate(train_round(z, lab, steps, seed, r, j, precision), z["test_images"], z["test_masks"], z["test_domain"])["miou"]
                for j in range(1, k + 1)]
         out.append({"seed": seed, "strategy": strategy, "round": r, "cached": cached[r], "retrained": got})
         print(f"seed {seed} {strategy} round {r}: cached {cached[r]:.3f}, retrained "
@@ -60,16 +61,17 @@ def retrain_run(cfg, work: Path, seed: int, strategy: str, tag: str, k: int, rou
 
 
 def retrain(cfg, work: Path, tags: dict[str, str], k: int, jobs: int = 1, rounds: tuple | None = None,
-            steps: int | None = None) -> dict:
+            steps: int | None = None, precision: str | None = None) -> dict:
     """Every cached run of cfg.seeds x tags, in `jobs` processes -> {'sets': [...], 'text': markdown}.
     rounds: which rounds to retrain (default all); steps: how long each retraining is (default
-    the cached runs' own cfg.steps; another value asks how the spread depends on it)."""
-    steps = steps or cfg.steps
+    the cached runs' own cfg.steps; another value asks how the spread depends on it); precision:
+    the retrainings' (default the cached runs' own; another asks whether it changes the scores)."""
+    steps, precision = steps or cfg.steps, precision or cfg.precision
     rounds = tuple(rounds or range(1, cfg.rounds + 1))
     if not set(rounds) <= set(range(1, cfg.rounds + 1)):
         raise SystemExit(f"--retrain-rounds: rounds are 1..{cfg.rounds}")
 
-    tasks = [(cfg, work, seed, st, tag, k, rounds, steps) for seed in cfg.seeds for st, tag in tags.items()]
+    tasks = [(cfg, work, seed, st, tag, k, rounds, steps, precision) for seed in cfg.seeds for st, tag in tags.items()]
     if jobs <= 1:
         from active_learning import torch_restored
 
@@ -81,16 +83,17 @@ def retrain(cfg, work: Path, tags: dict[str, str], k: int, jobs: int = 1, rounds
 
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
             sets = [s for f in [ex.submit(retrain_run, *t) for t in tasks] for s in f.result()]
-    return {"sets": sets, "text": table(cfg, sets, k, rounds, steps)}
+    return {"sets": sets, "text": table(cfg, sets, k, rounds, steps, precision)}
 
 
-def table(cfg, sets: list[dict], k: int, rounds: tuple, steps: int) -> str:
+def table(cfg, sets: list[dict], k: int, rounds: tuple, steps: int, precision: str) -> str:
     if not sets:
         return "no cached run matches those seeds and strategies"
     strategies = list(dict.fromkeys(s["strategy"] for s in sets))
     seeds = sorted({s["seed"] for s in sets})
-    same = steps == cfg.steps
-    out = [f"Cached runs trained {cfg.steps} steps per round; {k} more trainings of {steps} steps of each "
+    same = steps == cfg.steps and precision == cfg.precision
+    out = [f"Cached runs trained {cfg.steps} steps per round in {cfg.precision}; {k} more trainings of {steps} steps "
+           f"in {precision} of each "
            f"cached round's labeled set{'' if same else ' (the cached score is not among them)'}; seeds "
            f"{', '.join(map(str, seeds))}.", "",
            "Test mIoU of one labeled set over its trainings: the mean, the sd within a set (pooled over seeds), "

@@ -15,6 +15,11 @@ the functions in novelty/strategies.py, so the one that wins can move there as i
                    inverse mean distance to the K = 20 nearest pool images, over its
                    max): an isolated outlier no longer wins by being far
     hybrid-typ     hybrid's weight times that typicality
+    hybrid-smooth  hybrid with each image's uncertainty replaced by its mean over its
+                   K = ceil(pool / budget) nearest pool images (itself included): the
+                   per-image MC-dropout score is a noisy estimate of how hard the model
+                   finds a region, and K is about the number of pool images one pick
+                   stands for. Session 6.
 """
 from __future__ import annotations
 
@@ -66,6 +71,27 @@ def typicality(pool: np.ndarray, k: int = TYPICALITY_K, block: int = 2048) -> np
     return (typ / typ.max()).astype(np.float32)
 
 
+def knn_mean(pool: np.ndarray, values: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
+    """[n]: the mean of `values` over each pool row's k nearest pool rows by cosine
+    similarity (unit rows), itself included. Exact, block-wise."""
+    X = np.asarray(pool, np.float32)
+    v = np.asarray(values, np.float64)
+    k = max(1, min(k, len(X)))
+    out = np.empty(len(X), np.float64)
+    for s in range(0, len(X), block):
+        S = X[s:s + block] @ X.T  # [b, n]
+        S[np.arange(len(S)), np.arange(s, s + len(S))] = np.inf  # itself first, whatever the rounding
+        near = np.argpartition(-S, k - 1, axis=1)[:, :k]
+        out[s:s + block] = v[near].mean(1)
+    return out
+
+
+def hybrid_smooth(x: S.SelectionInput) -> S.Selection:
+    u = _u(x, "hybrid-smooth")
+    k = -(-len(u) // max(1, x.budget))  # ceil(pool / budget)
+    return S.kcenter(x, S.uncertainty_weights(knn_mean(x.pool, u, k), x.beta))
+
+
 def kcenter_typ(x: S.SelectionInput) -> S.Selection:
     return S.kcenter(x, typicality(x.pool))
 
@@ -76,7 +102,7 @@ def hybrid_typ(x: S.SelectionInput) -> S.Selection:
 
 
 VARIANTS = {"hybrid-rank": hybrid_rank, "hybrid-top": hybrid_top, "hybrid-floor": hybrid_floor,
-            "kcenter-typ": kcenter_typ, "hybrid-typ": hybrid_typ}
+            "kcenter-typ": kcenter_typ, "hybrid-typ": hybrid_typ, "hybrid-smooth": hybrid_smooth}
 
 
 def register() -> None:

@@ -22,6 +22,11 @@ unshared is the naive loop).
 Figures are images/s end to end through ``score_batches`` (forwards + box matching
 and scoring), the best of --repeat runs. `max|d|` is the largest score difference
 between all the ways (float rounding only).
+
+--precision fp32 bf16 [fp16] adds a table: the default way (auto, shared) with its passes
+under torch.autocast at each precision (`novelty uncertainty --precision`), its rate and
+speed-up over fp32, and how far its scores move from fp32's (largest and mean |d|, rank
+correlation). fp16 runs on CUDA only.
 """
 from __future__ import annotations
 
@@ -78,9 +83,10 @@ class SmallDetector(nn.Module):
 
 
 def run(model, images: torch.Tensor, batch: int, passes: int, max_batch: int | None, device: str,
-        share: bool = True) -> np.ndarray:
+        share: bool = True, precision: str = "fp32") -> np.ndarray:
     batches = [(list(range(i, min(i + batch, len(images)))), images[i:i + batch]) for i in range(0, len(images), batch)]
-    cfg = UncertaintyCfg(kind="detection", passes=passes, device=device, max_batch=max_batch, share_trunk=share)
+    cfg = UncertaintyCfg(kind="detection", passes=passes, device=device, max_batch=max_batch, share_trunk=share,
+                         precision=precision)
     return np.array([r.score for r in score_batches(model, batches, cfg)])
 
 
@@ -93,6 +99,8 @@ def main() -> None:
     ap.add_argument("--passes", type=int, nargs="+", default=[5, 10, 20])
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"],
+                    help="more than fp32: also a table of the default way at each precision")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,6 +138,40 @@ def bench(model, size: int, args, device: str, dev: str) -> None:
         diff = max(np.abs(scores[m] - scores["batched"]).max() for m in modes)
         print(f"| {T} | " + " | ".join(f"{best[m]:.1f}" for m in modes)
               + f" | {best['auto'] / best['auto, unshared']:.2f}x | {diff:.1e} |")
+    if [p for p in args.precision if p != "fp32"]:
+        precisions(model, images, B, args, device)
+
+
+def timed(fn, repeat: int, device: str):
+    """-> (the best seconds of `repeat` calls, the last call's result)."""
+    times = []
+    for _ in range(repeat):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return min(times), out
+
+
+def precisions(model, images: torch.Tensor, B: int, args, device: str) -> None:
+    rank = lambda v: np.argsort(np.argsort(v, kind="stable"), kind="stable")  # noqa: E731
+    print(f"\nThe default way (auto, trunk shared) at each precision, n={len(images)}:")
+    print("| T | precision | images/s | vs fp32 | max abs diff | mean abs diff | mean score | rank corr. with fp32 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for T in args.passes:
+        ref = None
+        for p in ["fp32", *[p for p in args.precision if p != "fp32"]]:
+            run(model, images[:B], B, 2, None, device, True, p)  # warm up the kernels of this dtype
+            sec, s = timed(lambda: run(model, images, B, T, None, device, True, p), args.repeat, device)
+            if ref is None:
+                ref = (sec, s)
+            d = np.abs(s - ref[1])
+            corr = np.corrcoef(rank(s), rank(ref[1]))[0, 1] if np.ptp(s) and np.ptp(ref[1]) else float("nan")
+            print(f"| {T} | {p} | {len(images) / sec:.1f} | {ref[0] / sec:.2f}x | {d.max():.1e} | {d.mean():.1e} | "
+                  f"{s.mean():.3f} | {corr:.4f} |")
 
 
 if __name__ == "__main__":

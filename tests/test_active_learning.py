@@ -81,6 +81,11 @@ def test_quick_run_end_to_end(tmp_path):
     for line in table:
         cells = [float(c.split("±")[0]) for c in line.strip("|").split("|")[1:]]
         assert -1 <= cells[0] <= 1 and -1 <= cells[1] <= 1 and 0 <= cells[2] <= 1 and 0 <= cells[3] <= 1
+    import re
+
+    (bf16,) = [line for line in diag.splitlines() if line.startswith("The default score with the passes in bf16")]
+    corr = float(re.search(r"rank correlation (-?[\d.]+)", bf16).group(1))
+    assert -1 <= corr <= 1 and "s in fp32 and" in bf16
 
     # training noise: the labeled sets are read back from each run's catalog, then retrained
     from _al_retrain import labeled_sets
@@ -127,6 +132,7 @@ def test_labeled_sets_split_by_round(tmp_path):
 def test_retrain_arguments_are_checked():
     al = load_benchmark()
     for argv, msg in ((["--retrain-rounds", "1"], "only go with --retrain"), (["--retrain-steps", "10"], "only go with --retrain"),
+                      (["--retrain-precision", "fp32"], "only go with --retrain"),
                       (["--retrain", "0"], "at least 1"), (["--retrain", "1", "--retrain-steps", "0"], "at least 1"),
                       (["--retrain", "1", "--retrain-rounds", "2"], r"rounds are 1\.\.1")):
         with pytest.raises(SystemExit, match=msg):
@@ -144,3 +150,23 @@ def test_labels_to_reach_interpolates():
     assert labels_to_reach(labels, np.array([0.2, 0.4, 0.6]), 0.1) == 300.0
     assert labels_to_reach(labels, np.array([0.2, 0.4, 0.45]), 0.5) is None
     assert al.STRATEGIES[-1] == "hybrid"
+
+
+def test_variant_neighbourhoods_match_brute_force():
+    """_al_variants' block-wise k-nearest helpers against a sort of the full similarity matrix."""
+    import numpy as np
+
+    load_benchmark()  # puts benchmarks/ on sys.path
+    from _al_variants import knn_mean, typicality
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 8))
+    X = (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float16)
+    v = rng.random(300)
+    Xf = X.astype(np.float32)
+    S = Xf @ Xf.T
+    order = np.argsort(-np.where(np.eye(300, dtype=bool), np.inf, S), axis=1, kind="stable")  # itself first
+    for k in (1, 7, 40):
+        np.testing.assert_allclose(knn_mean(X, v, k, block=64), v[order[:, :k]].mean(1), rtol=1e-12)
+    dist = np.sqrt(np.maximum(2 - 2 * np.take_along_axis(S, order[:, 1:21], 1), 0)).mean(1)  # 20 others
+    np.testing.assert_allclose(typicality(X, 20, block=64), (1 / dist) / (1 / dist).max(), rtol=1e-5)
