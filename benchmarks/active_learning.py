@@ -31,7 +31,7 @@ on the random ViT by +0.04 mean mIoU over rounds (benchmarks/RESULTS.md). The im
 
 Precision (--precision): bf16 (default since session 6) trains the U-Net and runs the
 MC-dropout passes (`uncertainty --precision bf16`) under torch.autocast(bfloat16), 1.4x
-and 2.5x faster on this CPU; fixed labeled sets score the same as in fp32. fp32 reaches
+and 1.9x faster on this CPU; fixed labeled sets score the same as in fp32. fp32 reaches
 the runs cached before (benchmarks/RESULTS.md, *bf16*).
 
 Seeds change everything: the data, the model's initialisation, the random picks.
@@ -93,7 +93,7 @@ class BenchCfg:
     top_percent: float = TOP_PERCENT  # uncertainty --top-percent: image score = mean BALD of this % most uncertain pixels
     embedding: str = "model"  # model: the current model's features, imported each round | clip: build-index, once
     # bf16 since session 6: training steps and MC-dropout passes under torch.autocast(bfloat16),
-    # 1.4x and 2.5x faster on this CPU (AVX512-BF16); fixed labeled sets score the same as in
+    # 1.4x and 1.9x faster on this CPU (AVX512-BF16); fixed labeled sets score the same as in
     # fp32 (RESULTS.md, *bf16*). Test mIoU and the embedded features are computed in fp32.
     precision: str = "bf16"
 
