@@ -18,8 +18,8 @@ and segmentation logits ([T*B, C, H, W] or a dict with 'out') come back in row o
 Shared trunk. By default (``share_trunk``) the largest sub-modules that no dropout
 layer touches (a backbone, an encoder) run once per image rather than once per pass,
 and their output is repeated for the passes (trunk.py); the scores are the same up to
-float rounding. At T = 10 this made a small CPU detector 3.3x faster
-(benchmarks/uncertainty_throughput.py).
+float rounding. At T = 10 this made a small CPU detector 2.4x faster, box matching
+included (benchmarks/uncertainty_throughput.py).
 
 Seeding. The mask of pass t at the l-th dropout layer (``model.modules()`` order) is
 drawn from a generator on the input's device seeded with ``SeedSequence([seed, l, t])``,
