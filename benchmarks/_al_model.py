@@ -62,6 +62,8 @@ def train(images: np.ndarray, masks: np.ndarray, steps: int, seed: int, batch: i
     channels_last: about 1.5x faster on a CPU for these small convolutions. precision bf16:
     the forward under torch.autocast(bfloat16), the loss in fp32; 1.4x faster on a CPU with
     AVX512-BF16, and fixed labeled sets score the same (RESULTS.md, *bf16*)."""
+    from novelty.uncertainty.runner import autocast  # the passes' autocast: one meaning of "precision"
+
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     x, y = to_tensor(images).contiguous(memory_format=torch.channels_last), torch.from_numpy(masks.astype(np.int64))
@@ -76,7 +78,7 @@ def train(images: np.ndarray, masks: np.ndarray, steps: int, seed: int, batch: i
             xb, yb = xb.flip(-1), yb.flip(-1)
         if torch.rand(1, generator=g).item() < 0.5:
             xb, yb = xb.flip(-2), yb.flip(-2)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(precision, x.device):
             logits = model(xb)
         loss = F.cross_entropy(logits.float(), yb)
         opt.zero_grad(set_to_none=True)

@@ -101,17 +101,15 @@ class BenchCfg:
         """Hash of the config; data_only: of what a seed's rounds depend on (the work dir,
         shared by any set of seeds: each seed has its own folder in it)."""
         d = asdict(self)
+        if d["precision"] == "fp32":
+            d.pop("precision")  # fp32 work dirs and results keep the names they had before the option
         if data_only:
-            d = {k: d[k] for k in ("data", "rounds", "budget", "steps", "passes", "precision")}
-            if d["precision"] == "fp32":
-                d.pop("precision")  # the work dirs of fp32 runs keep the names they had before the option
+            d = {k: d[k] for k in ("data", "rounds", "budget", "steps", "passes", "precision") if k in d}
         else:
             if d["embedding"] == "clip":
                 d.pop("embedding")  # hashes as before the option existed (clip was the default)
             if d["top_percent"] == TOP_PERCENT:
                 d.pop("top_percent")
-            if d["precision"] == "fp32":
-                d.pop("precision")
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 

@@ -143,16 +143,8 @@ def bench(model, size: int, args, device: str, dev: str) -> None:
         best, scores = {}, {}
         for name, (mb, share) in modes.items():
             mb = T * B if mb == "T*B" else B if mb == "B" else mb
-            times = []
-            for _ in range(args.repeat):
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                scores[name] = run(model, images, B, T, mb, device, share)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-            best[name] = args.n / min(times)
+            sec, scores[name] = timed(lambda: run(model, images, B, T, mb, device, share), args.repeat, device)
+            best[name] = args.n / sec
         diff = max(np.abs(scores[m] - scores["batched"]).max() for m in modes)
         print(f"| {T} | " + " | ".join(f"{best[m]:.1f}" for m in modes)
               + f" | {best['auto'] / best['auto, unshared']:.2f}x | {diff:.1e} |")

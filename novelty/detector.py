@@ -100,9 +100,9 @@ def score_index(root: Path, cfg: DetectorCfg, progress_factory: Callable[[int], 
                           share_trunk=cfg.share_trunk, precision=cfg.precision,
                           detection=DetectionCfg(aggregation=cfg.aggregation, topk=cfg.topk, score_thresh=cfg.score_thresh),
                           segmentation=SegmentationCfg(top_percent=cfg.top_percent))
-    from .uncertainty.runner import autocast, resolve_device
+    from .uncertainty.runner import autocast_dtype, resolve_device
 
-    autocast(ucfg.precision, resolve_device(ucfg.device))  # fp16 on a CPU fails here, before a run is started
+    autocast_dtype(ucfg.precision, resolve_device(ucfg.device))  # fp16 on a CPU fails here, before a run is started
     t0 = time.monotonic()
     with open_store(root, writable=True) as store:
         rows = store.db.execute("SELECT id, path FROM images WHERE split=? AND status='embedded' ORDER BY id", (cfg.split,)).fetchall()

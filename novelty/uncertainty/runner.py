@@ -14,6 +14,7 @@ fail the same way.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,16 +88,19 @@ def resolve_device(device: str) -> torch.device:
         raise ConfigError(f"unknown device {device!r}") from e
 
 
-def autocast(precision: str, device: torch.device):
-    """The context the passes run in: torch.autocast for bf16/fp16, nothing for fp32."""
-    import contextlib
-
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype the passes run in on `device` (None: fp32, no autocast); ConfigError
+    for a precision the device cannot run."""
     dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
     if dtype is torch.float16 and device.type != "cuda":
         raise ConfigError(f"precision fp16 runs on CUDA only, not on {device}; use bf16 on a CPU")
-    return torch.autocast(device.type, dtype=dtype)
+    return dtype
+
+
+def autocast(precision: str, device: torch.device):
+    """The context the passes run in: torch.autocast for bf16/fp16, nothing for fp32."""
+    dtype = autocast_dtype(precision, device)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def auto_rows(images, device: torch.device) -> int | None:
@@ -180,7 +184,7 @@ def score_batches(model: nn.Module, batches: Iterable[tuple[Sequence[Hashable], 
     tensor [B, 3, H, W] or a list of B tensors [3, H, W]. ``progress(n)`` is called
     after each batch with its number of images."""
     device = resolve_device(cfg.device)
-    autocast(cfg.precision, device)  # a precision the device cannot run fails before any work
+    autocast_dtype(cfg.precision, device)  # a precision the device cannot run fails before any work
     prepare_model(model, cfg)
     with MCDropout(model, cfg.seed, cfg.max_batch, cfg.share_trunk) as mc:
         for keys, images in batches:
