@@ -40,6 +40,12 @@ def labels_to_reach(labels: np.ndarray, curve: np.ndarray, target: float) -> flo
     return None
 
 
+def _seed_scenes(cfg) -> str:
+    """The seed's redundancy, in the setting line; nothing for the default (drawn like the pool)."""
+    c = cfg.data.seed_copies
+    return "" if c is None else (", all distinct scenes" if c <= 1 else f", near-copies mean {c:g}")
+
+
 def _pm(m: float, s: float) -> str:
     return f"{m:.3f} ± {s:.3f}"
 
@@ -95,7 +101,7 @@ def markdown(cfg, infos: list[dict], rows: list[dict], seconds: float, command: 
            f"CPU only; {wall}; the rounds took {cpu / 60:.1f} CPU-minutes in all, i.e. "
            f"{cpu / 60 / max(1, os.cpu_count() or 1):.1f} min on {os.cpu_count()} idle cores.",
            "", f"Setting: 32 px images, 2 classes with masks, 8 domains; seed {cfg.data.n_seed} labels (domains "
-           f"{', '.join(map(str, SEED_DOMAINS))} only), pool {cfg.data.n_pool} (all domains, clusters of near-copies, "
+           f"{', '.join(map(str, SEED_DOMAINS))} only{_seed_scenes(cfg)}), pool {cfg.data.n_pool} (all domains, clusters of near-copies, "
            f"mean {cfg.data.mean_copies:g}), test {cfg.data.n_test} (all domains equally); {cfg.rounds} rounds of "
            f"{cfg.budget}; U-Net retrained from scratch for {cfg.steps} steps each round; T = {cfg.passes} MC-dropout "
            f"passes; training and passes in {cfg.precision}; hybrid with --uncertainty-weight {cfg.beta:g}; seeds {', '.join(map(str, cfg.seeds))}.", "",

@@ -34,6 +34,10 @@ MC-dropout passes (`uncertainty --precision bf16`) under torch.autocast(bfloat16
 and 1.9x faster on this CPU; fixed labeled sets score the same as in fp32. fp32 reaches
 the runs cached before (benchmarks/RESULTS.md, *bf16*).
 
+The labeled seed (--seed-copies): drawn like the pool by default, about 30 base scenes; with 1,
+300 distinct scenes, which the round-0 model learns its own domains from (RESULTS.md,
+*A seed the model learns from*).
+
 Seeds change everything: the data, the model's initialisation, the random picks.
 Seeds run in parallel processes (--jobs), one torch thread each. Per-(seed, strategy)
 results are cached under the work dir, so an interrupted run resumes.
@@ -101,6 +105,8 @@ class BenchCfg:
         """Hash of the config; data_only: of what a seed's rounds depend on (the work dir,
         shared by any set of seeds: each seed has its own folder in it)."""
         d = asdict(self)
+        if d["data"]["seed_copies"] is None:
+            d["data"].pop("seed_copies")  # work dirs and results keep the names they had before the option
         if d["precision"] == "fp32":
             d.pop("precision")  # fp32 work dirs and results keep the names they had before the option
         if data_only:
@@ -398,6 +404,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int)
     p.add_argument("--budget", type=int)
     p.add_argument("--pool", type=int)
+    p.add_argument("--seed-copies", type=float, metavar="C",
+                   help="mean near-copies per base scene in the labeled seed (default: the pool's 10); 1: 300 distinct "
+                        "scenes, a seed the round-0 model learns its domains from")
     p.add_argument("--steps", type=int)
     p.add_argument("--beta", type=float, help="--uncertainty-weight for hybrid")
     p.add_argument("--top-percent", type=float, help="uncertainty --top-percent (default 5: mean BALD of the 5%% most "
@@ -438,7 +447,10 @@ def main(argv=None) -> dict:
                               ("embedding", a.embedding), ("precision", a.precision),
                               ("seeds", tuple(a.seeds) if a.seeds else None),
                               ("strategies", tuple(a.strategies) if a.strategies else None)) if v is not None}
-    cfg = replace(cfg, **over, **({"data": replace(cfg.data, n_pool=a.pool)} if a.pool else {}))
+    data = {k: v for k, v in (("n_pool", a.pool), ("seed_copies", a.seed_copies)) if v is not None}
+    if a.seed_copies is not None and a.seed_copies < 1:
+        raise SystemExit("--seed-copies must be at least 1")
+    cfg = replace(cfg, **over, **({"data": replace(cfg.data, **data)} if data else {}))
     work = a.work or HERE / "_work" / "al" / cfg.key(data_only=True)
     if a.diagnose:
         import torch
