@@ -54,6 +54,7 @@ def mc_probs(model, images: np.ndarray, passes: int, seed: int = 0, batch: int =
 
 def diagnose(work: Path, passes: int, top_n: int = 750) -> str:
     import torch
+    from _al_data import SEED_DOMAINS
     from _al_model import image_errors, load
     from active_learning import _auroc, _spearman
 
@@ -73,7 +74,7 @@ def diagnose(work: Path, passes: int, top_n: int = 750) -> str:
         t1 = time.perf_counter()
         pred = P.mean(0).argmax(1).numpy()
         err = image_errors(pred, M)
-        novel = ~np.isin(dom, (0, 1))
+        novel = ~np.isin(dom, SEED_DOMAINS)
         novel_share.append(novel.mean())
         ent, mi = pixel_maps(P)  # [n, S, S] each
         maps = {"bald": mi, "entropy": ent}

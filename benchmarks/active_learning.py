@@ -67,7 +67,7 @@ import numpy as np  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-from _al_data import DataCfg, make_data, write_pngs  # noqa: E402
+from _al_data import SEED_DOMAINS, DataCfg, make_data, write_pngs  # noqa: E402
 from _al_variants import VARIANTS  # noqa: E402
 
 STRATEGIES = ("random", "novelty", "kcenter", "uncertainty", "hybrid")
@@ -287,7 +287,7 @@ def analyse_round0(sw: Path, data: dict, model) -> dict:
         u = np.array([v for _, v in rows], np.float64)
         pred = predict(model, data["pool"].images[idx])
         err = image_errors(pred, data["pool"].masks[idx])
-        novel = ~np.isin(data["pool"].domain[idx], (0, 1))
+        novel = ~np.isin(data["pool"].domain[idx], SEED_DOMAINS)
         out["u_spearman_error"] = _spearman(u, err)
         out["u_auroc_novel_domain"] = _auroc(u, novel)
         out["u_mean_seed_domains"], out["u_mean_novel_domains"] = float(u[~novel].mean()), float(u[novel].mean())
