@@ -407,6 +407,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed-copies", type=float, metavar="C",
                    help="mean near-copies per base scene in the labeled seed (default: the pool's 10); 1: 300 distinct "
                         "scenes, a seed the round-0 model learns its domains from")
+    p.add_argument("--pool-copies", type=float, metavar="C",
+                   help="mean near-copies per base scene in the pool (default 10: about 600 scenes in 6000 images, "
+                        "and 750 picks reach most of them); only the pool: the seed keeps its own (10, or --seed-copies)")
     p.add_argument("--steps", type=int)
     p.add_argument("--beta", type=float, help="--uncertainty-weight for hybrid")
     p.add_argument("--top-percent", type=float, help="uncertainty --top-percent (default 5: mean BALD of the 5%% most "
@@ -438,10 +441,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> dict:
-    from _al_report import report
-
-    a = parse_args(argv)
+def config(a: argparse.Namespace) -> BenchCfg:
+    """The run's config from the parsed arguments; a bad value exits with a one-line message."""
     cfg = QUICK if a.quick else BenchCfg()
     over = {k: v for k, v in (("rounds", a.rounds), ("budget", a.budget), ("steps", a.steps), ("beta", a.beta), ("top_percent", a.top_percent),
                               ("embedding", a.embedding), ("precision", a.precision),
@@ -450,7 +451,20 @@ def main(argv=None) -> dict:
     data = {k: v for k, v in (("n_pool", a.pool), ("seed_copies", a.seed_copies)) if v is not None}
     if a.seed_copies is not None and a.seed_copies < 1:
         raise SystemExit("--seed-copies must be at least 1")
+    if a.pool_copies is not None:
+        if a.pool_copies < 1:
+            raise SystemExit("--pool-copies must be at least 1")
+        # mean_copies is the pool's and, unless --seed-copies says otherwise, the seed's: pin the seed's
+        data = {**data, "mean_copies": a.pool_copies, "seed_copies": data.get("seed_copies", cfg.data.mean_copies)}
     cfg = replace(cfg, **over, **({"data": replace(cfg.data, **data)} if data else {}))
+    return cfg
+
+
+def main(argv=None) -> dict:
+    from _al_report import report
+
+    a = parse_args(argv)
+    cfg = config(a)
     work = a.work or HERE / "_work" / "al" / cfg.key(data_only=True)
     if a.diagnose:
         import torch

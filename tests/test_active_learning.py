@@ -196,3 +196,29 @@ def test_seed_copies_gives_a_seed_of_distinct_scenes():
     assert cfg.key(data_only=True) == "b3c0a1a02d" and replace(cfg, precision="fp32").key(data_only=True) == "e3338c0fd6"
     with pytest.raises(SystemExit, match="at least 1"):
         al.main(["--quick", "--seed-copies", "0.5"])
+
+
+def test_pool_copies_changes_the_pool_not_the_seed():
+    """--pool-copies C: a pool of more distinct scenes at the same size; the seed keeps its
+    own redundancy (the default's 10, or --seed-copies), and the run has a work dir of its own."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    al = load_benchmark()
+    from _al_data import make_data
+
+    default = al.config(al.parse_args([]))
+    cfg = al.config(al.parse_args(["--pool-copies", "3"]))
+    assert cfg.data.mean_copies == 3 and cfg.data.seed_copies == default.data.mean_copies
+    assert cfg.key(data_only=True) != default.key(data_only=True)
+    both = al.config(al.parse_args(["--pool-copies", "3", "--seed-copies", "1"]))
+    assert both.data.mean_copies == 3 and both.data.seed_copies == 1
+    small = lambda c: make_data(replace(c.data, n_seed=200, n_pool=600, n_test=40))  # noqa: E731
+    base, less = small(default), small(cfg)
+    scenes = lambda split: len(np.unique(split.cluster))  # noqa: E731
+    assert scenes(less["pool"]) > 2 * scenes(base["pool"])  # mean 3 near-copies against 10
+    assert len(less["pool"].images) == len(base["pool"].images) == 600
+    assert scenes(less["seed"]) < 200 / 4  # the seed is still drawn with mean 10 near-copies
+    with pytest.raises(SystemExit, match="at least 1"):
+        al.main(["--quick", "--pool-copies", "0.5"])
