@@ -214,9 +214,13 @@ def test_pool_copies_changes_the_pool_not_the_seed():
     assert cfg.key(data_only=True) != default.key(data_only=True)
     both = al.config(al.parse_args(["--pool-copies", "3", "--seed-copies", "1"]))
     assert both.data.mean_copies == 3 and both.data.seed_copies == 1
-    small = lambda c: make_data(replace(c.data, n_seed=200, n_pool=600, n_test=40))  # noqa: E731
+    def small(c):
+        return make_data(replace(c.data, n_seed=200, n_pool=600, n_test=40))
+
+    def scenes(split):
+        return len(np.unique(split.cluster))
+
     base, less = small(default), small(cfg)
-    scenes = lambda split: len(np.unique(split.cluster))  # noqa: E731
     assert scenes(less["pool"]) > 2 * scenes(base["pool"])  # mean 3 near-copies against 10
     assert len(less["pool"].images) == len(base["pool"].images) == 600
     assert scenes(less["seed"]) < 200 / 4  # the seed is still drawn with mean 10 near-copies
