@@ -105,7 +105,7 @@ class BenchCfg:
         """Hash of the config; data_only: of what a seed's rounds depend on (the work dir,
         shared by any set of seeds: each seed has its own folder in it)."""
         d = asdict(self)
-        if d["data"]["seed_copies"] is None:
+        if d["data"]["seed_copies"] in (None, d["data"]["mean_copies"]):  # the seed drawn like the pool:
             d["data"].pop("seed_copies")  # work dirs and results keep the names they had before the option
         if d["precision"] == "fp32":
             d.pop("precision")  # fp32 work dirs and results keep the names they had before the option

@@ -212,6 +212,9 @@ def test_pool_copies_changes_the_pool_not_the_seed():
     cfg = al.config(al.parse_args(["--pool-copies", "3"]))
     assert cfg.data.mean_copies == 3 and cfg.data.seed_copies == default.data.mean_copies
     assert cfg.key(data_only=True) != default.key(data_only=True)
+    # the same data as the default, so the same work dir: nothing is computed twice
+    assert al.config(al.parse_args(["--pool-copies", "10"])).key() == default.key()
+    assert al.config(al.parse_args(["--seed-copies", "10"])).key(data_only=True) == default.key(data_only=True)
     both = al.config(al.parse_args(["--pool-copies", "3", "--seed-copies", "1"]))
     assert both.data.mean_copies == 3 and both.data.seed_copies == 1
     def small(c):
