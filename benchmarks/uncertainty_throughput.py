@@ -45,6 +45,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from novelty.uncertainty import UncertaintyCfg, score_batches  # noqa: E402
+from novelty.uncertainty.runner import PRECISIONS  # noqa: E402
 
 
 def conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -116,7 +117,7 @@ def main() -> None:
     ap.add_argument("--passes", type=int, nargs="+", default=[5, 10, 20])
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"],
+    ap.add_argument("--precision", nargs="+", default=["fp32"], choices=list(PRECISIONS),
                     help="more than fp32: also a table of the default way at each precision")
     args = ap.parse_args()
     if args.threads:
