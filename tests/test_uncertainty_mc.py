@@ -528,6 +528,16 @@ def test_cfg_validation():
         UncertaintyCfg(kind="keypoints")
 
 
+def test_cli_choices_are_the_runners():
+    """The CLI spells its --precision and --kind choices out (importing the runner
+    would load torch at start-up); they must stay the runner's."""
+    from novelty import cli
+    from novelty.uncertainty import runner
+
+    assert [p.value for p in cli.Precision] == list(runner.PRECISIONS)
+    assert [k.value for k in cli.Kind] == list(runner.KINDS)
+
+
 # -- model specs -------------------------------------------------------------------------
 def test_load_module_spec():
     model, pre = load_model_spec("tests._tiny_models:make_detector")
