@@ -180,14 +180,18 @@ def import_embeddings(
     vectors_file: Annotated[Path, typer.Argument(metavar="VECTORS.npy", exists=True, dir_okay=False, help="float array [n, d].")],
     ids: Annotated[Path, typer.Option("--ids", exists=True, dir_okay=False, help="One id per line, in row order.")],
     split: Annotated[Split, typer.Option(help="Which split the vectors belong to.")],
+    paths: Annotated[bool, typer.Option("--paths", help="The ids are image paths: store them as paths, so uncertainty, report and mark-labeled by path can open the images.")] = False,
     index: IndexOpt = DEFAULT_INDEX,
     model: Annotated[str, typer.Option(help="A name for the model that made these vectors.")] = "imported",
 ):
     """Add vectors computed elsewhere (e.g. the detector's backbone). Rows are L2-normalised."""
     from .importer import import_embeddings as run
 
-    n = run(index, vectors_file, ids, split.value, model)
-    typer.echo(f"imported {n} vectors into {index} as {split.value}")
+    r = run(index, vectors_file, ids, split.value, model, paths=paths)
+    if r.missing:
+        err(f"warning: {len(r.missing)} of {r.n} image files do not exist now, e.g. {r.missing[0]}; "
+            "uncertainty and report will record them as missing")
+    typer.echo(f"imported {r.n} vectors into {index} as {split.value}" + (" under their image paths" if paths else ""))
 
 
 @command

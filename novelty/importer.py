@@ -1,10 +1,14 @@
 """import-embeddings: vectors computed elsewhere (e.g. the detector's own backbone)
-enter the index under their own ids. Rows are checked (finite, non-zero) and
-L2-normalised block by block; the import is all or nothing."""
+enter the index under their own ids, or under the paths of their images (`paths=True`),
+so that `uncertainty`, `report` and `mark-labeled` by path work on them as on
+`build-index`'s images. Rows are checked (finite, non-zero) and L2-normalised block by
+block; the import is all or nothing."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -55,19 +59,56 @@ def normalised_blocks(X: np.ndarray, block: int = BLOCK) -> Iterator[np.ndarray]
         yield B / norms
 
 
-def import_embeddings(root: Path, vectors_file: Path, ids_file: Path, split: str, model: str = "imported") -> int:
+@dataclass
+class Imported:
+    n: int
+    missing: list[str] = field(default_factory=list)  # paths=True: image files that do not exist now
+
+
+def image_paths(keys: list[str], source: Path) -> tuple[list[str], list[tuple[int, float] | None], list[str]]:
+    """Lines of an ids file read as image paths: absolute paths (relative ones against the
+    current directory, as every command resolves them), (size, mtime) of each file or
+    None, and the paths that do not exist. Two lines naming one file, or a file where
+    none exists (a list written for another directory), are refused."""
+    paths = [os.path.abspath(os.path.expanduser(k)) for k in keys]
+    seen: dict[str, str] = {}
+    for k, p in zip(keys, paths):
+        if p in seen:
+            raise InputError(f"{seen[p]!r} and {k!r} in {source} are the same file {p}")
+        seen[p] = k
+    stats: list[tuple[int, float] | None] = []
+    missing: list[str] = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            stats.append((st.st_size, st.st_mtime))
+        except OSError:
+            stats.append(None)
+            missing.append(p)
+    if missing and len(missing) == len(paths):
+        raise InputError(f"none of the {len(paths)} paths in {source} is a file here, e.g. {paths[0]}; "
+                         f"relative paths are read against the current directory")
+    return paths, stats, missing
+
+
+def import_embeddings(root: Path, vectors_file: Path, ids_file: Path, split: str, model: str = "imported",
+                      paths: bool = False) -> Imported:
     X = load_vectors(vectors_file)
     ids = read_ids(ids_file)
     if len(ids) != len(X):
         raise InputError(f"{ids_file} has {len(ids)} ids but {vectors_file} has {len(X)} rows")
     if not ids:
         raise InputError(f"{vectors_file} holds no vectors")
+    files, missing = None, []
+    if paths:
+        ids, files, missing = image_paths(ids, ids_file)
     with create_store(root) as store:
         store.check_encoder({"kind": "imported", "model": model, "pretrained": None}, int(X.shape[1]))
-        run = store.start_run("import", {"vectors": str(vectors_file), "ids": str(ids_file), "split": split, "model": model})
-        n = store.add_imported(ids, normalised_blocks(X), split)
+        run = store.start_run("import", {"vectors": str(vectors_file), "ids": str(ids_file), "split": split, "model": model,
+                                         "paths": paths})
+        n = store.add_imported(ids, normalised_blocks(X), split, files)
         from . import vectors
 
         vectors.build(store)
-        store.finish_run(run, {"imported": n})
-    return n
+        store.finish_run(run, {"imported": n, "missing_files": len(missing)})
+    return Imported(n, missing)

@@ -345,17 +345,21 @@ class Store:
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
-    def add_imported(self, ext_ids: Sequence[str], blocks: Iterable[np.ndarray], split: str) -> int:
-        """Add vectors computed elsewhere under their own ids, all or nothing.
+    def add_imported(self, keys: Sequence[str], blocks: Iterable[np.ndarray], split: str,
+                     files: Sequence[tuple[int, float] | None] | None = None) -> int:
+        """Add vectors computed elsewhere under their own ids (`keys`), all or nothing.
 
-        `blocks` yields unit-norm [b, d] arrays whose rows follow `ext_ids`; each becomes
+        `blocks` yields unit-norm [b, d] arrays whose rows follow `keys`; each becomes
         a shard, and one transaction commits them all. An exception from `blocks` (a
-        validation error) removes what was written and adds nothing."""
+        validation error) removes what was written and adds nothing. With `files` (one
+        (size, mtime) or None per key), the keys are absolute image paths and are stored
+        as paths, so `uncertainty`, `report` and path look-ups can open the images."""
         if split not in SPLITS:
             raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        clash = self._existing_ext_ids(ext_ids)
+        column = "ext_id" if files is None else "path"
+        clash = self._existing_keys(column, keys)
         if clash:
-            raise InputError(f"{len(clash)} id(s) already in the index, e.g. {clash[0]!r}")
+            raise InputError(f"{len(clash)} {'id' if files is None else 'path'}(s) already in the index, e.g. {clash[0]!r}")
         written: list[tuple[str, int, int]] = []  # (name, n, dim)
         try:
             for block in blocks:
@@ -366,23 +370,25 @@ class Store:
             for name, _, _ in written:
                 (self.root / SHARDS / f"{name}.npy").unlink(missing_ok=True)
             raise
-        assert sum(n for _, n, _ in written) == len(ext_ids)
+        assert sum(n for _, n, _ in written) == len(keys)
+        stats = files if files is not None else [None] * len(keys)
         now = time.time()
         with self.transaction() as db:
             db.executemany("INSERT INTO shards(name, n, dim, created) VALUES (?,?,?,?)", ((w[0], w[1], w[2], now) for w in written))
             rows = ((name, r) for name, n, _ in written for r in range(n))
             db.executemany(
-                "INSERT INTO images(ext_id, split, status, shard, row, added) VALUES (?,?,'embedded',?,?,?)",
-                ((e, split, name, r, now) for e, (name, r) in zip(ext_ids, rows)),
+                f"INSERT INTO images({column}, split, size, mtime, status, shard, row, added) VALUES (?,?,?,?,'embedded',?,?,?)",
+                ((e, split, *(st or (None, None)), name, r, now) for e, st, (name, r) in zip(keys, stats, rows)),
             )
             self._bump_version()
-        return len(ext_ids)
+        return len(keys)
 
-    def _existing_ext_ids(self, ext_ids: Sequence[str]) -> list[str]:
+    def _existing_keys(self, column: str, keys: Sequence[str]) -> list[str]:
+        assert column in ("ext_id", "path")
         found: list[str] = []
-        for start in range(0, len(ext_ids), 500):
-            chunk = list(ext_ids[start:start + 500])
-            q = f"SELECT ext_id FROM images WHERE ext_id IN ({','.join('?' * len(chunk))})"
+        for start in range(0, len(keys), 500):
+            chunk = list(keys[start:start + 500])
+            q = f"SELECT {column} FROM images WHERE {column} IN ({','.join('?' * len(chunk))})"
             found += [e for (e,) in self.db.execute(q, chunk)]
         return found
 

@@ -150,3 +150,117 @@ def test_bad_uncertainty_arguments(index, args, message):
     r = run("uncertainty", "--index", index, "--image-size", 32, "--workers", 0, *args)
     assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+def _backbone_features(paths) -> np.ndarray:
+    """The tiny detector's own backbone, mean-pooled: the vectors a user would export
+    from their detector to index with (no CLIP involved)."""
+    import torch
+    from PIL import Image
+
+    from tests._tiny_models import SIZE, make_detector
+
+    model = make_detector().eval()
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((SIZE, SIZE)), np.float32) / 255)
+                     .permute(2, 0, 1) for p in paths])
+    with torch.no_grad():
+        return model.backbone(x).mean((2, 3)).numpy()
+
+
+def _decodable(folder) -> list:
+    from PIL import Image
+
+    out = []
+    for p in sorted(folder.iterdir()):
+        try:
+            with Image.open(p) as im:
+                im.load()
+            out.append(p)
+        except Exception:  # the sample's broken files: a user has no vectors for them either
+            pass
+    return out
+
+
+def test_detector_features_imported_under_paths(tmp_path, sample_dir, monkeypatch):
+    """import-embeddings --paths: the detector's own features index the images, and every
+    command that opens an image (uncertainty, report, mark-labeled and neighbors by path) works."""
+    idx = tmp_path / "idx"
+    for split in ("labeled", "unlabeled"):
+        files = _decodable(sample_dir / split)
+        np.save(tmp_path / f"{split}.npy", _backbone_features(files))
+        # relative paths, read against the current directory like every other path
+        (tmp_path / f"{split}.txt").write_text("\n".join(f"{split}/{p.name}" for p in files))
+        monkeypatch.chdir(sample_dir)
+        r = run("import-embeddings", tmp_path / f"{split}.npy", "--ids", tmp_path / f"{split}.txt", "--split", split,
+                "--paths", "--index", idx, "--model", "tiny-detector-backbone")
+        assert r.exit_code == 0, r.output
+        assert f"imported {len(files)} vectors" in r.output and "under their image paths" in r.output
+    monkeypatch.chdir(tmp_path)
+    n_pool = len(_decodable(sample_dir / "unlabeled"))
+    with open_store(idx) as st:
+        ids, X = st.vectors()
+        got = {p: x for (_, p, _), x in zip((st.describe(ids)[i] for i in ids.tolist()), X)}
+    first = _decodable(sample_dir / "unlabeled")[0]
+    assert str(first) in got  # stored as an absolute path
+    ref = _backbone_features([first])[0]
+    np.testing.assert_allclose(got[str(first)].astype(np.float32), ref / np.linalg.norm(ref), atol=2e-3)
+
+    # the detector runs on the imported images: every one is scored, none skipped for lack of a file
+    r = run("uncertainty", "--detector", SPEC, "--kind", "detection", "--passes", 3, "--image-size", 32,
+            "--aggregation", "mean", "--index", idx, "--workers", 0)
+    assert r.exit_code == 0, r.output
+    assert f"{n_pool} images scored, 0 failed" in r.output
+    assert sum(v is not None for v in scores(idx).values()) == n_pool
+    r = run("select", "--budget", 5, "--index", idx, "--out", tmp_path / "sel.csv")
+    assert r.exit_code == 0 and "with hybrid" in r.output, r.output
+    rows = list(csv.DictReader(open(tmp_path / "sel.csv")))
+    assert len(rows) == 5 and all(row["path"].startswith(str(sample_dir / "unlabeled")) for row in rows)
+
+    # the report shows thumbnails, where vectors imported under ids have none
+    r = run("report", "--selection", tmp_path / "sel.csv", "--out", tmp_path / "r.html", "--index", idx)
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "r.html").read_text()
+    assert 'class="noimg"' not in page and page.count('src="data:image/jpeg;base64,') >= 5
+
+    # by path: mark-labeled and neighbors
+    (tmp_path / "done.txt").write_text("\n".join(row["path"] for row in rows[:2]))
+    r = run("mark-labeled", tmp_path / "done.txt", "--index", idx)
+    assert r.exit_code == 0, r.output
+    with open_store(idx) as st:
+        moved, _ = st.resolve([rows[0]["path"], rows[1]["path"]])
+        assert {s for _, (_, _, s) in st.describe(moved).items()} == {"labeled"}
+    r = run("neighbors", rows[2]["path"], "--k", 3, "--json", "--index", idx)
+    assert r.exit_code == 0, r.output
+    hits = json.loads(r.output)["neighbors"]
+    assert len(hits) == 3 and all(h["path"] != rows[2]["path"] for h in hits)
+
+
+def test_import_under_paths_refuses_what_it_cannot_place(tmp_path, sample_dir):
+    idx = tmp_path / "idx"
+    files = _decodable(sample_dir / "unlabeled")[:4]
+    np.save(tmp_path / "v.npy", _backbone_features(files))
+    np.save(tmp_path / "v2.npy", _backbone_features(files[:2]))
+
+    def imp(lines, vectors="v.npy"):
+        (tmp_path / "ids.txt").write_text("\n".join(map(str, lines)))
+        return run("import-embeddings", tmp_path / vectors, "--ids", tmp_path / "ids.txt", "--split", "unlabeled",
+                   "--paths", "--index", idx)
+
+    # a list written for another directory: nothing exists, one line, nothing written
+    r = imp([f"elsewhere/{p.name}" for p in files])
+    assert r.exit_code == 2 and "none of the 4 paths" in r.output and len(r.output.strip().splitlines()) == 1
+    # two spellings of one file
+    r = imp([files[0], f"{files[0].parent}/./{files[0].name}"], "v2.npy")
+    assert r.exit_code == 2 and "are the same file" in r.output
+    assert not idx.exists()  # both refused before anything was written
+    # a file that has gone since the vectors were made: imported, with a warning naming it
+    gone = tmp_path / "gone.png"
+    r = imp([*files[:3], gone])
+    assert r.exit_code == 0, r.output
+    assert "1 of 4 image files do not exist" in r.output and str(gone) in r.output
+    # the same paths again
+    r = imp(files[:2], "v2.npy")
+    assert r.exit_code == 2 and "2 path(s) already in the index" in r.output
+    with open_store(idx) as st:
+        assert st.db.execute("SELECT COUNT(*) FROM images").fetchone()[0] == 4
+        assert st.db.execute("SELECT COUNT(*) FROM images WHERE path IS NOT NULL AND size IS NULL").fetchone()[0] == 1
