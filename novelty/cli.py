@@ -180,7 +180,7 @@ def import_embeddings(
     vectors_file: Annotated[Path, typer.Argument(metavar="VECTORS.npy", exists=True, dir_okay=False, help="float array [n, d].")],
     ids: Annotated[Path, typer.Option("--ids", exists=True, dir_okay=False, help="One id per line, in row order.")],
     split: Annotated[Split, typer.Option(help="Which split the vectors belong to.")],
-    paths: Annotated[bool, typer.Option("--paths", help="The ids are image paths: store them as paths, so uncertainty, report and mark-labeled by path can open the images.")] = False,
+    paths: Annotated[bool, typer.Option("--paths", help="The ids are image paths (relative ones read against the list's folder, as build-index reads a list): stored as paths, so uncertainty, report and mark-labeled by path open the images.")] = False,
     index: IndexOpt = DEFAULT_INDEX,
     model: Annotated[str, typer.Option(help="A name for the model that made these vectors.")] = "imported",
 ):
@@ -189,8 +189,8 @@ def import_embeddings(
 
     r = run(index, vectors_file, ids, split.value, model, paths=paths)
     if r.missing:
-        err(f"warning: {len(r.missing)} of {r.n} image files do not exist now, e.g. {r.missing[0]}; "
-            "uncertainty and report will record them as missing")
+        err(f"warning: {len(r.missing)} of {r.n} paths are not image files now (gone, unreadable or a folder), "
+            f"e.g. {r.missing[0]}; uncertainty and report will record them as failed")
     typer.echo(f"imported {r.n} vectors into {index} as {split.value}" + (" under their image paths" if paths else ""))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,15 +63,21 @@ def normalised_blocks(X: np.ndarray, block: int = BLOCK) -> Iterator[np.ndarray]
 @dataclass
 class Imported:
     n: int
-    missing: list[str] = field(default_factory=list)  # paths=True: image files that do not exist now
+    missing: list[str] = field(default_factory=list)  # paths=True: paths that are not a regular file now
 
 
 def image_paths(keys: list[str], source: Path) -> tuple[list[str], list[tuple[int, float] | None], list[str]]:
-    """Lines of an ids file read as image paths: absolute paths (relative ones against the
-    current directory, as every command resolves them), (size, mtime) of each file or
-    None, and the paths that do not exist. Two lines naming one file, or a file where
-    none exists (a list written for another directory), are refused."""
-    paths = [os.path.abspath(os.path.expanduser(k)) for k in keys]
+    """Lines of an ids file read as image paths, the way build-index reads a list file:
+    relative lines against the list's folder. Returns the absolute paths, each file's
+    (size, mtime) or None, and the paths that are not a regular file now (gone,
+    unreadable, a folder). A NUL byte, two lines naming one file, or a list in which no
+    file exists (written for another folder) are refused."""
+    base = Path(source).parent
+    paths = []
+    for n, k in enumerate(keys, 1):
+        if "\0" in k:
+            raise InputError(f"path {n} in {source} holds a NUL byte")
+        paths.append(os.path.abspath(k if os.path.isabs(k) else base / k))
     seen: dict[str, str] = {}
     for k, p in zip(keys, paths):
         if p in seen:
@@ -81,13 +88,16 @@ def image_paths(keys: list[str], source: Path) -> tuple[list[str], list[tuple[in
     for p in paths:
         try:
             st = os.stat(p)
-            stats.append((st.st_size, st.st_mtime))
         except OSError:
+            st = None
+        if st is not None and stat.S_ISREG(st.st_mode):
+            stats.append((st.st_size, st.st_mtime))
+        else:
             stats.append(None)
             missing.append(p)
     if missing and len(missing) == len(paths):
-        raise InputError(f"none of the {len(paths)} paths in {source} is a file here, e.g. {paths[0]}; "
-                         f"relative paths are read against the current directory")
+        raise InputError(f"none of the {len(paths)} paths in {source} is a file, e.g. {paths[0]}; "
+                         f"relative paths are read against the list's folder {base}")
     return paths, stats, missing
 
 
@@ -99,13 +109,18 @@ def import_embeddings(root: Path, vectors_file: Path, ids_file: Path, split: str
         raise InputError(f"{ids_file} has {len(ids)} ids but {vectors_file} has {len(X)} rows")
     if not ids:
         raise InputError(f"{vectors_file} holds no vectors")
-    files, missing = None, []
+    files, missing, given = None, [], ids
     if paths:
         ids, files, missing = image_paths(ids, ids_file)
     with create_store(root) as store:
         store.check_encoder({"kind": "imported", "model": model, "pretrained": None}, int(X.shape[1]))
-        run = store.start_run("import", {"vectors": str(vectors_file), "ids": str(ids_file), "split": split, "model": model,
-                                         "paths": paths})
+        # one image, one row: a path may not also be an imported id (as given or absolute), nor the reverse
+        other = store.existing_keys("ext_id", sorted(set(given) | set(ids))) if paths else store.existing_keys("path", ids)
+        if other:
+            raise InputError(f"{len(other)} of these are already in the index as {'imported ids' if paths else 'image paths'}, "
+                             f"e.g. {other[0]!r}; nothing was imported")
+        run = store.start_run("import", {"vectors": str(Path(vectors_file).resolve()), "ids": str(Path(ids_file).resolve()),
+                                         "split": split, "model": model, "paths": paths})
         n = store.add_imported(ids, normalised_blocks(X), split, files)
         from . import vectors
 

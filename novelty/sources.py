@@ -21,6 +21,8 @@ def _record(path: str, split: str) -> ImageRecord:
         return ImageRecord(path, split, -1, 0.0, "not found")
     except OSError as e:
         return ImageRecord(path, split, -1, 0.0, f"unreadable: {type(e).__name__}: {e.strerror or e}")
+    except ValueError:  # a NUL byte in a list file's line
+        return ImageRecord(path, split, -1, 0.0, "unreadable: the path holds a NUL byte")
     if not os.path.isfile(path):
         return ImageRecord(path, split, -1, 0.0, "not a file")
     return ImageRecord(path, split, st.st_size, st.st_mtime)

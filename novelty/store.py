@@ -44,8 +44,8 @@ SPLITS = ("labeled", "unlabeled")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images(
     id      INTEGER PRIMARY KEY,
-    path    TEXT UNIQUE,          -- absolute path of an image file; NULL for imported vectors
-    ext_id  TEXT UNIQUE,          -- id of an imported vector; NULL for image files
+    path    TEXT UNIQUE,          -- absolute path of an image file; NULL for vectors imported under ids
+    ext_id  TEXT UNIQUE,          -- id of a vector imported under an id; NULL for image files (and import --paths)
     split   TEXT NOT NULL CHECK (split IN ('labeled', 'unlabeled')),
     size    INTEGER,
     mtime   REAL,
@@ -357,7 +357,7 @@ class Store:
         if split not in SPLITS:
             raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         column = "ext_id" if files is None else "path"
-        clash = self._existing_keys(column, keys)
+        clash = self.existing_keys(column, keys)
         if clash:
             raise InputError(f"{len(clash)} {'id' if files is None else 'path'}(s) already in the index, e.g. {clash[0]!r}")
         written: list[tuple[str, int, int]] = []  # (name, n, dim)
@@ -383,7 +383,8 @@ class Store:
             self._bump_version()
         return len(keys)
 
-    def _existing_keys(self, column: str, keys: Sequence[str]) -> list[str]:
+    def existing_keys(self, column: str, keys: Sequence[str]) -> list[str]:
+        """Those of `keys` that the catalog holds in `column` (ext_id or path)."""
         assert column in ("ext_id", "path")
         found: list[str] = []
         for start in range(0, len(keys), 500):

@@ -69,7 +69,7 @@ def test_growing_and_changed_files(tmp_path, sample_dir):
 def test_odd_and_broken_images_are_recorded_and_the_run_goes_on(tmp_path, odd_dir):
     folder, expected = odd_dir
     listing = tmp_path / "list.txt"
-    listing.write_text("\n".join([*(str(folder / n) for n in expected), "missing/nowhere.jpg", str(folder)]) + "\n")
+    listing.write_text("\n".join([*(str(folder / n) for n in expected), "missing/nowhere.jpg", str(folder), "nul\0byte.jpg"]) + "\n")
     idx = tmp_path / "idx"
     r = build(idx, ("unlabeled", listing))
     assert r.exit_code == 0, r.output
@@ -85,6 +85,7 @@ def test_odd_and_broken_images_are_recorded_and_the_run_goes_on(tmp_path, odd_di
             assert status in ("embedded", "failed")
     assert rows["nowhere.jpg"] == ("failed", "not found")
     assert rows[folder.name] == ("failed", "not a file")
+    assert rows["nul\0byte.jpg"] == ("failed", "unreadable: the path holds a NUL byte")
 
 
 def test_list_file_paths_are_relative_to_the_list(tmp_path, sample_dir):

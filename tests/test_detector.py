@@ -2,6 +2,7 @@
 catalog -> `select` defaults to hybrid and uses them."""
 import csv
 import json
+import os
 import sqlite3
 
 import numpy as np
@@ -185,17 +186,17 @@ def test_detector_features_imported_under_paths(tmp_path, sample_dir, monkeypatc
     """import-embeddings --paths: the detector's own features index the images, and every
     command that opens an image (uncertainty, report, mark-labeled and neighbors by path) works."""
     idx = tmp_path / "idx"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     for split in ("labeled", "unlabeled"):
         files = _decodable(sample_dir / split)
         np.save(tmp_path / f"{split}.npy", _backbone_features(files))
-        # relative paths, read against the current directory like every other path
-        (tmp_path / f"{split}.txt").write_text("\n".join(f"{split}/{p.name}" for p in files))
-        monkeypatch.chdir(sample_dir)
+        # relative paths, read against the list's folder (as build-index reads a list), not the current one
+        (tmp_path / f"{split}.txt").write_text("\n".join(os.path.relpath(p, tmp_path) for p in files))
         r = run("import-embeddings", tmp_path / f"{split}.npy", "--ids", tmp_path / f"{split}.txt", "--split", split,
                 "--paths", "--index", idx, "--model", "tiny-detector-backbone")
         assert r.exit_code == 0, r.output
         assert f"imported {len(files)} vectors" in r.output and "under their image paths" in r.output
-    monkeypatch.chdir(tmp_path)
     n_pool = len(_decodable(sample_dir / "unlabeled"))
     with open_store(idx) as st:
         ids, X = st.vectors()
@@ -246,21 +247,43 @@ def test_import_under_paths_refuses_what_it_cannot_place(tmp_path, sample_dir):
         return run("import-embeddings", tmp_path / vectors, "--ids", tmp_path / "ids.txt", "--split", "unlabeled",
                    "--paths", "--index", idx)
 
-    # a list written for another directory: nothing exists, one line, nothing written
+    # a list written for another folder: nothing exists, one line, nothing written
     r = imp([f"elsewhere/{p.name}" for p in files])
     assert r.exit_code == 2 and "none of the 4 paths" in r.output and len(r.output.strip().splitlines()) == 1
     # two spellings of one file
     r = imp([files[0], f"{files[0].parent}/./{files[0].name}"], "v2.npy")
     assert r.exit_code == 2 and "are the same file" in r.output
     assert not idx.exists()  # both refused before anything was written
-    # a file that has gone since the vectors were made: imported, with a warning naming it
+    r = imp([files[0], f"{files[1]}\0"], "v2.npy")
+    assert r.exit_code == 2 and "NUL byte" in r.output and "Traceback" not in r.output
+    assert not idx.exists()  # all three refused before anything was written
+    # a file that has gone since the vectors were made, and a folder: imported, with a warning
     gone = tmp_path / "gone.png"
-    r = imp([*files[:3], gone])
+    r = imp([*files[:2], gone, tmp_path])
     assert r.exit_code == 0, r.output
-    assert "1 of 4 image files do not exist" in r.output and str(gone) in r.output
+    assert "2 of 4 paths are not image files now" in r.output and str(gone) in r.output
     # the same paths again
     r = imp(files[:2], "v2.npy")
     assert r.exit_code == 2 and "2 path(s) already in the index" in r.output
     with open_store(idx) as st:
         assert st.db.execute("SELECT COUNT(*) FROM images").fetchone()[0] == 4
-        assert st.db.execute("SELECT COUNT(*) FROM images WHERE path IS NOT NULL AND size IS NULL").fetchone()[0] == 1
+        assert st.db.execute("SELECT COUNT(*) FROM images WHERE path IS NOT NULL AND size IS NULL").fetchone()[0] == 2
+
+
+def test_one_image_is_one_row_whether_imported_under_an_id_or_a_path(tmp_path, sample_dir):
+    idx = tmp_path / "idx"
+    f = _decodable(sample_dir / "unlabeled")[:2]
+    np.save(tmp_path / "v.npy", _backbone_features(f))
+    (tmp_path / "ids.txt").write_text("\n".join(map(str, f)))
+    base = ("import-embeddings", tmp_path / "v.npy", "--ids", tmp_path / "ids.txt", "--split", "unlabeled", "--index", idx)
+    assert run(*base).exit_code == 0  # the paths as opaque ids
+    r = run(*base, "--paths")
+    assert r.exit_code == 2 and "2 of these are already in the index as imported ids" in r.output
+    idx2 = tmp_path / "idx2"
+    base2 = ("import-embeddings", tmp_path / "v.npy", "--ids", tmp_path / "ids.txt", "--split", "unlabeled", "--index", idx2)
+    assert run(*base2, "--paths").exit_code == 0
+    r = run(*base2)
+    assert r.exit_code == 2 and "already in the index as image paths" in r.output
+    for i in (idx, idx2):
+        with open_store(i) as st:
+            assert st.db.execute("SELECT COUNT(*) FROM images").fetchone()[0] == 2
