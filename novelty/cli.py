@@ -144,7 +144,7 @@ def build_index(
     model: Annotated[str, typer.Option(help="open_clip model name, or a model config .json.")] = DEFAULT_MODEL,
     pretrained: Annotated[str, typer.Option(help="'auto' (a LAION tag), an open_clip tag, a local weights file, or 'none' (random).")] = "auto",
     device: Annotated[Device, typer.Option(help="Where the encoder runs; cuda uses half precision.")] = Device.auto,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, max=1 << 20)] = 32,
     workers: Annotated[int, typer.Option(help="Decode worker processes; -1 chooses from the device.", min=-1)] = -1,
     shard_size: Annotated[int, typer.Option(help="Images per shard (the unit of work and of loss on a crash).", min=1)] = 4096,
     retry_failed: Annotated[bool, typer.Option(help="Try images that failed before again.")] = False,
@@ -197,14 +197,17 @@ def import_embeddings(
 @command
 def sample(
     out: Annotated[Path, typer.Argument(help="Folder to write labeled/ and unlabeled/ into.", file_okay=False)],
-    n_labeled: Annotated[int, typer.Option(min=1)] = 60,
-    n_unlabeled: Annotated[int, typer.Option(min=1)] = 240,
-    seed: int = 0,
+    n_labeled: Annotated[int, typer.Option(min=1, max=100_000)] = 60,
+    n_unlabeled: Annotated[int, typer.Option(min=1, max=100_000)] = 240,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
 ):
     """Write a small generated image set (a few domains, near-copies, broken files) to try novelty on."""
     from .sample import SampleCfg, make_sample
 
-    c = make_sample(out, SampleCfg(n_labeled=n_labeled, n_unlabeled=n_unlabeled, seed=seed))
+    try:
+        c = make_sample(out, SampleCfg(n_labeled=n_labeled, n_unlabeled=n_unlabeled, seed=seed))
+    except OSError as e:
+        raise ConfigError(f"cannot write into {out}: {e.strerror or e}") from None
     typer.echo(f"wrote {c['labeled']} labeled and {c['unlabeled']} unlabeled images (+{c.get('broken', 0)} broken files) to {out}")
 
 
@@ -222,17 +225,16 @@ def select(
     index: IndexOpt = DEFAULT_INDEX,
 ):
     """Pick the images to label next and write them, best first."""
-    from .export import get_writer, write_selection
+    from .export import check_out, get_writer, write_selection
     from .selection import SelectCfg
     from .selection import select as run
 
-    get_writer(out)  # a bad extension fails before any work
+    get_writer(out)  # a bad extension or folder fails before any work
+    check_out(out)
     r = run(index, SelectCfg(budget=budget, strategy=strategy, beta=uncertainty_weight, seed=seed, radius=radius,
                              approximate=approximate, device=device.value))
     ls = write_selection(out, r.rows)
     s = r.summary
-    for w in r.warnings:
-        err(f"warning: {w}")
     typer.echo(f"selected {s['picks']} of {s['pool']} unlabeled images with {s['strategy']} (run #{r.run}) -> {out}, {ls.name}")
     typer.echo(f"  covering radius  {s['covering_radius_before']:.4f} before, {s['covering_radius_after']:.4f} after (cosine distance)")
     typer.echo(f"  redundant        {100 * s['redundant_share']:.1f}% of the pool has a labeled image within r = {s['radius']:.4f}")
@@ -356,9 +358,11 @@ def duplicates(
     index: IndexOpt = DEFAULT_INDEX,
 ):
     """Groups of near-duplicates: connected components of close pairs, found exactly, block by block (bf16 screen + float32 recheck)."""
+    from .export import check_out
     from .inspect import DEFAULT_THRESHOLD, DuplicatesCfg
     from .inspect import duplicates as run
 
+    check_out(out)
     t = DEFAULT_THRESHOLD if threshold is None else threshold
     bar = progress_bar("searching", unit="block")
     try:
@@ -381,8 +385,10 @@ def report(
     index: IndexOpt = DEFAULT_INDEX,
 ):
     """One self-contained HTML page: each pick with its scores and nearest labeled images, and plots."""
+    from .export import check_out
     from .report import ReportCfg, build_report
 
+    check_out(out)
     d = build_report(index, selection, out, ReportCfg(k=k, limit=limit))
     n = d.counts["picks"]
     part = f"; the table shows the first {limit}" if 0 < limit < n else ""
@@ -406,16 +412,19 @@ def mark_labeled(
 @command
 def export(
     out: Annotated[Path, typer.Option(help=".csv, .jsonl or .parquet; a Label Studio file is written beside it.", dir_okay=False)],
-    run: Annotated[Optional[int], typer.Option("--run", help="The select run to write (see `novelty info`).")] = None,
+    run: Annotated[Optional[int], typer.Option("--run", min=1, max=(1 << 63) - 1, help="The select run to write (see `novelty info`).")] = None,
     latest: Annotated[bool, typer.Option("--latest", help="The latest select run.")] = False,
     index: IndexOpt = DEFAULT_INDEX,
 ):
     """Write a recorded selection run again. Novelty and nearest-labeled are recomputed against the
     labeled set less the run's own picks; distance_at_pick is not stored and is left empty."""
+    from .export import check_out, get_writer
     from .labeling import export_run
 
     if (run is None) != latest:
         raise ConfigError("give --run N or --latest (one of them)")
+    get_writer(out)
+    check_out(out)
     rid, n, ls = export_run(index, run, out)
     typer.echo(f"wrote {n} picks of select run #{rid} -> {out}, {ls.name}")
 

@@ -44,6 +44,9 @@ class DetectorCfg:
     precision: str = "fp32"  # fp32 | bf16 | fp16: the passes under torch.autocast (uncertainty/runner.py)
 
 
+MAX_PASSES = 10_000
+
+
 @dataclass
 class UncertaintySummary:
     run: int
@@ -96,6 +99,10 @@ def score_index(root: Path, cfg: DetectorCfg, progress_factory: Callable[[int], 
 
     if cfg.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    if cfg.image_size is not None and cfg.image_size < 1:
+        raise ConfigError(f"--image-size must be >= 1, got {cfg.image_size}")
+    if cfg.passes > MAX_PASSES:
+        raise ConfigError(f"--passes must be at most {MAX_PASSES:,} (MC dropout settles within tens), got {cfg.passes}")
     ucfg = UncertaintyCfg(kind=cfg.kind, passes=cfg.passes, seed=cfg.seed, device=cfg.device, inject_dropout=cfg.inject_dropout,
                           share_trunk=cfg.share_trunk, precision=cfg.precision,
                           detection=DetectionCfg(aggregation=cfg.aggregation, topk=cfg.topk, score_thresh=cfg.score_thresh),

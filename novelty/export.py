@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -67,6 +68,15 @@ _FORMATS: dict[str, Callable[[Path, Rows], None]] = {".csv": write_csv, ".jsonl"
 
 def list_formats() -> list[str]:
     return list(_FORMATS)
+
+
+def check_out(path: Path) -> None:
+    """Fail before any work when `path` cannot be written: its folder must exist and be writable."""
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise ConfigError(f"cannot write {path}: {folder} is not an existing folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {path}: no permission to write in {folder}")
 
 
 def get_writer(path: Path) -> Callable[[Path, Rows], None]:

@@ -24,7 +24,7 @@ BLOCK = 65536  # rows per shard
 
 def read_ids(path: Path) -> list[str]:
     try:
-        ids = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+        ids = [line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines()]
     except UnicodeDecodeError:
         raise InputError(f"{path} is not a UTF-8 text file of ids") from None
     ids = [i for i in ids if i]
@@ -39,8 +39,11 @@ def read_ids(path: Path) -> list[str]:
 def load_vectors(path: Path) -> np.ndarray:
     try:
         X = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise InputError(f"{path} is not a .npy array: {e}") from None
+    except (ValueError, OSError, EOFError) as e:  # EOFError: an empty file
+        raise InputError(f"{path} is not a .npy array: {e or 'the file is empty'}") from None
+    if not isinstance(X, np.ndarray):  # an .npz archive
+        X.close()
+        raise InputError(f"{path} is an .npz archive, not a .npy array: save one array with np.save")
     if X.ndim != 2 or not np.issubdtype(X.dtype, np.floating):
         raise InputError(f"{path} must hold a float array [n, d], got {X.dtype} {X.shape}")
     return X

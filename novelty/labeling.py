@@ -35,7 +35,7 @@ def _rows_from_file(path: Path) -> list[dict]:
             return list(csv.DictReader(f))
     if ext == ".jsonl":
         rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -76,7 +76,7 @@ def read_list(path: Path) -> list[str]:
     if not path.is_file():
         raise InputError(f"list file {path} does not exist")
     try:
-        keys = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        keys = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
     except UnicodeDecodeError:
         raise InputError(f"list file {path} is not UTF-8 text") from None
     keys = [k for k in keys if k and not k.startswith("#")]
@@ -105,8 +105,18 @@ def resolve_keys(store: Store, keys: list[str], fallbacks: list[str | None] | No
 
 
 def selection_ids(store: Store, rows: list[dict], then: str = "") -> np.ndarray:
+    """Catalog ids of a selection file's rows. A row whose id names another image than its
+    path (a file written by another index) is refused: trusting either would move the
+    wrong image."""
     keys = [r.get("id") if r.get("id") not in (None, "") else r.get("path") for r in rows]
-    return resolve_keys(store, keys, [r.get("path") or None for r in rows], then)
+    ids = resolve_keys(store, keys, [r.get("path") or None for r in rows], then)
+    known = store.describe(ids)
+    for r, i in zip(rows, ids.tolist()):
+        given, stored = r.get("path") or None, known[i][1]
+        if given and stored and os.path.abspath(given) != stored:
+            raise InputError(f"row with id {r.get('id')!r} names {given}, but id {r.get('id')} in this index is {stored}; "
+                             f"was the file written for another index?")
+    return ids
 
 
 def match_select_run(store: Store, ids: np.ndarray) -> tuple[int | None, bool]:

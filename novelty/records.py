@@ -56,7 +56,7 @@ def read_uncertainty_csv(store: Store, path: Path) -> tuple[np.ndarray, np.ndarr
     """Parse id,uncertainty; every id must exist, every value be finite and >= 0."""
     keys, vals = [], []
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames is None or not {"id", "uncertainty"} <= set(reader.fieldnames):
                 raise InputError(f"{path} must have the columns id,uncertainty (got {reader.fieldnames})")

@@ -3,6 +3,7 @@ strategy, record the run and its picks in the catalog, and return rows to write.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,8 +57,10 @@ def pool_uncertainty(store, pool_ids: np.ndarray, warnings: list[str]) -> tuple[
 def select(root: Path, cfg: SelectCfg) -> SelectResult:
     if cfg.budget <= 0:
         raise ConfigError(f"--budget must be > 0, got {cfg.budget}")
-    if cfg.beta < 0:
-        raise ConfigError(f"--uncertainty-weight must be >= 0, got {cfg.beta}")
+    if not (math.isfinite(cfg.beta) and cfg.beta >= 0):
+        raise ConfigError(f"--uncertainty-weight must be a finite number >= 0, got {cfg.beta}")
+    if cfg.seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {cfg.seed}")
     if cfg.radius is not None and not 0 <= cfg.radius <= 2:
         raise ConfigError(f"--radius is a cosine distance in [0, 2], got {cfg.radius}")
     if cfg.strategy is not None:
@@ -123,5 +126,5 @@ def select(root: Path, cfg: SelectCfg) -> SelectResult:
         params = {**asdict(cfg), "strategy": name, "budget": budget}
         run = records.save_selection(store, params, summary, pool_ids[picks], sel.priority, sel.radius_trace)
         for w in warnings:
-            log.warning(w)
+            log.warning("warning: %s", w)  # the CLI's stderr line too
         return SelectResult(rows, summary, run, warnings)

@@ -39,7 +39,7 @@ def _walk(root: Path) -> Iterator[str]:
 def _read_list(list_file: Path) -> Iterator[str]:
     base = list_file.parent
     try:
-        with open(list_file, encoding="utf-8") as f:
+        with open(list_file, encoding="utf-8-sig") as f:
             for line in f:
                 line = line.strip()
                 if line and not line.startswith("#"):

@@ -66,6 +66,8 @@ class DetectionCfg:
     def __post_init__(self):
         if not 0.0 < self.iou_thresh <= 1.0:
             raise ConfigError(f"iou_thresh must be in (0, 1], got {self.iou_thresh}")
+        if not 0.0 <= self.score_thresh <= 1.0:  # NaN fails too
+            raise ConfigError(f"--score-thresh must be in [0, 1], got {self.score_thresh}")
         if self.class_measure not in CLASS_MEASURES:
             raise ConfigError(f"unknown class measure {self.class_measure!r}; valid: {', '.join(CLASS_MEASURES)}")
         if len(self.weights) != 3 or not all(0.0 <= w <= 1.0 for w in self.weights):

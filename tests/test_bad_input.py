@@ -1,0 +1,106 @@
+"""Bad arguments and files found by fuzzing the CLI (session 9): each is one line on
+stderr and a non-zero exit, before any work, and nothing is recorded or moved."""
+import csv
+
+import numpy as np
+import pytest
+
+from novelty.store import open_store
+from tests.conftest import TINY, run
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory, sample_dir):
+    idx = tmp_path_factory.mktemp("bad") / "idx"
+    r = run("build-index", "--index", idx, "--model", TINY, "--pretrained", "none", "--device", "cpu",
+            "--labeled", sample_dir / "labeled", "--unlabeled", sample_dir / "unlabeled")
+    assert r.exit_code == 0, r.output
+    return idx
+
+
+def runs(idx, kind="select"):
+    with open_store(idx) as st:
+        return st.db.execute("SELECT COUNT(*) FROM runs WHERE kind=?", (kind,)).fetchone()[0]
+
+
+def one_line_error(r, code, *words):
+    assert r.exit_code == code, r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    for w in words:
+        assert w in r.output, r.output
+
+
+def test_outputs_in_a_missing_folder_fail_before_any_work(index, tmp_path):
+    before = runs(index)
+    one_line_error(run("select", "--budget", 5, "--index", index, "--out", tmp_path / "nodir" / "s.csv"), 2, "not an existing folder")
+    assert runs(index) == before  # no select run recorded for a file that was never written
+    assert run("select", "--budget", 5, "--index", index, "--out", tmp_path / "s.csv").exit_code == 0
+    for args in (("duplicates", "--out", tmp_path / "nodir" / "d.csv"),
+                 ("report", "--selection", tmp_path / "s.csv", "--out", tmp_path / "nodir" / "r.html"),
+                 ("export", "--latest", "--out", tmp_path / "nodir" / "e.csv"),
+                 ("export", "--latest", "--out", tmp_path / "s.csv" / "e.csv")):
+        one_line_error(run(*args, "--index", index), 2, "cannot write")
+    one_line_error(run("sample", tmp_path / "s.csv" / "sub"), 2, "cannot write into")
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--strategy", "random", "--seed", -5), "--seed must be >= 0"),
+    (("--uncertainty-weight", "nan"), "finite"),
+    (("--uncertainty-weight", "inf"), "finite"),
+])
+def test_select_refuses_bad_numbers(index, tmp_path, args, words):
+    one_line_error(run("select", "--budget", 5, *args, "--index", index, "--out", tmp_path / "s.csv"), 2, words)
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--score-thresh", "nan"), "--score-thresh must be in [0, 1]"),
+    (("--score-thresh", -1), "--score-thresh must be in [0, 1]"),
+    (("--image-size", 0), "--image-size must be >= 1"),
+    (("--passes", 10 ** 20), "--passes must be at most"),
+])
+def test_uncertainty_refuses_bad_numbers_before_a_run(index, args, words):
+    before = runs(index, "uncertainty")
+    one_line_error(run("uncertainty", "--detector", "tests._tiny_models:make_detector", "--kind", "detection", *args,
+                       "--index", index, "--workers", 0), 2, words)
+    assert runs(index, "uncertainty") == before
+
+
+def test_npz_and_empty_vector_files(tmp_path):
+    np.savez(tmp_path / "v.npz", a=np.ones((2, 4), np.float32))
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "ids.txt").write_text("a\nb\n")
+    for f, words in (("v.npz", ".npz archive"), ("empty.npy", "not a .npy array")):
+        one_line_error(run("import-embeddings", tmp_path / f, "--ids", tmp_path / "ids.txt", "--split", "unlabeled",
+                           "--index", tmp_path / "idx"), 2, words)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_id(tmp_path):
+    X = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+    np.save(tmp_path / "v.npy", X)
+    (tmp_path / "ids.txt").write_bytes("\ufeffa\nb\nc\n".encode("utf-8"))
+    idx = tmp_path / "idx"
+    assert run("import-embeddings", tmp_path / "v.npy", "--ids", tmp_path / "ids.txt", "--split", "unlabeled", "--index", idx).exit_code == 0
+    (tmp_path / "done.txt").write_bytes("\ufeffa\n".encode("utf-8"))
+    r = run("mark-labeled", tmp_path / "done.txt", "--index", idx)
+    assert r.exit_code == 0 and "marked 1 image(s) labeled" in r.output, r.output
+    (tmp_path / "u.csv").write_bytes("\ufeffid,uncertainty\nb,0.5\nc,0.25\n".encode("utf-8"))
+    assert run("import-uncertainty", tmp_path / "u.csv", "--index", idx).exit_code == 0
+
+
+def test_a_selection_from_another_index_moves_nothing(index, tmp_path, sample_dir):
+    assert run("select", "--budget", 3, "--index", index, "--out", tmp_path / "s.csv").exit_code == 0
+    rows = list(csv.DictReader(open(tmp_path / "s.csv")))
+    # the same ids, but the paths of other images: a file written by another index
+    others = [p for p in sorted((sample_dir / "unlabeled").iterdir()) if str(p) not in {r["path"] for r in rows}]
+    with open(tmp_path / "other.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r, p in zip(rows, others):
+            w.writerow({**r, "path": str(p)})
+    with open_store(index) as st:
+        before = st.counts()["by_split_status"]
+    one_line_error(run("mark-labeled", "--selection", tmp_path / "other.csv", "--index", index), 2,
+                   "another index")
+    with open_store(index) as st:
+        assert st.counts()["by_split_status"] == before
+    assert run("mark-labeled", "--selection", tmp_path / "s.csv", "--index", index).exit_code == 0
