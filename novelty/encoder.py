@@ -3,6 +3,7 @@ weights; encode image batches and text to L2-normalised float32 vectors."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -38,11 +39,26 @@ def register_model_config(model: str) -> str:
         path = Path(model)
         if not path.is_file():
             raise ConfigError(f"model config {model} does not exist")
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:
+            raise EncoderError(f"model config {model} is not readable JSON: {e}") from None
+        if not (isinstance(cfg, dict) and {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg)):
+            raise EncoderError(f"model config {model} is not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
         from ._compat import import_open_clip
 
         import_open_clip().add_model_config(path)
         return path.stem
     return model
+
+
+def _first_line(e: BaseException) -> str:
+    """A library's exception in one line (a state_dict mismatch lists every key)."""
+    if isinstance(e, EOFError) and not str(e):
+        return "the file is empty or cut short"
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or ["(no message)"]
+    text = " ".join(lines)
+    return text if len(text) <= 240 else text[:240] + " ..."
 
 
 def _sha256(path: Path) -> str:
@@ -154,9 +170,9 @@ def create_encoder(cfg: EncoderCfg) -> Encoder:
                 f"could not fetch weights {weights!r} for {model_name} (no network?); on a machine without internet "
                 f"download open_clip_pytorch_model.bin elsewhere and pass --pretrained /path/to/it"
             ) from e
-        raise EncoderError(f"could not create {model_name} with weights {weights!r}: {e}") from e
-    except (OSError, ValueError, KeyError) as e:
-        raise EncoderError(f"could not load weights {weights!r} into {model_name}: {type(e).__name__}: {e}") from e
+        raise EncoderError(f"could not create {model_name} with weights {weights!r}: {_first_line(e)}") from e
+    except Exception as e:  # a damaged, empty or foreign weights file: pickle, safetensors, EOF, key errors
+        raise EncoderError(f"could not load weights {weights!r} into {model_name}: {type(e).__name__}: {_first_line(e)}") from e
     model.eval()
     fused = reparameterize(model)
     pcfg = model.visual.preprocess_cfg

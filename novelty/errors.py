@@ -43,6 +43,12 @@ class ModelError(NoveltyError):
     exit_code = 4
 
 
+class IndexDamagedError(NoveltyError):
+    """An index directory whose catalog, manifest, shards or FAISS file cannot be read."""
+
+    exit_code = 3
+
+
 class InputError(NoveltyError):
     """A data file (vectors, ids, scores, selection) that is malformed."""
 

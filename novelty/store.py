@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import IndexMismatchError, IndexMissingError, InputError, NoveltyError
+from .errors import IndexDamagedError, IndexMismatchError, IndexMissingError, InputError, NoveltyError
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +145,18 @@ class Store:
         if writable:
             self._acquire_lock()
         self.db = sqlite3.connect(self.root / CATALOG, timeout=60, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        if writable:
-            self.db.executescript(_SCHEMA)
-            self._remove_orphans()
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            if writable:
+                self.db.executescript(_SCHEMA)
+                self._remove_orphans()
+            else:
+                self.db.execute("SELECT 1 FROM images LIMIT 1").fetchall()
+        except sqlite3.DatabaseError as e:
+            self.close()
+            raise IndexDamagedError(f"{self.root / CATALOG} is damaged ({e}); restore it or build the index again") from None
 
     # ----------------------------------------------------------------- lifecycle
     _held: set[str] = set()  # roots this process writes: POSIX locks don't exclude the same process
@@ -207,7 +213,15 @@ class Store:
     @property
     def manifest(self) -> dict:
         path = self.root / MANIFEST
-        return json.loads(path.read_text()) if path.exists() else {}
+        if not path.exists():
+            return {}
+        try:
+            m = json.loads(path.read_text())
+        except (ValueError, OSError) as e:
+            raise IndexDamagedError(f"{path} is damaged ({e}); restore it or build the index again") from None
+        if not isinstance(m, dict):
+            raise IndexDamagedError(f"{path} is damaged (not a JSON object); restore it or build the index again")
+        return m
 
     def write_manifest(self, manifest: dict) -> None:
         atomic_write_text(self.root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
@@ -396,7 +410,11 @@ class Store:
     # ------------------------------------------------------------------- vectors
     def shard(self, name: str) -> np.ndarray:
         """A shard's vectors, memory-mapped: float16 [n, d]."""
-        return np.load(self.root / SHARDS / f"{name}.npy", mmap_mode="r")
+        path = self.root / SHARDS / f"{name}.npy"
+        try:
+            return np.load(path, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as e:
+            raise IndexDamagedError(f"shard {path} is missing or damaged ({e or 'empty'}); restore it or build the index again") from None
 
     def embedded(self, split: str | None = None, block: int = 1 << 16) -> Layout:
         """Where the vectors of embedded images are, ordered by id. `split=None` means all.
@@ -435,6 +453,9 @@ class Store:
                 raise InputError(f"id {int(np.asarray(ids)[~ok][0])} has no vector")
             all_ids, shard_idx, row = all_ids[pos], shard_idx[pos], row[pos]
         d = self.dim or 0
+        if len(all_ids) and not d:
+            raise IndexDamagedError(f"{self.root / MANIFEST} is missing or has no dim, but the catalog holds vectors; "
+                                    "restore it or build the index again")
         out = np.empty((len(all_ids), d), dtype=np.float16)  # [n, d]
         for k, name in enumerate(lay.names):
             sel = np.flatnonzero(shard_idx == k)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import IndexDamagedError
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,12 @@ def load(store: Store, gpu: bool | None = None):
             return _maybe_gpu(build(store), gpu)
         log.warning("the FAISS index is older than the catalog; searching the shards directly")
         return _maybe_gpu(_in_memory(store), gpu)
-    return _maybe_gpu(faiss.read_index(str(store.root / FAISS_FILE)), gpu)
+    try:
+        index = faiss.read_index(str(store.root / FAISS_FILE))
+    except RuntimeError as e:  # faiss raises RuntimeError on a truncated or foreign file
+        raise IndexDamagedError(f"{store.root / FAISS_FILE} is damaged ({str(e).strip().splitlines()[-1]}); delete it: "
+                                "the shards hold every vector, and the next writing command rebuilds it from them") from None
+    return _maybe_gpu(index, gpu)
 
 
 def _in_memory(store: Store):

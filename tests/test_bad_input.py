@@ -104,3 +104,57 @@ def test_a_selection_from_another_index_moves_nothing(index, tmp_path, sample_di
     with open_store(index) as st:
         assert st.counts()["by_split_status"] == before
     assert run("mark-labeled", "--selection", tmp_path / "s.csv", "--index", index).exit_code == 0
+
+
+def _damage(kind, idx):
+    shards = sorted((idx / "shards").glob("*.npy"))
+    if kind == "catalog garbage":
+        (idx / "catalog.sqlite").write_bytes(b"garbage" * 100)
+    elif kind == "catalog empty":
+        (idx / "catalog.sqlite").write_bytes(b"")
+    elif kind == "manifest gone":
+        (idx / "manifest.json").unlink()
+    elif kind == "manifest not json":
+        (idx / "manifest.json").write_text("{")
+    elif kind == "manifest a list":
+        (idx / "manifest.json").write_text("[]")
+    elif kind == "shard gone":
+        shards[0].unlink()
+    elif kind == "shard truncated":
+        shards[0].write_bytes(shards[0].read_bytes()[:50])
+    elif kind == "faiss junk":
+        (idx / "vectors.faiss").write_bytes(b"junk" * 10)
+
+
+@pytest.mark.parametrize("kind, command", [
+    ("catalog garbage", "info"), ("catalog garbage", "select"), ("catalog empty", "info"),
+    ("manifest gone", "select"), ("manifest not json", "info"), ("manifest not json", "select"),
+    ("manifest a list", "info"), ("shard gone", "select"), ("shard truncated", "select"),
+    ("shard truncated", "neighbors"), ("faiss junk", "neighbors"),
+])
+def test_a_damaged_index_is_named_in_one_line(index, tmp_path, kind, command):
+    import shutil
+
+    idx = tmp_path / "idx"
+    shutil.copytree(index, idx)
+    _damage(kind, idx)
+    args = {"info": ("info",), "select": ("select", "--budget", 3, "--out", tmp_path / "s.csv"),
+            "neighbors": ("neighbors", 5)}[command]
+    one_line_error(run(*args, "--index", idx), 3, "damaged" if kind != "manifest gone" else "no dim")
+
+
+def test_broken_model_configs_and_weights_exit_4_in_one_line(tmp_path, sample_dir):
+    import torch
+
+    (tmp_path / "bad.json").write_text("{")
+    (tmp_path / "empty.json").write_text("{}")
+    (tmp_path / "empty.bin").write_bytes(b"")
+    (tmp_path / "junk.bin").write_bytes(np.random.default_rng(0).bytes(4096))
+    torch.save({"not.a.key": torch.zeros(3)}, tmp_path / "foreign.bin")
+    src = ("--labeled", sample_dir / "labeled", "--device", "cpu", "--index", tmp_path / "idx")
+    for model, weights, words in ((tmp_path / "bad.json", "none", "not readable JSON"),
+                                  (tmp_path / "empty.json", "none", "not an open_clip model config"),
+                                  (TINY, tmp_path / "empty.bin", "empty.bin"),
+                                  (TINY, tmp_path / "junk.bin", "junk.bin"),
+                                  (TINY, tmp_path / "foreign.bin", "Missing key")):
+        one_line_error(run("build-index", "--model", model, "--pretrained", weights, *src), 4, words)
