@@ -116,6 +116,9 @@ def score_index(root: Path, cfg: DetectorCfg, progress_factory: Callable[[int], 
         if not rows:
             raise ConfigError(f"index {root} has no embedded {cfg.split} images to score")
         with_image = np.asarray([i for i, p in rows if p is not None], dtype=np.int64)
+        if not len(with_image):
+            raise ConfigError(f"none of the {len(rows)} {cfg.split} vectors in {root} has an image file to run the detector on; "
+                              "import them with `import-embeddings --paths`, or score them elsewhere and use import-uncertainty")
         model, preprocess = load_model_spec(cfg.spec, cfg.image_size)
         if cfg.inject_dropout == 0 and not find_dropout(model):
             raise ModelError(f"{cfg.spec} has no dropout layer, so MC dropout has nothing to sample; "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, NoveltyError
 from .store import create_store
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,16 @@ def import_embeddings(root: Path, vectors_file: Path, ids_file: Path, split: str
     files, missing, given = None, [], ids
     if paths:
         ids, files, missing = image_paths(ids, ids_file)
+    fresh = not Path(root).exists()
+    try:
+        return _import(root, X, vectors_file, ids_file, ids, given, files, missing, split, model, paths)
+    except NoveltyError:
+        if fresh:  # a refused first import leaves no index behind (its dim would bind the next import)
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+
+
+def _import(root, X, vectors_file, ids_file, ids, given, files, missing, split, model, paths) -> Imported:
     with create_store(root) as store:
         store.check_encoder({"kind": "imported", "model": model, "pretrained": None}, int(X.shape[1]))
         # one image, one row: a path may not also be an imported id (as given or absolute), nor the reverse

@@ -12,6 +12,10 @@ from typer.testing import CliRunner
 
 from novelty.sample import SampleCfg, make_sample
 
+# huggingface_hub reads this once, when first imported: set it before any fixture (a
+# module-scoped one included) can import open_clip, or a later tag download retries the network
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 HERE = Path(__file__).parent
 TINY = str(HERE / "tiny-clip.json")  # 32-d, 64 px: fast on a CPU
 TINY_WIDE = str(HERE / "tiny-clip-wide.json")  # the same with 48-d output

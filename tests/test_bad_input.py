@@ -158,3 +158,27 @@ def test_broken_model_configs_and_weights_exit_4_in_one_line(tmp_path, sample_di
                                   (TINY, tmp_path / "junk.bin", "junk.bin"),
                                   (TINY, tmp_path / "foreign.bin", "Missing key")):
         one_line_error(run("build-index", "--model", model, "--pretrained", weights, *src), 4, words)
+
+
+def test_a_refused_first_import_leaves_no_index_to_bind_the_next(tmp_path):
+    Y = np.ones((2, 16), np.float32)
+    Y[1, 3] = np.nan
+    np.save(tmp_path / "nan.npy", Y)
+    np.save(tmp_path / "good.npy", np.random.default_rng(0).normal(size=(2, 32)).astype(np.float32))
+    (tmp_path / "ids.txt").write_text("a\nb\n")
+    idx = tmp_path / "idx"
+    args = ("--ids", tmp_path / "ids.txt", "--split", "unlabeled", "--index", idx)
+    one_line_error(run("import-embeddings", tmp_path / "nan.npy", *args), 2, "NaN or inf")
+    assert not idx.exists()
+    r = run("import-embeddings", tmp_path / "good.npy", *args)  # another dim: not refused by the failed attempt
+    assert r.exit_code == 0, r.output
+
+
+def test_uncertainty_on_vectors_without_images_is_refused_up_front(tmp_path):
+    np.save(tmp_path / "v.npy", np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32))
+    (tmp_path / "ids.txt").write_text("a\nb\nc\n")
+    idx = tmp_path / "idx"
+    assert run("import-embeddings", tmp_path / "v.npy", "--ids", tmp_path / "ids.txt", "--split", "unlabeled", "--index", idx).exit_code == 0
+    one_line_error(run("uncertainty", "--detector", "tests._tiny_models:make_detector", "--kind", "detection",
+                       "--index", idx, "--workers", 0), 2, "--paths")
+    assert runs(idx, "uncertainty") == 0
