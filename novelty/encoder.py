@@ -52,8 +52,8 @@ def register_model_config(model: str) -> str:
     return model
 
 
-def _first_line(e: BaseException) -> str:
-    """A library's exception in one line (a state_dict mismatch lists every key)."""
+def _one_line(e: BaseException) -> str:
+    """A library's exception as one line, cut at 240 characters (a state_dict mismatch lists every key)."""
     if isinstance(e, EOFError) and not str(e):
         return "the file is empty or cut short"
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or ["(no message)"]
@@ -170,9 +170,9 @@ def create_encoder(cfg: EncoderCfg) -> Encoder:
                 f"could not fetch weights {weights!r} for {model_name} (no network?); on a machine without internet "
                 f"download open_clip_pytorch_model.bin elsewhere and pass --pretrained /path/to/it"
             ) from e
-        raise EncoderError(f"could not create {model_name} with weights {weights!r}: {_first_line(e)}") from e
+        raise EncoderError(f"could not create {model_name} with weights {weights!r}: {_one_line(e)}") from e
     except Exception as e:  # a damaged, empty or foreign weights file: pickle, safetensors, EOF, key errors
-        raise EncoderError(f"could not load weights {weights!r} into {model_name}: {type(e).__name__}: {_first_line(e)}") from e
+        raise EncoderError(f"could not load weights {weights!r} into {model_name}: {type(e).__name__}: {_one_line(e)}") from e
     model.eval()
     fused = reparameterize(model)
     pcfg = model.visual.preprocess_cfg

@@ -6,9 +6,7 @@ block; the import is all or nothing."""
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, NoveltyError
+from .sources import list_path, record
 from .store import create_store
 
 log = logging.getLogger(__name__)
@@ -70,35 +69,25 @@ class Imported:
     missing: list[str] = field(default_factory=list)  # paths=True: paths that are not a regular file now
 
 
-def image_paths(keys: list[str], source: Path) -> tuple[list[str], list[tuple[int, float] | None], list[str]]:
-    """Lines of an ids file read as image paths, the way build-index reads a list file:
-    relative lines against the list's folder. Returns the absolute paths, each file's
-    (size, mtime) or None, and the paths that are not a regular file now (gone,
-    unreadable, a folder). A NUL byte, two lines naming one file, or a list in which no
-    file exists (written for another folder) are refused."""
+def image_paths(keys: list[str], source: Path, split: str) -> tuple[list[str], list[tuple[int, float] | None], list[str]]:
+    """Lines of an ids file read as image paths, the way build-index reads a list file
+    (sources.list_path, sources.record). Returns the absolute paths, each file's (size,
+    mtime) or None, and the paths that are not a regular file now (gone, unreadable, a
+    folder). A NUL byte, two lines naming one file, or a list in which no file exists
+    (written for another folder) are refused."""
     base = Path(source).parent
-    paths = []
     for n, k in enumerate(keys, 1):
         if "\0" in k:
             raise InputError(f"path {n} in {source} holds a NUL byte")
-        paths.append(os.path.abspath(k if os.path.isabs(k) else base / k))
+    paths = [list_path(base, k) for k in keys]
     seen: dict[str, str] = {}
     for k, p in zip(keys, paths):
         if p in seen:
             raise InputError(f"{seen[p]!r} and {k!r} in {source} are the same file {p}")
         seen[p] = k
-    stats: list[tuple[int, float] | None] = []
-    missing: list[str] = []
-    for p in paths:
-        try:
-            st = os.stat(p)
-        except OSError:
-            st = None
-        if st is not None and stat.S_ISREG(st.st_mode):
-            stats.append((st.st_size, st.st_mtime))
-        else:
-            stats.append(None)
-            missing.append(p)
+    recs = [record(p, split) for p in paths]
+    stats = [None if r.reason else (r.size, r.mtime) for r in recs]
+    missing = [r.path for r in recs if r.reason]
     if missing and len(missing) == len(paths):
         raise InputError(f"none of the {len(paths)} paths in {source} is a file, e.g. {paths[0]}; "
                          f"relative paths are read against the list's folder {base}")
@@ -115,29 +104,25 @@ def import_embeddings(root: Path, vectors_file: Path, ids_file: Path, split: str
         raise InputError(f"{vectors_file} holds no vectors")
     files, missing, given = None, [], ids
     if paths:
-        ids, files, missing = image_paths(ids, ids_file)
+        ids, files, missing = image_paths(ids, ids_file, split)
     fresh = not Path(root).exists()
     try:
-        return _import(root, X, vectors_file, ids_file, ids, given, files, missing, split, model, paths)
+        with create_store(root) as store:
+            store.check_encoder({"kind": "imported", "model": model, "pretrained": None}, int(X.shape[1]))
+            # one image, one row: a path may not also be an imported id (as given or absolute), nor the reverse
+            other = store.existing_keys("ext_id", sorted(set(given) | set(ids))) if paths else store.existing_keys("path", ids)
+            if other:
+                raise InputError(f"{len(other)} of these are already in the index as {'imported ids' if paths else 'image paths'}, "
+                                 f"e.g. {other[0]!r}; nothing was imported")
+            run = store.start_run("import", {"vectors": str(Path(vectors_file).resolve()), "ids": str(Path(ids_file).resolve()),
+                                             "split": split, "model": model, "paths": paths})
+            n = store.add_imported(ids, normalised_blocks(X), split, files)
+            from . import vectors
+
+            vectors.build(store)
+            store.finish_run(run, {"imported": n, "missing_files": len(missing)})
     except NoveltyError:
         if fresh:  # a refused first import leaves no index behind (its dim would bind the next import)
             shutil.rmtree(root, ignore_errors=True)
         raise
-
-
-def _import(root, X, vectors_file, ids_file, ids, given, files, missing, split, model, paths) -> Imported:
-    with create_store(root) as store:
-        store.check_encoder({"kind": "imported", "model": model, "pretrained": None}, int(X.shape[1]))
-        # one image, one row: a path may not also be an imported id (as given or absolute), nor the reverse
-        other = store.existing_keys("ext_id", sorted(set(given) | set(ids))) if paths else store.existing_keys("path", ids)
-        if other:
-            raise InputError(f"{len(other)} of these are already in the index as {'imported ids' if paths else 'image paths'}, "
-                             f"e.g. {other[0]!r}; nothing was imported")
-        run = store.start_run("import", {"vectors": str(Path(vectors_file).resolve()), "ids": str(Path(ids_file).resolve()),
-                                         "split": split, "model": model, "paths": paths})
-        n = store.add_imported(ids, normalised_blocks(X), split, files)
-        from . import vectors
-
-        vectors.build(store)
-        store.finish_run(run, {"imported": n, "missing_files": len(missing)})
     return Imported(n, missing)

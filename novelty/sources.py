@@ -14,7 +14,8 @@ from .store import ImageRecord
 log = logging.getLogger(__name__)
 
 
-def _record(path: str, split: str) -> ImageRecord:
+def record(path: str, split: str) -> ImageRecord:
+    """An image file's size and mtime, or the reason it cannot be one (gone, unreadable, a folder)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -36,6 +37,11 @@ def _walk(root: Path) -> Iterator[str]:
                 yield os.path.join(dirpath, name)
 
 
+def list_path(base: Path, line: str) -> str:
+    """A list file's line as an absolute path: relative lines are read against the list's folder."""
+    return os.path.abspath(line if os.path.isabs(line) else base / line)
+
+
 def _read_list(list_file: Path) -> Iterator[str]:
     base = list_file.parent
     try:
@@ -43,7 +49,7 @@ def _read_list(list_file: Path) -> Iterator[str]:
             for line in f:
                 line = line.strip()
                 if line and not line.startswith("#"):
-                    yield str(base / line) if not os.path.isabs(line) else line
+                    yield list_path(base, line)
     except UnicodeDecodeError:
         raise SourceError(f"{list_file} is not a directory, an image, or a UTF-8 list of image paths") from None
 
@@ -62,7 +68,7 @@ def iter_source(src: Path, split: str) -> Iterator[ImageRecord]:
     n = 0
     for p in paths:
         n += 1
-        yield _record(os.path.abspath(p), split)
+        yield record(os.path.abspath(p), split)
     if n == 0:
         kind = "directory" if src.is_dir() else "list file"
         raise SourceError(f"{kind} {src} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
