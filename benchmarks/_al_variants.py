@@ -23,6 +23,11 @@ the functions in novelty/strategies.py, so the one that wins can move there as i
     hybrid-beta2   hybrid with beta = 2 (w = minmax(u) ** 2), whatever --beta says. beta = 4
                    lost at 500 steps, when the score did not track the errors (Spearman
                    -0.03); with --seed-copies 1 --pool-copies 3 it does (+0.59). Session 9.
+    hybrid-oracle  hybrid exactly (w = minmax(u) ** beta), but active_learning.py imports
+                   as u each pool image's true error under the current model (1 - its
+                   IoU, from the hidden masks) instead of running MC dropout. Not a
+                   method: the ceiling of any uncertainty score in hybrid's weighting.
+                   Session 10.
 """
 from __future__ import annotations
 
@@ -99,6 +104,10 @@ def hybrid_beta2(x: S.SelectionInput) -> S.Selection:
     return S.kcenter(x, S.uncertainty_weights(_u(x, "hybrid-beta2"), 2.0))
 
 
+def hybrid_oracle(x: S.SelectionInput) -> S.Selection:
+    return S.kcenter(x, S.uncertainty_weights(_u(x, "hybrid-oracle"), x.beta))
+
+
 def kcenter_typ(x: S.SelectionInput) -> S.Selection:
     return S.kcenter(x, typicality(x.pool))
 
@@ -110,7 +119,8 @@ def hybrid_typ(x: S.SelectionInput) -> S.Selection:
 
 VARIANTS = {"hybrid-rank": hybrid_rank, "hybrid-top": hybrid_top, "hybrid-floor": hybrid_floor,
             "kcenter-typ": kcenter_typ, "hybrid-typ": hybrid_typ, "hybrid-smooth": hybrid_smooth,
-            "hybrid-beta2": hybrid_beta2}
+            "hybrid-beta2": hybrid_beta2, "hybrid-oracle": hybrid_oracle}
+ORACLE = ("hybrid-oracle",)  # their u is the true per-image error, not MC dropout
 
 
 def register() -> None:

@@ -68,7 +68,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 from _al_data import SEED_DOMAINS, DataCfg, make_data, write_pngs  # noqa: E402
-from _al_variants import VARIANTS  # noqa: E402
+from _al_variants import ORACLE, VARIANTS  # noqa: E402
 
 STRATEGIES = ("random", "novelty", "kcenter", "uncertainty", "hybrid")
 NEEDS_U = ("uncertainty", "hybrid", *(v for v in VARIANTS if v.startswith("hybrid")))
@@ -152,14 +152,41 @@ def select(index: Path, strategy: str, budget: int, seed: int, beta: float, out:
         return [Path(r["path"]).name if r["path"] else r["id"] for r in csv.DictReader(f)]
 
 
-def feature_index(folder: Path, weights: Path, z, picked: list[int], scored: Path | None) -> Path:
-    """--embedding model: a fresh index of the model's own features (import-embeddings),
-    labeled = seed + picks, with the uncertainty of `scored` (the image index, where
-    `novelty uncertainty` ran) brought over by import-uncertainty."""
-    from _al_model import features, load
-
+def mc_uncertainty(index: Path) -> dict[str, float]:
+    """File name -> the latest `novelty uncertainty` score in the image index."""
     from novelty.records import latest_uncertainty
     from novelty.store import open_store
+
+    with open_store(index) as store:
+        u = latest_uncertainty(store)
+        meta = store.describe(u.ids)
+    return {Path(meta[int(i)][1]).name: float(v) for i, v in zip(u.ids, u.values)}
+
+
+def oracle_uncertainty(weights: Path, z, picked: list[int]) -> dict[str, float]:
+    """File name -> the current model's true error (1 - IoU) on each unlabeled pool image,
+    from the hidden masks: what a perfect uncertainty score would rank by (hybrid-oracle)."""
+    from _al_model import image_errors, load, predict
+
+    rest = np.setdiff1d(np.arange(len(z["pool_images"])), np.asarray(picked, np.int64))
+    err = image_errors(predict(load(weights), z["pool_images"][rest]), z["pool_masks"][rest])
+    names = _names("pool", len(z["pool_images"]))
+    return {names[i]: float(e) for i, e in zip(rest, err)}
+
+
+def import_uncertainty(index: Path, folder: Path, u: dict[str, float], key=lambda name: name) -> None:
+    """u (file name -> score) into `index` through `novelty import-uncertainty`; key: the name as that index knows it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "uncertainty.csv", "w") as f:
+        f.write("id,uncertainty\n" + "".join(f"{key(n)},{v!r}\n" for n, v in u.items()))
+    novelty("import-uncertainty", folder / "uncertainty.csv", "--index", index)
+
+
+def feature_index(folder: Path, weights: Path, z, picked: list[int], u: dict[str, float] | None) -> Path:
+    """--embedding model: a fresh index of the model's own features (import-embeddings),
+    labeled = seed + picks, with the round's uncertainty `u` (file name -> score) brought
+    in by import-uncertainty."""
+    from _al_model import features, load
 
     n_seed, n_pool = len(z["seed_images"]), len(z["pool_images"])
     F = features(load(weights), np.concatenate([z["seed_images"], z["pool_images"]]))  # [n, d]
@@ -174,13 +201,8 @@ def feature_index(folder: Path, weights: Path, z, picked: list[int], scored: Pat
         (folder / f"{split}.txt").write_text("\n".join(names[rows]) + "\n")
         novelty("import-embeddings", folder / f"{split}.npy", "--ids", folder / f"{split}.txt", "--split", split,
                 "--model", "segmenter-bottleneck", "--index", folder / "index")
-    if scored is not None:
-        with open_store(scored) as store:
-            u = latest_uncertainty(store)
-            meta = store.describe(u.ids)
-        with open(folder / "uncertainty.csv", "w") as f:
-            f.write("id,uncertainty\n" + "".join(f"{Path(meta[int(i)][1]).name},{float(v)!r}\n" for i, v in zip(u.ids, u.values)))
-        novelty("import-uncertainty", folder / "uncertainty.csv", "--index", folder / "index")
+    if u is not None:
+        import_uncertainty(folder / "index", folder, u)
     return folder / "index"
 
 
@@ -340,15 +362,22 @@ def run_strategy(cfg: BenchCfg, seed: int, strategy: str, work: Path) -> list[di
     weights = sw / "model_r0.pt"
     for r in range(1, cfg.rounds + 1):
         t0, c0 = time.perf_counter(), time.process_time()
-        if strategy in NEEDS_U and (r > 1 or cfg.top_percent != TOP_PERCENT):  # round 1: index0 was scored at TOP_PERCENT
-            score_uncertainty(index, weights, cfg)
+        u = None
+        if strategy in ORACLE:
+            u = oracle_uncertainty(weights, z, picked)
+        elif strategy in NEEDS_U:
+            if r > 1 or cfg.top_percent != TOP_PERCENT:  # round 1: index0 was scored at TOP_PERCENT
+                score_uncertainty(index, weights, cfg)
+            u = mc_uncertainty(index) if cfg.embedding == "model" else None
         out = run / f"select_r{r}.csv"
         if cfg.embedding == "model" and strategy not in NO_VECTORS:
-            fi = feature_index(run / f"features_r{r}", weights, z, picked, index if strategy in NEEDS_U else None)
+            fi = feature_index(run / f"features_r{r}", weights, z, picked, u)
             names = select(fi, strategy, cfg.budget, seed * 1000 + r, cfg.beta, out)
             (run / f"picked_r{r}.txt").write_text("".join(f"{catalog_path[n]}\n" for n in names))
             novelty("mark-labeled", run / f"picked_r{r}.txt", "--index", index)
         else:
+            if strategy in ORACLE:  # the image index knows the pool images by path
+                import_uncertainty(index, run / f"oracle_r{r}", u, key=catalog_path.__getitem__)
             names = select(index, strategy, cfg.budget, seed * 1000 + r, cfg.beta, out)
             novelty("mark-labeled", "--selection", out, "--index", index)
         new = [where[n] for n in names]
