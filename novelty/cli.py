@@ -196,7 +196,7 @@ def import_embeddings(
 
 @command
 def sample(
-    out: Annotated[Path, typer.Argument(help="Folder to write labeled/ and unlabeled/ into.", file_okay=False)],
+    out: Annotated[str, typer.Argument(metavar="DIR", help="Folder to write labeled/ and unlabeled/ into.")],
     n_labeled: Annotated[int, typer.Option(min=1, max=100_000)] = 60,
     n_unlabeled: Annotated[int, typer.Option(min=1, max=100_000)] = 240,
     seed: Annotated[int, typer.Option(min=0)] = 0,
@@ -204,11 +204,16 @@ def sample(
     """Write a small generated image set (a few domains, near-copies, broken files) to try novelty on."""
     from .sample import SampleCfg, make_sample
 
+    if not out.strip():  # Path("") is the current folder: say so instead
+        raise ConfigError("the output folder is empty; give a folder name (. for the current folder)")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"{out} is a file, not a folder")
     try:
         c = make_sample(out, SampleCfg(n_labeled=n_labeled, n_unlabeled=n_unlabeled, seed=seed))
     except OSError as e:
         raise ConfigError(f"cannot write into {out}: {e.strerror or e}") from None
-    typer.echo(f"wrote {c['labeled']} labeled and {c['unlabeled']} unlabeled images (+{c.get('broken', 0)} broken files) to {out}")
+    extra = f"{c['copies']} exact copy of a labeled image" + (f" and {c['broken']} broken files" if c.get("broken") else "")
+    typer.echo(f"wrote {c['labeled']} labeled and {c['unlabeled']} unlabeled images to {out}, and among the unlabeled {extra}")
 
 
 # --------------------------------------------------------------------------- select
@@ -390,6 +395,8 @@ def report(
 
     check_out(out)
     d = build_report(index, selection, out, ReportCfg(k=k, limit=limit))
+    if d.counts["repeated"]:
+        err(f"warning: {d.counts['repeated']} row(s) of {selection} repeat an earlier pick; each image is shown once, at its first rank")
     n = d.counts["picks"]
     part = f"; the table shows the first {limit}" if 0 < limit < n else ""
     typer.echo(f"report on {n} picks ({d.radius_source} covering radius{part}) -> {out}")

@@ -49,6 +49,12 @@ class IndexDamagedError(NoveltyError):
     exit_code = 3
 
 
+class IndexBusyError(NoveltyError):
+    """Another process (or this one) holds the index's write lock: retry when it is done."""
+
+    exit_code = 5
+
+
 class InputError(NoveltyError):
     """A data file (vectors, ids, scores, selection) that is malformed."""
 

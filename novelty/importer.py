@@ -114,9 +114,10 @@ def import_embeddings(root: Path, vectors_file: Path, ids_file: Path, split: str
             if other:
                 raise InputError(f"{len(other)} of these are already in the index as {'imported ids' if paths else 'image paths'}, "
                                  f"e.g. {other[0]!r}; nothing was imported")
+            n = store.add_imported(ids, normalised_blocks(X), split, files)  # all or nothing
+            # recorded once the vectors are in: a refused import leaves no history line
             run = store.start_run("import", {"vectors": str(Path(vectors_file).resolve()), "ids": str(Path(ids_file).resolve()),
                                              "split": split, "model": model, "paths": paths})
-            n = store.add_imported(ids, normalised_blocks(X), split, files)
             from . import vectors
 
             vectors.build(store)

@@ -109,7 +109,7 @@ def build_index(
 
 def _build_index(root, labeled, unlabeled, cfg: BuildCfg, progress_factory) -> BuildSummary:
     t0 = time.monotonic()
-    sources.check_sources([*labeled, *unlabeled])
+    sources.check_sources(labeled, unlabeled)
     encoder = create_encoder(cfg.encoder)  # fails fast on a bad model or weights, before any write
     with create_store(root) as store:
         store.check_encoder(encoder.info, encoder.dim)

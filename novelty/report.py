@@ -40,7 +40,7 @@ class ReportCfg:
 
 @dataclass
 class ReportData:
-    rows: list[dict]  # the selection file's rows
+    rows: list[dict]  # the selection file's rows (an image listed twice: its first row only)
     image: np.ndarray  # [B] catalog ids of the picks, in file order
     near_D: np.ndarray  # [B, max(k, 1)] cosine distance to the nearest labeled images
     near_I: np.ndarray  # [B, max(k, 1)] their catalog ids (-1 past the end)
@@ -81,6 +81,10 @@ def collect(store: Store, rows: list[dict], cfg: ReportCfg) -> ReportData:
     if cfg.limit < 0:
         raise ConfigError(f"--limit must be >= 0 (0: every pick), got {cfg.limit}")
     image = selection_ids(store, rows, "is the selection from this index?")
+    keep = np.sort(np.unique(image, return_index=True)[1])  # an image listed twice is one pick, at its first rank
+    repeated = len(image) - len(keep)
+    if repeated:
+        rows, image = [rows[i] for i in keep], image[keep]
     lab_all = store.embedded("labeled").ids
     labeled = lab_all[~np.isin(lab_all, image)]
     pool = np.union1d(store.embedded("unlabeled").ids, image[np.isin(image, store.embedded().ids)])
@@ -105,7 +109,8 @@ def collect(store: Store, rows: list[dict], cfg: ReportCfg) -> ReportData:
             radius, source = np.array([before, *radii], dtype=np.float64), f"run #{run}"
     if radius is None:
         radius = covering_curve(store, pool, image)
-    counts = {"pool": len(pool), "labeled": len(labeled), "picks": len(image), "pool_sample": len(ps), "labeled_sample": len(ls)}
+    counts = {"pool": len(pool), "labeled": len(labeled), "picks": len(image), "pool_sample": len(ps), "labeled_sample": len(ls),
+              "repeated": repeated}
     return ReportData(rows, image, D, I, pool_nov, lab_nov[np.isfinite(lab_nov)], radius, source, run if exact else None, counts)
 
 

@@ -73,7 +73,8 @@ def write_broken(folder: Path, good_jpeg: bytes) -> list[Path]:
 
 
 def make_sample(root: Path, cfg: SampleCfg = SampleCfg()) -> dict:
-    """Write root/labeled and root/unlabeled. Returns counts."""
+    """Write root/labeled and root/unlabeled. Returns counts: labeled, unlabeled (the
+    generated images), copies (exact copies of labeled images put in unlabeled/), broken."""
     rng = np.random.default_rng(cfg.seed)
     counts = {}
     for split, n, domains in (("labeled", cfg.n_labeled, cfg.labeled_domains), ("unlabeled", cfg.n_unlabeled, len(DOMAINS))):
@@ -91,7 +92,7 @@ def make_sample(root: Path, cfg: SampleCfg = SampleCfg()) -> dict:
     # an exact byte copy of a labeled image, dropped among the unlabeled ones
     first = Path(root) / "labeled" / "labeled_00000.jpg"
     (Path(root) / "unlabeled" / "copy_of_labeled_00000.jpg").write_bytes(first.read_bytes())
-    counts["unlabeled"] += 1
+    counts["copies"] = 1
     if cfg.broken:
         good = (Path(root) / "unlabeled" / "unlabeled_00000.jpg").read_bytes()
         counts["broken"] = len(write_broken(Path(root) / "unlabeled", good))

@@ -82,8 +82,13 @@ def scan(labeled: Sequence[Path], unlabeled: Sequence[Path]) -> Iterator[ImageRe
         yield from iter_source(src, "unlabeled")
 
 
-def check_sources(paths: Sequence[Path]) -> None:
-    """Fail fast, before any work, on a source that does not exist."""
-    for p in paths:
+def check_sources(labeled: Sequence[Path], unlabeled: Sequence[Path]) -> None:
+    """Fail fast, before any work, on a source that does not exist or is given to both
+    splits (all its images would count as labeled: a source nested in another is fine)."""
+    for p in (*labeled, *unlabeled):
         if not Path(p).exists():
             raise SourceError(f"source {p} does not exist")
+    both = {Path(p).resolve() for p in labeled} & {Path(p).resolve() for p in unlabeled}
+    if both:
+        raise SourceError(f"source {sorted(both)[0]} is given as both --labeled and --unlabeled; "
+                          f"give it to one split (images in both count as labeled)")

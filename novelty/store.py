@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import IndexDamagedError, IndexMismatchError, IndexMissingError, InputError, NoveltyError
+from .errors import IndexBusyError, IndexDamagedError, IndexMismatchError, IndexMissingError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class Store:
     def _acquire_lock(self) -> None:
         key = str(self.root.resolve())
         if key in Store._held:
-            raise NoveltyError(f"{self.root} is already open for writing in this process")
+            raise IndexBusyError(f"{self.root} is already open for writing in this process")
         # A POSIX record lock, not flock: it belongs to this process alone, so forked
         # DataLoader workers that outlive a killed run do not keep the index locked.
         fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -172,7 +172,7 @@ class Store:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise NoveltyError(f"another novelty process is writing {self.root}; wait for it to finish") from None
+            raise IndexBusyError(f"another novelty process is writing {self.root}; wait for it to finish") from None
         self._lock_fd = fd
         Store._held.add(key)
 

@@ -41,6 +41,25 @@ def test_outputs_in_a_missing_folder_fail_before_any_work(index, tmp_path):
                  ("export", "--latest", "--out", tmp_path / "s.csv" / "e.csv")):
         one_line_error(run(*args, "--index", index), 2, "cannot write")
     one_line_error(run("sample", tmp_path / "s.csv" / "sub"), 2, "cannot write into")
+    one_line_error(run("sample", tmp_path / "s.csv"), 2, "is a file, not a folder")
+
+
+def test_sample_into_an_empty_name_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(run("sample", ""), 2, "the output folder is empty")
+    assert not list(tmp_path.iterdir())  # nothing written into the current folder
+    r = run("sample", "s", "--n-labeled", 2, "--n-unlabeled", 3)
+    assert r.exit_code == 0 and "wrote 2 labeled and 3 unlabeled images to s" in r.output, r.output
+    assert "1 exact copy of a labeled image and 3 broken files" in r.output
+    assert len(list((tmp_path / "s" / "unlabeled").iterdir())) == 3 + 1 + 3
+
+
+def test_one_source_for_both_splits_is_refused(tmp_path, sample_dir):
+    idx = tmp_path / "idx"
+    src = sample_dir / "unlabeled"
+    one_line_error(run("build-index", "--labeled", src, "--unlabeled", sample_dir / ".." / sample_dir.name / "unlabeled",
+                       "--model", TINY, "--pretrained", "none", "--index", idx), 2, "given as both --labeled and --unlabeled")
+    assert not idx.exists()
 
 
 @pytest.mark.parametrize("args, words", [
@@ -172,6 +191,24 @@ def test_a_refused_first_import_leaves_no_index_to_bind_the_next(tmp_path):
     assert not idx.exists()
     r = run("import-embeddings", tmp_path / "good.npy", *args)  # another dim: not refused by the failed attempt
     assert r.exit_code == 0, r.output
+
+
+def test_a_refused_import_into_an_index_leaves_no_history_line(tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "v.npy", rng.normal(size=(2, 8)).astype(np.float32))
+    Y = rng.normal(size=(2, 8)).astype(np.float32)
+    Y[0, 0] = np.inf
+    np.save(tmp_path / "inf.npy", Y)
+    (tmp_path / "ids.txt").write_text("a\nb\n")
+    (tmp_path / "new.txt").write_text("c\nd\n")
+    idx = tmp_path / "idx"
+    assert run("import-embeddings", tmp_path / "v.npy", "--ids", tmp_path / "ids.txt", "--split", "unlabeled", "--index", idx).exit_code == 0
+    for vectors, ids, words in (("v.npy", "ids.txt", "already in the index"), ("inf.npy", "new.txt", "NaN or inf")):
+        one_line_error(run("import-embeddings", tmp_path / vectors, "--ids", tmp_path / ids, "--split", "unlabeled",
+                           "--index", idx), 2, words)
+    assert runs(idx, "import") == 1
+    r = run("info", "--index", idx)
+    assert r.exit_code == 0 and "interrupted" not in r.output, r.output
 
 
 def test_uncertainty_on_vectors_without_images_is_refused_up_front(tmp_path):

@@ -144,6 +144,22 @@ def test_report_on_imported_vectors_shows_ids_without_thumbnails(vec_index, tmp_
     assert r.exit_code == 0 and out.read_text().count('class="noimg"') == 5 * 4 and "first " not in out.read_text()
 
 
+def test_a_pick_listed_twice_is_reported_once_at_its_first_rank(vec_index, tmp_path):
+    rid, picked, rows = record_selection(vec_index, 6, tmp_path / "sel.csv")
+    twice = rows[:4] + [rows[1], rows[0]] + rows[4:]  # rows 1 and 0 again, after row 3
+    write_csv(tmp_path / "twice.csv", twice)
+    out = tmp_path / "r.html"
+    r = run("report", "--selection", tmp_path / "twice.csv", "--out", out, "--index", vec_index)
+    assert r.exit_code == 0 and "report on 6 picks" in r.output, r.output
+    assert "warning: 2 row(s)" in r.output and "repeat an earlier pick" in r.output
+    with open_store(vec_index) as st:
+        once, dup = collect(st, rows, ReportCfg(k=3)), collect(st, twice, ReportCfg(k=3))
+    np.testing.assert_array_equal(dup.image, once.image)  # the original order: the recorded run still matches
+    assert dup.run == rid and dup.counts["picks"] == 6 and dup.counts["repeated"] == 2
+    np.testing.assert_allclose(dup.radius, once.radius)
+    np.testing.assert_array_equal(dup.near_I, once.near_I)
+
+
 def test_report_without_labeled_images(tmp_path):
     rng = np.random.default_rng(2)
     np.save(tmp_path / "p.npy", unit(rng.normal(size=(30, 6))).astype(np.float32))

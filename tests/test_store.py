@@ -4,7 +4,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from novelty.errors import IndexMismatchError, IndexMissingError, InputError, NoveltyError
+from novelty.errors import IndexBusyError, IndexMismatchError, IndexMissingError, InputError
 from novelty.store import ImageRecord, create_store, open_store
 
 
@@ -76,11 +76,16 @@ def test_one_writer_at_a_time(tmp_path):
     import sys
 
     probe = [sys.executable, "-c", f"from novelty.store import create_store; create_store({str(tmp_path / 'idx')!r})"]
+    cli = [sys.executable, "-m", "novelty", "mark-labeled", str(tmp_path / "none.txt"), "--index", str(tmp_path / "idx")]
+    (tmp_path / "none.txt").write_text("x\n")
     with create_store(tmp_path / "idx"):
-        with pytest.raises(NoveltyError, match="already open for writing"):
+        with pytest.raises(IndexBusyError, match="already open for writing"):
             create_store(tmp_path / "idx")
         r = subprocess.run(probe, capture_output=True, text=True)
         assert r.returncode != 0 and "another novelty process is writing" in r.stderr
+        r = subprocess.run(cli, capture_output=True, text=True)  # the CLI: one line, exit 5 (retry later)
+        assert r.returncode == 5 and r.stderr.strip().count("\n") == 0, r.stderr
+        assert "another novelty process is writing" in r.stderr
     assert subprocess.run(probe).returncode == 0  # released on close
 
 
