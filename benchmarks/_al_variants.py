@@ -28,6 +28,10 @@ the functions in novelty/strategies.py, so the one that wins can move there as i
                    IoU, from the hidden masks) instead of running MC dropout. Not a
                    method: the ceiling of any uncertainty score in hybrid's weighting.
                    Session 10.
+    hybrid-oracle-pixels  the same with u = the number of pixels the current model gets
+                   wrong in the image (the amount of error, not 1 - IoU: an image with
+                   one tiny object can have 1 - IoU near 1 and few wrong pixels).
+                   Session 10, after hybrid-oracle lost.
 """
 from __future__ import annotations
 
@@ -108,6 +112,10 @@ def hybrid_oracle(x: S.SelectionInput) -> S.Selection:
     return S.kcenter(x, S.uncertainty_weights(_u(x, "hybrid-oracle"), x.beta))
 
 
+def hybrid_oracle_pixels(x: S.SelectionInput) -> S.Selection:
+    return S.kcenter(x, S.uncertainty_weights(_u(x, "hybrid-oracle-pixels"), x.beta))
+
+
 def kcenter_typ(x: S.SelectionInput) -> S.Selection:
     return S.kcenter(x, typicality(x.pool))
 
@@ -119,8 +127,9 @@ def hybrid_typ(x: S.SelectionInput) -> S.Selection:
 
 VARIANTS = {"hybrid-rank": hybrid_rank, "hybrid-top": hybrid_top, "hybrid-floor": hybrid_floor,
             "kcenter-typ": kcenter_typ, "hybrid-typ": hybrid_typ, "hybrid-smooth": hybrid_smooth,
-            "hybrid-beta2": hybrid_beta2, "hybrid-oracle": hybrid_oracle}
-ORACLE = ("hybrid-oracle",)  # their u is the true per-image error, not MC dropout
+            "hybrid-beta2": hybrid_beta2, "hybrid-oracle": hybrid_oracle, "hybrid-oracle-pixels": hybrid_oracle_pixels}
+# their u is the current model's true error on each image (active_learning.oracle_uncertainty), not MC dropout:
+ORACLE = {"hybrid-oracle": "iou", "hybrid-oracle-pixels": "pixels"}
 
 
 def register() -> None:

@@ -163,13 +163,15 @@ def mc_uncertainty(index: Path) -> dict[str, float]:
     return {Path(meta[int(i)][1]).name: float(v) for i, v in zip(u.ids, u.values)}
 
 
-def oracle_uncertainty(weights: Path, z, picked: list[int]) -> dict[str, float]:
-    """File name -> the current model's true error (1 - IoU) on each unlabeled pool image,
-    from the hidden masks: what a perfect uncertainty score would rank by (hybrid-oracle)."""
+def oracle_uncertainty(weights: Path, z, picked: list[int], kind: str) -> dict[str, float]:
+    """File name -> the current model's true error on each unlabeled pool image, from the
+    hidden masks: kind "iou", 1 - its IoU (hybrid-oracle); "pixels", how many of its pixels
+    are wrong (hybrid-oracle-pixels)."""
     from _al_model import image_errors, load, predict
 
     rest = np.setdiff1d(np.arange(len(z["pool_images"])), np.asarray(picked, np.int64))
-    err = image_errors(predict(load(weights), z["pool_images"][rest]), z["pool_masks"][rest])
+    pred, truth = predict(load(weights), z["pool_images"][rest]), z["pool_masks"][rest]
+    err = image_errors(pred, truth) if kind == "iou" else (pred != truth).sum((1, 2))
     names = _names("pool", len(z["pool_images"]))
     return {names[i]: float(e) for i, e in zip(rest, err)}
 
@@ -364,7 +366,7 @@ def run_strategy(cfg: BenchCfg, seed: int, strategy: str, work: Path) -> list[di
         t0, c0 = time.perf_counter(), time.process_time()
         u = None
         if strategy in ORACLE:
-            u = oracle_uncertainty(weights, z, picked)
+            u = oracle_uncertainty(weights, z, picked, ORACLE[strategy])
         elif strategy in NEEDS_U:
             if r > 1 or cfg.top_percent != TOP_PERCENT:  # round 1: index0 was scored at TOP_PERCENT
                 score_uncertainty(index, weights, cfg)
