@@ -35,6 +35,7 @@ import numpy as np
 from .errors import IndexBusyError, IndexDamagedError, IndexMismatchError, IndexMissingError, InputError
 
 log = logging.getLogger(__name__)
+RESTORE = "restore it or build the index again"  # what a damaged catalog, manifest or shard's message advises
 
 CATALOG = "catalog.sqlite"
 MANIFEST = "manifest.json"
@@ -156,7 +157,7 @@ class Store:
                 self.db.execute("SELECT 1 FROM images LIMIT 1").fetchall()
         except sqlite3.DatabaseError as e:
             self.close()
-            raise IndexDamagedError(f"{self.root / CATALOG} is damaged ({e}); restore it or build the index again") from None
+            raise IndexDamagedError(f"{self.root / CATALOG} is damaged ({e}); {RESTORE}") from None
 
     # ----------------------------------------------------------------- lifecycle
     _held: set[str] = set()  # roots this process writes: POSIX locks don't exclude the same process
@@ -218,9 +219,9 @@ class Store:
         try:
             m = json.loads(path.read_text())
         except (ValueError, OSError) as e:
-            raise IndexDamagedError(f"{path} is damaged ({e}); restore it or build the index again") from None
+            raise IndexDamagedError(f"{path} is damaged ({e}); {RESTORE}") from None
         if not isinstance(m, dict):
-            raise IndexDamagedError(f"{path} is damaged (not a JSON object); restore it or build the index again")
+            raise IndexDamagedError(f"{path} is damaged (not a JSON object); {RESTORE}")
         return m
 
     def write_manifest(self, manifest: dict) -> None:
@@ -414,7 +415,7 @@ class Store:
         try:
             return np.load(path, mmap_mode="r")
         except (OSError, ValueError, EOFError) as e:
-            raise IndexDamagedError(f"shard {path} is missing or damaged ({e or 'empty'}); restore it or build the index again") from None
+            raise IndexDamagedError(f"shard {path} is missing or damaged ({e or 'empty'}); {RESTORE}") from None
 
     def embedded(self, split: str | None = None, block: int = 1 << 16) -> Layout:
         """Where the vectors of embedded images are, ordered by id. `split=None` means all.
@@ -455,7 +456,7 @@ class Store:
         d = self.dim or 0
         if len(all_ids) and not d:
             raise IndexDamagedError(f"{self.root / MANIFEST} is missing or has no dim, but the catalog holds vectors; "
-                                    "restore it or build the index again")
+                                    f"{RESTORE}")
         out = np.empty((len(all_ids), d), dtype=np.float16)  # [n, d]
         for k, name in enumerate(lay.names):
             sel = np.flatnonzero(shard_idx == k)

@@ -172,6 +172,31 @@ def test_variant_neighbourhoods_match_brute_force():
     np.testing.assert_allclose(typicality(X, 20, block=64), (1 / dist) / (1 / dist).max(), rtol=1e-5)
 
 
+def test_oracle_uncertainty_is_each_unlabeled_images_true_error(tmp_path):
+    """hybrid-oracle's u against per-image IoU and wrong-pixel counts written out in numpy."""
+    import numpy as np
+
+    al = load_benchmark()
+    from _al_data import DataCfg, make_data
+    from _al_model import load, predict, save, train
+
+    data = make_data(DataCfg(n_seed=12, n_pool=40, n_test=8, mean_copies=2.0))
+    with al.torch_restored():
+        save(train(data["seed"].images, data["seed"].masks, 20, 0), tmp_path / "m.pt")
+        z = {"pool_images": data["pool"].images, "pool_masks": data["pool"].masks}
+        picked = [3, 17, 39]
+        iou, pixels = (al.oracle_uncertainty(tmp_path / "m.pt", z, picked, kind) for kind in ("iou", "pixels"))
+        pred = predict(load(tmp_path / "m.pt"), z["pool_images"])
+    rest = [i for i in range(40) if i not in picked]
+    assert list(iou) == list(pixels) == [f"pool_{i:05d}.png" for i in rest]  # the unlabeled images only
+    for i in rest:
+        p, t = pred[i], z["pool_masks"][i]
+        per_class = [((p == c) & (t == c)).sum() / ((p == c) | (t == c)).sum() for c in (1, 2) if ((p == c) | (t == c)).any()]
+        assert iou[f"pool_{i:05d}.png"] == pytest.approx(1 - np.mean(per_class) if per_class else 1.0)
+        assert pixels[f"pool_{i:05d}.png"] == int((p != t).sum())
+    assert len(set(iou.values())) > 1 and len(set(pixels.values())) > 1  # a real ranking, not a constant
+
+
 def test_seed_copies_gives_a_seed_of_distinct_scenes():
     """--seed-copies 1: a seed of distinct scenes from the seed's domains, and a work dir of
     its own; the default's work dirs keep their names."""
