@@ -127,7 +127,7 @@ def iou_counts(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 def image_errors(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """[n] per-image error: 1 - the mean IoU of the foreground classes that appear in the
-    prediction or the truth (1 if neither class appears in either)."""
+    prediction or the truth (0 if neither class appears in either: nothing to get wrong)."""
     return np.array([1 - np.mean([c[0] / c[1] for c in iou_counts(p, t) if c[1]] or [1.0])
                      for p, t in zip(pred, truth)])
 

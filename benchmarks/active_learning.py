@@ -370,7 +370,8 @@ def run_strategy(cfg: BenchCfg, seed: int, strategy: str, work: Path) -> list[di
         elif strategy in NEEDS_U:
             if r > 1 or cfg.top_percent != TOP_PERCENT:  # round 1: index0 was scored at TOP_PERCENT
                 score_uncertainty(index, weights, cfg)
-            u = mc_uncertainty(index) if cfg.embedding == "model" else None
+            if cfg.embedding == "model" and strategy not in NO_VECTORS:  # carried into the feature index
+                u = mc_uncertainty(index)
         out = run / f"select_r{r}.csv"
         if cfg.embedding == "model" and strategy not in NO_VECTORS:
             fi = feature_index(run / f"features_r{r}", weights, z, picked, u)

@@ -1,4 +1,5 @@
 """`python -m novelty ...`: the same CLI as the `novelty` script."""
 from .cli import app
 
-app(prog_name="novelty")
+if __name__ == "__main__":
+    app(prog_name="novelty")

@@ -213,7 +213,7 @@ def sample(
     except OSError as e:
         raise ConfigError(f"cannot write into {out}: {e.strerror or e}") from None
     extra = f"{c['copies']} exact copy of a labeled image" + (f" and {c['broken']} broken files" if c.get("broken") else "")
-    typer.echo(f"wrote {c['labeled']} labeled and {c['unlabeled']} unlabeled images to {out}, and among the unlabeled {extra}")
+    typer.echo(f"wrote {c['labeled']} labeled and {c['unlabeled']} unlabeled images to {out}, plus, in unlabeled/, {extra}")
 
 
 # --------------------------------------------------------------------------- select

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, NoveltyError
+from .errors import IndexBusyError, InputError, NoveltyError
 from .sources import list_path, record
 from .store import create_store
 
@@ -114,16 +114,18 @@ def import_embeddings(root: Path, vectors_file: Path, ids_file: Path, split: str
             if other:
                 raise InputError(f"{len(other)} of these are already in the index as {'imported ids' if paths else 'image paths'}, "
                                  f"e.g. {other[0]!r}; nothing was imported")
-            n = store.add_imported(ids, normalised_blocks(X), split, files)  # all or nothing
-            # recorded once the vectors are in: a refused import leaves no history line
-            run = store.start_run("import", {"vectors": str(Path(vectors_file).resolve()), "ids": str(Path(ids_file).resolve()),
-                                             "split": split, "model": model, "paths": paths})
+            # all or nothing, with its history line: a refused import leaves neither
+            run = store.add_imported(ids, normalised_blocks(X), split, files, run_params={
+                "vectors": str(Path(vectors_file).resolve()), "ids": str(Path(ids_file).resolve()),
+                "split": split, "model": model, "paths": paths})
             from . import vectors
 
             vectors.build(store)
-            store.finish_run(run, {"imported": n, "missing_files": len(missing)})
+            store.finish_run(run, {"imported": len(ids), "missing_files": len(missing)})
+    except IndexBusyError:
+        raise  # another writer's index, whether it existed a moment ago or not: never ours to remove
     except NoveltyError:
         if fresh:  # a refused first import leaves no index behind (its dim would bind the next import)
             shutil.rmtree(root, ignore_errors=True)
         raise
-    return Imported(n, missing)
+    return Imported(len(ids), missing)

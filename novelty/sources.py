@@ -83,12 +83,17 @@ def scan(labeled: Sequence[Path], unlabeled: Sequence[Path]) -> Iterator[ImageRe
 
 
 def check_sources(labeled: Sequence[Path], unlabeled: Sequence[Path]) -> None:
-    """Fail fast, before any work, on a source that does not exist or is given to both
-    splits (all its images would count as labeled: a source nested in another is fine)."""
+    """Fail fast, before any work, on a source that does not exist, or on an unlabeled
+    source that is a labeled folder or lies inside one: every image in it would count as
+    labeled. A labeled folder inside the unlabeled one is fine (its images are labeled,
+    the rest unlabeled)."""
     for p in (*labeled, *unlabeled):
         if not Path(p).exists():
             raise SourceError(f"source {p} does not exist")
-    both = {Path(p).resolve() for p in labeled} & {Path(p).resolve() for p in unlabeled}
-    if both:
-        raise SourceError(f"source {sorted(both)[0]} is given as both --labeled and --unlabeled; "
-                          f"give it to one split (images in both count as labeled)")
+    for u in unlabeled:
+        for lab in labeled:
+            ru, rl = Path(u).resolve(), Path(lab).resolve()
+            if ru == rl or (rl.is_dir() and ru.is_relative_to(rl)):
+                how = "is also given as --labeled" if ru == rl else f"lies inside --labeled {lab}"
+                raise SourceError(f"--unlabeled {u} {how}: every image in it would count as labeled; "
+                                  f"give each folder to one split")

@@ -361,14 +361,16 @@ class Store:
         os.replace(tmp, path)
 
     def add_imported(self, keys: Sequence[str], blocks: Iterable[np.ndarray], split: str,
-                     files: Sequence[tuple[int, float] | None] | None = None) -> int:
+                     files: Sequence[tuple[int, float] | None] | None = None, run_params: dict | None = None) -> int | None:
         """Add vectors computed elsewhere under their own ids (`keys`), all or nothing.
 
         `blocks` yields unit-norm [b, d] arrays whose rows follow `keys`; each becomes
         a shard, and one transaction commits them all. An exception from `blocks` (a
         validation error) removes what was written and adds nothing. With `files` (one
         (size, mtime) or None per key), the keys are absolute image paths and are stored
-        as paths, so `uncertainty`, `report` and path look-ups can open the images."""
+        as paths, so `uncertainty`, `report` and path look-ups can open the images.
+        With `run_params`, the same transaction records an "import" run and its id is
+        returned: the history has the import exactly when the vectors are in."""
         if split not in SPLITS:
             raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         column = "ext_id" if files is None else "path"
@@ -396,7 +398,10 @@ class Store:
                 ((e, split, *(st or (None, None)), name, r, now) for e, st, (name, r) in zip(keys, stats, rows)),
             )
             self._bump_version()
-        return len(keys)
+            if run_params is not None:
+                return db.execute("INSERT INTO runs(kind, params, started) VALUES ('import',?,?)",
+                                  (json.dumps(run_params, sort_keys=True), now)).lastrowid
+        return None
 
     def existing_keys(self, column: str, keys: Sequence[str]) -> list[str]:
         """Those of `keys` that the catalog holds in `column` (ext_id or path)."""

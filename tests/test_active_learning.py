@@ -178,7 +178,7 @@ def test_oracle_uncertainty_is_each_unlabeled_images_true_error(tmp_path):
 
     al = load_benchmark()
     from _al_data import DataCfg, make_data
-    from _al_model import load, predict, save, train
+    from _al_model import image_errors, load, predict, save, train
 
     data = make_data(DataCfg(n_seed=12, n_pool=40, n_test=8, mean_copies=2.0))
     with al.torch_restored():
@@ -192,9 +192,11 @@ def test_oracle_uncertainty_is_each_unlabeled_images_true_error(tmp_path):
     for i in rest:
         p, t = pred[i], z["pool_masks"][i]
         per_class = [((p == c) & (t == c)).sum() / ((p == c) | (t == c)).sum() for c in (1, 2) if ((p == c) | (t == c)).any()]
-        assert iou[f"pool_{i:05d}.png"] == pytest.approx(1 - np.mean(per_class) if per_class else 1.0)
+        assert iou[f"pool_{i:05d}.png"] == pytest.approx(1 - np.mean(per_class) if per_class else 0.0)
         assert pixels[f"pool_{i:05d}.png"] == int((p != t).sum())
     assert len(set(iou.values())) > 1 and len(set(pixels.values())) > 1  # a real ranking, not a constant
+    blank = np.zeros((1, 8, 8), np.uint8)  # no object in the truth nor the prediction: nothing wrong
+    assert image_errors(blank, blank).tolist() == [0.0] and image_errors(blank, blank + 1).tolist() == [1.0]
 
 
 def test_seed_copies_gives_a_seed_of_distinct_scenes():

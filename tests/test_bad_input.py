@@ -1,6 +1,7 @@
 """Bad arguments and files found by fuzzing the CLI (session 9): each is one line on
 stderr and a non-zero exit, before any work, and nothing is recorded or moved."""
 import csv
+import shutil
 
 import numpy as np
 import pytest
@@ -50,16 +51,31 @@ def test_sample_into_an_empty_name_is_refused(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())  # nothing written into the current folder
     r = run("sample", "s", "--n-labeled", 2, "--n-unlabeled", 3)
     assert r.exit_code == 0 and "wrote 2 labeled and 3 unlabeled images to s" in r.output, r.output
-    assert "1 exact copy of a labeled image and 3 broken files" in r.output
+    assert "plus, in unlabeled/, 1 exact copy of a labeled image and 3 broken files" in r.output
     assert len(list((tmp_path / "s" / "unlabeled").iterdir())) == 3 + 1 + 3
 
 
-def test_one_source_for_both_splits_is_refused(tmp_path, sample_dir):
+def test_an_unlabeled_source_in_a_labeled_folder_is_refused(tmp_path, sample_dir):
     idx = tmp_path / "idx"
+    enc = ("--model", TINY, "--pretrained", "none", "--index", idx)
     src = sample_dir / "unlabeled"
-    one_line_error(run("build-index", "--labeled", src, "--unlabeled", sample_dir / ".." / sample_dir.name / "unlabeled",
-                       "--model", TINY, "--pretrained", "none", "--index", idx), 2, "given as both --labeled and --unlabeled")
-    assert not idx.exists()
+    (tmp_path / "link").symlink_to(src)
+    for lab, unl, words in ((src, sample_dir / ".." / sample_dir.name / "unlabeled", "is also given as --labeled"),
+                            (tmp_path / "link", src, "is also given as --labeled"),
+                            (sample_dir, src, f"lies inside --labeled {sample_dir}")):
+        one_line_error(run("build-index", "--labeled", lab, "--unlabeled", unl, *enc), 2, f"--unlabeled {unl} {words}")
+        assert not idx.exists()
+    # the other way round is how a labeled subset of one folder is indexed: allowed
+    (tmp_path / "all").mkdir()
+    shutil.copytree(sample_dir / "labeled", tmp_path / "all" / "lab")
+    few = sorted(src.glob("unlabeled_0000*.jpg"))
+    for f in few:
+        shutil.copy(f, tmp_path / "all" / f.name)
+    r = run("build-index", "--labeled", tmp_path / "all" / "lab", "--unlabeled", tmp_path / "all", *enc)
+    assert r.exit_code == 0, r.output
+    with open_store(idx) as st:
+        n = dict(st.db.execute("SELECT split, COUNT(*) FROM images GROUP BY split").fetchall())
+    assert n == {"labeled": len(list((sample_dir / "labeled").iterdir())), "unlabeled": len(few)}, n
 
 
 @pytest.mark.parametrize("args, words", [
@@ -199,16 +215,37 @@ def test_a_refused_import_into_an_index_leaves_no_history_line(tmp_path):
     Y = rng.normal(size=(2, 8)).astype(np.float32)
     Y[0, 0] = np.inf
     np.save(tmp_path / "inf.npy", Y)
+    np.save(tmp_path / "zero.npy", np.stack([rng.normal(size=8), np.zeros(8)]).astype(np.float32))
     (tmp_path / "ids.txt").write_text("a\nb\n")
     (tmp_path / "new.txt").write_text("c\nd\n")
     idx = tmp_path / "idx"
     assert run("import-embeddings", tmp_path / "v.npy", "--ids", tmp_path / "ids.txt", "--split", "unlabeled", "--index", idx).exit_code == 0
-    for vectors, ids, words in (("v.npy", "ids.txt", "already in the index"), ("inf.npy", "new.txt", "NaN or inf")):
+    for vectors, ids, words in (("v.npy", "ids.txt", "already in the index"), ("inf.npy", "new.txt", "NaN or inf"),
+                                ("zero.npy", "new.txt", "all zeros")):  # the last is refused inside the store's write
         one_line_error(run("import-embeddings", tmp_path / vectors, "--ids", tmp_path / ids, "--split", "unlabeled",
                            "--index", idx), 2, words)
     assert runs(idx, "import") == 1
     r = run("info", "--index", idx)
     assert r.exit_code == 0 and "interrupted" not in r.output, r.output
+
+
+def test_a_first_import_that_finds_the_index_busy_removes_nothing(tmp_path, monkeypatch):
+    """Another writer made and locked the folder between the import's look and its open:
+    the import's clean-up of a refused first import must not delete that writer's index."""
+    from novelty import importer
+    from novelty.errors import IndexBusyError
+
+    def busy(root):
+        root.mkdir()
+        (root / "theirs").write_text("x")
+        raise IndexBusyError(f"another novelty process is writing {root}; wait for it to finish")
+
+    monkeypatch.setattr(importer, "create_store", busy)
+    np.save(tmp_path / "v.npy", np.ones((1, 4), np.float32))
+    (tmp_path / "ids.txt").write_text("a\n")
+    one_line_error(run("import-embeddings", tmp_path / "v.npy", "--ids", tmp_path / "ids.txt", "--split", "unlabeled",
+                       "--index", tmp_path / "idx"), 5, "another novelty process")
+    assert (tmp_path / "idx" / "theirs").exists()
 
 
 def test_uncertainty_on_vectors_without_images_is_refused_up_front(tmp_path):
