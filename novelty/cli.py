@@ -148,9 +148,11 @@ def build_index(
     workers: Annotated[int, typer.Option(help="Decode worker processes; -1 chooses from the device.", min=-1)] = -1,
     shard_size: Annotated[int, typer.Option(help="Images per shard (the unit of work and of loss on a crash).", min=1)] = 4096,
     retry_failed: Annotated[bool, typer.Option(help="Try images that failed before again.")] = False,
+    part: Annotated[Optional[str], typer.Option(metavar="K/N", help="Only part K of N of the images (split by a hash of the path), into this machine's own --index; `novelty merge` joins the parts.")] = None,
 ):
     """Embed labeled and unlabeled images into the index. Re-run to resume or to add sources."""
     from .indexer import build_index as run
+    from .sources import parse_part
 
     if not labeled and not unlabeled:
         raise ConfigError("give at least one --labeled or --unlabeled source")
@@ -159,13 +161,14 @@ def build_index(
         reader=ReaderCfg(batch_size=batch_size, workers=workers),
         shard_size=shard_size,
         retry_failed=retry_failed,
+        part=parse_part(part) if part is not None else None,
     )
     bar = progress_bar("embedding")
     try:
         s = run(index, labeled or [], unlabeled or [], cfg, progress_factory=bar)
     finally:
         bar.close()
-    typer.echo(f"index {index}: {s.scanned} images scanned, {s.new} new, {s.changed} changed, {s.unchanged} unchanged"
+    typer.echo(f"index {index}{f' (part {part})' if part else ''}: {s.scanned} images scanned, {s.new} new, {s.changed} changed, {s.unchanged} unchanged"
                + (f", {s.resumed} resumed from an interrupted run" if s.resumed else ""))
     typer.echo(f"  embedded  {s.embedded} in {s.embed_seconds:.1f}s ({s.rate:.1f} img/s), {s.shards} shard(s); run took {s.seconds:.1f}s")
     typer.echo(f"  skipped   {s.unchanged} unchanged" + (f", {s.moved} moved to another split" if s.moved else ""))
@@ -173,6 +176,29 @@ def build_index(
     typer.echo(f"  failed    {s.failed}" + (f" ({reasons})" if reasons else ""))
     if s.duplicate_groups:
         typer.echo(f"  duplicates {s.duplicate_images} images are byte-identical copies in {s.duplicate_groups} group(s)")
+
+
+@command
+def merge(
+    parts: Annotated[list[Path], typer.Argument(metavar="PART...", help="Index directories to merge, e.g. those of build-index --part K/N.")],
+    index: IndexOpt = DEFAULT_INDEX,
+):
+    """Join indexes built apart (build-index --part K/N on several machines) into --index. Re-run to resume."""
+    from .merge import merge_indexes
+
+    bar = progress_bar("merging", unit="part")
+    try:
+        s = merge_indexes(index, parts, progress_factory=bar)
+    finally:
+        bar.close()
+    for p in s.parts:
+        typer.echo(f"  {p.path}{f' (part {p.part})' if p.part else ''}: {p.added} added, {p.present} already in"
+                   + (f", {p.replaced} replaced a failed or pending row" if p.replaced else "")
+                   + (f", {p.moved} moved to labeled" if p.moved else "") + f"; {p.shards} shard(s) copied")
+    typer.echo(f"index {index}: {s.labeled} labeled and {s.unlabeled} unlabeled embedded, {s.failed} failed; "
+               f"{len(s.parts)} index(es) merged in {s.seconds:.1f}s")
+    if s.missing_parts:
+        err(f"warning: part(s) {', '.join(s.missing_parts[:8])}{' …' if len(s.missing_parts) > 8 else ''} are not merged yet")
 
 
 @command

@@ -33,3 +33,4 @@ class BuildCfg:
     shard_size: int = 4096  # images per shard: the unit of work and of loss on a crash
     shard_seconds: float = 120.0  # also close a shard after this long, so slow CPUs lose little
     retry_failed: bool = False
+    part: tuple[int, int] | None = None  # (K, N): only the images in part K of N (sources.in_part); merge joins the parts

@@ -116,7 +116,7 @@ def _build_index(root, labeled, unlabeled, cfg: BuildCfg, progress_factory) -> B
         store.update_manifest(versions=library_versions())
         run = store.start_run("build", {"labeled": [str(p) for p in labeled], "unlabeled": [str(p) for p in unlabeled],
                                         "cfg": asdict(cfg)})
-        counts = store.sync_sources(sources.scan(labeled, unlabeled), retry_failed=cfg.retry_failed)
+        counts = store.sync_sources(sources.scan(labeled, unlabeled, cfg.part), retry_failed=cfg.retry_failed)
         pending = store.pending_ids()
         s = BuildSummary(scanned=counts["scanned"], new=counts["new"], changed=counts["changed"], moved=counts["moved"])
         s.resumed = max(0, len(pending) - s.new - s.changed)  # left pending by an interrupted run

@@ -206,6 +206,8 @@ def run_notes(store: Store, run_ids: list[int]) -> dict[int, str]:
             notes[rid] = f"{s['embedded']} embedded, {s.get('failed', 0)} failed"
         elif kind == "import" and "imported" in s:
             notes[rid] = f"{s['imported']} vectors"
+        elif kind == "merge" and "added" in s:
+            notes[rid] = f"{s['added']} added from {s.get('path')}" + (f" (part {s['part']})" if s.get("part") else "")
         elif kind == "uncertainty" and "scored" in s:
             notes[rid] = f"{s['scored']} scored"
     return notes

@@ -2,13 +2,14 @@
 file (one path per line, relative paths against the list's folder), or one image."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .config import IMAGE_EXTENSIONS
-from .errors import SourceError
+from .errors import ConfigError, SourceError
 from .store import ImageRecord
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,31 @@ def _read_list(list_file: Path) -> Iterator[str]:
         raise SourceError(f"{list_file} is not a directory, an image, or a UTF-8 list of image paths") from None
 
 
-def iter_source(src: Path, split: str) -> Iterator[ImageRecord]:
-    """Records for one SRC. Raises SourceError when it is missing or holds no image."""
+def parse_part(text: str) -> tuple[int, int]:
+    """'K/N' -> (K, N), 1 <= K <= N: this machine's share of the images (build-index --part)."""
+    k, sep, n = text.partition("/")
+    try:
+        part = (int(k), int(n))
+    except ValueError:
+        part = None
+    if not sep or part is None or not 1 <= part[0] <= part[1] or part[1] > 1_000_000:
+        raise ConfigError(f"--part must be K/N with 1 <= K <= N (e.g. 2/8), got {text!r}")
+    return part
+
+
+def in_part(path: str, part: tuple[int, int] | None) -> bool:
+    """Whether an absolute path falls in part K of N. By a hash of the path, so every
+    machine that lists the same files splits them the same way, and a path given under
+    both splits lands in one part, where labeled wins as usual."""
+    if part is None:
+        return True
+    digest = hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % part[1] == part[0] - 1
+
+
+def iter_source(src: Path, split: str, part: tuple[int, int] | None = None) -> Iterator[ImageRecord]:
+    """Records for one SRC (with `part`, only the paths in it: the others are not even
+    stat'ed). Raises SourceError when it is missing or holds no image."""
     src = Path(src)
     if not src.exists():
         raise SourceError(f"source {src} does not exist")
@@ -68,18 +92,20 @@ def iter_source(src: Path, split: str) -> Iterator[ImageRecord]:
     n = 0
     for p in paths:
         n += 1
-        yield record(os.path.abspath(p), split)
+        p = os.path.abspath(p)
+        if in_part(p, part):
+            yield record(p, split)
     if n == 0:
         kind = "directory" if src.is_dir() else "list file"
         raise SourceError(f"{kind} {src} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
 
 
-def scan(labeled: Sequence[Path], unlabeled: Sequence[Path]) -> Iterator[ImageRecord]:
-    """Records for every source of both splits."""
+def scan(labeled: Sequence[Path], unlabeled: Sequence[Path], part: tuple[int, int] | None = None) -> Iterator[ImageRecord]:
+    """Records for every source of both splits (with `part`, of that part only)."""
     for src in labeled:
-        yield from iter_source(src, "labeled")
+        yield from iter_source(src, "labeled", part)
     for src in unlabeled:
-        yield from iter_source(src, "unlabeled")
+        yield from iter_source(src, "unlabeled", part)
 
 
 def check_sources(labeled: Sequence[Path], unlabeled: Sequence[Path]) -> None:

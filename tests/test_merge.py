@@ -1,0 +1,166 @@
+"""build-index --part K/N on "several machines" and merge: the parts split the images
+between them, and the merged index holds what one build of everything holds, vector for
+vector; a merge resumes after a kill and never adds a row twice."""
+import shutil
+
+import numpy as np
+import pytest
+
+from novelty.sources import in_part, parse_part
+from novelty.store import open_store
+from tests.conftest import TINY, TINY_WIDE, run
+
+ENC = ("--model", TINY, "--pretrained", "none", "--device", "cpu", "--workers", 0)
+
+
+def build(idx, sample_dir, *extra, model=TINY):
+    r = run("build-index", "--labeled", sample_dir / "labeled", "--unlabeled", sample_dir / "unlabeled",
+            "--model", model, "--pretrained", "none", "--device", "cpu", "--workers", 0, "--index", idx, *extra)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def catalog(idx) -> dict[str, tuple]:
+    """path -> (split, status, reason, hash, vector or None)."""
+    with open_store(idx) as st:
+        rows = st.db.execute("SELECT id, path, split, status, reason, hash FROM images").fetchall()
+        ids, X = st.vectors()
+    vec = dict(zip(ids.tolist(), np.asarray(X, np.float32)))
+    return {p: (sp, status, reason, h, vec.get(i)) for i, p, sp, status, reason, h in rows}
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory, sample_dir):
+    tmp = tmp_path_factory.mktemp("merge")
+    build(tmp / "whole", sample_dir)
+    for k in (1, 2, 3):
+        build(tmp / f"p{k}", sample_dir, "--part", f"{k}/3")
+    return tmp
+
+
+def test_parts_split_the_images_by_path(parts):
+    whole = catalog(parts / "whole")
+    got = [set(catalog(parts / f"p{k}")) for k in (1, 2, 3)]
+    assert set.union(*got) == set(whole) and sum(map(len, got)) == len(whole)  # disjoint, and all of them
+    assert all(len(g) for g in got)
+    for k, g in zip((1, 2, 3), got):
+        assert all(in_part(p, (k, 3)) for p in g)
+
+
+def test_merged_parts_equal_one_build_of_everything(parts, tmp_path):
+    out = tmp_path / "all"
+    r = run("merge", parts / "p2", parts / "p1", parts / "p3", "--index", out)
+    assert r.exit_code == 0, r.output
+    whole, merged = catalog(parts / "whole"), catalog(out)
+    assert set(merged) == set(whole)
+    for path, (split, status, reason, h, v) in whole.items():
+        m = merged[path]
+        assert m[:4] == (split, status, reason, h), path
+        if v is None:
+            assert m[4] is None
+        else:  # the same image through the same encoder, in other batches: equal to float16 rounding
+            np.testing.assert_allclose(m[4], v, atol=2e-3)
+    n_lab = sum(1 for s, st, *_ in whole.values() if s == "labeled" and st == "embedded")
+    assert f"index {out}: {n_lab} labeled" in r.output and "warning" not in r.output
+    # the FAISS index is current and finds each vector's own image first
+    with open_store(out) as st:
+        from novelty import vectors
+
+        assert vectors.is_current(st)
+    r = run("select", "--budget", 5, "--index", out, "--out", tmp_path / "sel.csv")
+    assert r.exit_code == 0, r.output
+    # merging again adds nothing; the history has one line per merged part
+    r = run("merge", parts / "p1", parts / "p2", parts / "p3", "--index", out)
+    assert r.exit_code == 0 and r.output.count(" 0 added") == 3, r.output
+    assert catalog(out).keys() == merged.keys()
+    info = run("info", "--index", out).output
+    assert info.count("  merge  ") == 6 and "(part 2/3)" in info and "interrupted" not in info
+
+
+def test_a_missing_part_is_named(parts, tmp_path):
+    r = run("merge", parts / "p1", parts / "p3", "--index", tmp_path / "all")
+    assert r.exit_code == 0 and "warning: part(s) 2/3 are not merged yet" in r.output, r.output
+
+
+def test_a_killed_merge_resumes(parts, tmp_path, monkeypatch):
+    from novelty.store import Store
+
+    out = tmp_path / "all"
+    real, calls = Store.write_shard_file, []
+
+    def dies_on_the_second_shard(self, name, vectors):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process is killed while it copies part 2's shard
+        return real(self, name, vectors)
+
+    monkeypatch.setattr(Store, "write_shard_file", dies_on_the_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        from novelty.merge import merge_indexes
+
+        merge_indexes(out, [parts / "p1", parts / "p2", parts / "p3"])
+    monkeypatch.setattr(Store, "write_shard_file", real)
+    after_kill = catalog(out)
+    assert set(after_kill) == set(catalog(parts / "p1"))  # part 1 in, part 2 not at all
+    r = run("merge", parts / "p1", parts / "p2", parts / "p3", "--index", out)
+    assert r.exit_code == 0, r.output
+    assert set(catalog(out)) == set(catalog(parts / "whole"))
+    with open_store(out) as st:  # every shard file is one the catalog knows
+        known = {n for (n,) in st.db.execute("SELECT name FROM shards")}
+    assert {f.stem for f in (out / "shards").glob("*.npy")} == known
+
+
+def test_labeled_and_embedded_win(parts, tmp_path, sample_dir):
+    """An image unlabeled (or failed) in the target and labeled (or embedded) in a part."""
+    out = tmp_path / "all"
+    shutil.copytree(parts / "p1", out)
+    with open_store(out, writable=True) as st:
+        a, b = st.db.execute("SELECT id FROM images WHERE status='embedded' AND split='unlabeled' LIMIT 2").fetchall()
+        with st.transaction() as db:
+            db.execute("UPDATE images SET status='failed', reason='truncated', shard=NULL, row=NULL WHERE id=?", a)
+            db.execute("UPDATE images SET split='labeled' WHERE id=?", b)  # labeled here, so nothing to move
+        pa = st.path_of(a[0])
+    src = tmp_path / "src"
+    shutil.copytree(parts / "p1", src)
+    with open_store(src, writable=True) as st:
+        c = st.db.execute("SELECT id FROM images WHERE status='embedded' AND split='unlabeled' AND id NOT IN (?, ?) LIMIT 1",
+                          (a[0], b[0])).fetchone()
+        with st.transaction() as db:
+            db.execute("UPDATE images SET split='labeled' WHERE id=?", c)
+        pc = st.path_of(c[0])
+    r = run("merge", src, "--index", out)
+    assert r.exit_code == 0 and "1 replaced" in r.output and "1 moved to labeled" in r.output, r.output
+    got = catalog(out)
+    assert got[pa][1] == "embedded" and got[pa][2] is None and got[pa][4] is not None
+    assert got[pc][0] == "labeled"
+    assert len(got) == len(catalog(parts / "p1"))
+
+
+@pytest.mark.parametrize("text", ["0/3", "4/3", "3", "a/b", "1/0", "-1/2", "1/2/3"])
+def test_bad_part_values(text, tmp_path, sample_dir):
+    r = run("build-index", "--labeled", sample_dir / "labeled", *ENC, "--part", text, "--index", tmp_path / "i")
+    assert r.exit_code == 2 and "--part must be K/N" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "i").exists()
+
+
+def test_parse_part():
+    assert parse_part("2/8") == (2, 8) and parse_part("1/1") == (1, 1)
+
+
+def test_bad_merges_change_nothing(parts, tmp_path, sample_dir):
+    wide = tmp_path / "wide"
+    build(wide, sample_dir, "--part", "1/3", model=TINY_WIDE)
+    out = tmp_path / "all"
+    for args, code, words in (
+        ((parts / "p1", wide), 3, "different encoders"),
+        ((parts / "p1", tmp_path / "none"), 3, "no index"),
+        ((parts / "p1", parts / "p1"), 2, "given twice"),
+        ((out,), 2, "the target --index itself"),
+    ):
+        r = run("merge", *args, "--index", out)
+        assert r.exit_code == code and words in r.output and len(r.output.strip().splitlines()) == 1, (args, r.output)
+        assert not out.exists()
+    assert run("merge", parts / "p1", "--index", out).exit_code == 0
+    r = run("merge", wide, "--index", out)  # into an index of another encoder
+    assert r.exit_code == 3 and "refusing vectors" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert set(catalog(out)) == set(catalog(parts / "p1"))
