@@ -192,9 +192,15 @@ def merge(
     finally:
         bar.close()
     for p in s.parts:
-        typer.echo(f"  {p.path}{f' (part {p.part})' if p.part else ''}: {p.added} added, {p.present} already in"
-                   + (f", {p.replaced} replaced a failed or pending row" if p.replaced else "")
+        held = f" (part {', '.join(p.held)})" if p.held else ""
+        typer.echo(f"  {p.path}{held}: {p.added} added, {p.present} already in"
+                   + (f", {p.replaced} replaced a failed row or an older copy" if p.replaced else "")
                    + (f", {p.moved} moved to labeled" if p.moved else "") + f"; {p.shards} shard(s) copied")
+        if p.pending:
+            err(f"warning: {p.pending} image(s) of {p.path} are not embedded yet and were left out: finish its build-index and merge again")
+        if p.clashes:
+            err(f"warning: {p.clashes} image(s) of {p.path} are in {index} under the other kind of key "
+                f"(an imported id there, a path here, or the reverse) and were left out")
     typer.echo(f"index {index}: {s.labeled} labeled and {s.unlabeled} unlabeled embedded, {s.failed} failed; "
                f"{len(s.parts)} index(es) merged in {s.seconds:.1f}s")
     if s.missing_parts:

@@ -207,7 +207,7 @@ def run_notes(store: Store, run_ids: list[int]) -> dict[int, str]:
         elif kind == "import" and "imported" in s:
             notes[rid] = f"{s['imported']} vectors"
         elif kind == "merge" and "added" in s:
-            notes[rid] = f"{s['added']} added from {s.get('path')}" + (f" (part {s['part']})" if s.get("part") else "")
+            notes[rid] = f"{s['added']} added from {s.get('path')}" + (f" (part {', '.join(s['held'])})" if s.get("held") else "")
         elif kind == "uncertainty" and "scored" in s:
             notes[rid] = f"{s['scored']} scored"
     return notes

@@ -9,9 +9,12 @@ time it is opened for writing), and running the same command again merges what i
 left: rows already in the target are not added twice.
 
 Row by row, a part's image joins the target unless the target already holds its path
-(or imported id). Then the embedded one of the two wins over a failed or pending one,
-and labeled wins over unlabeled, as it does when one build-index run sees a path under
-both splits; otherwise the target's row stays. Scores, selections and mark-labeled history stay in the parts: they refer
+(or imported id). Then the embedded one of the two wins over a failed one; of two
+embedded copies of a file, the one seen with the newer mtime (a part rebuilt after the
+file changed); labeled wins over unlabeled, as it does when one build-index run sees a
+path under both splits; otherwise the target's row stays. Pending rows (a part whose
+build-index did not finish) are left out and named: finish that build and merge again.
+A part's shards are checked against its catalog before anything is copied. Scores, selections and mark-labeled history stay in the parts: they refer
 to the parts' own run ids.
 """
 from __future__ import annotations
@@ -24,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import vectors
-from .errors import ConfigError, IndexBusyError, IndexMismatchError, InputError
-from .store import Store, _describe, _encoder_key, create_store, open_store
+from .errors import ConfigError, IndexBusyError, IndexDamagedError, IndexMismatchError, InputError
+from .store import CATALOG, RESTORE, Store, _describe, _encoder_key, create_store, open_store
 
 _COLS = "path, ext_id, split, size, mtime, hash, status, reason, shard, row, added, labeled_at"
 
@@ -36,10 +39,12 @@ class PartSummary:
     rows: int = 0  # images in the part
     added: int = 0  # new to the target
     present: int = 0  # already there, nothing to take
-    replaced: int = 0  # the target's failed or pending row, now the part's embedded one
+    replaced: int = 0  # the target's failed row, or an older copy of the file, now the part's embedded one
     moved: int = 0  # unlabeled in the target, labeled in the part
+    pending: int = 0  # not embedded yet in the part: left out
+    clashes: int = 0  # the target holds the image under the other kind of key (imported id / path): left out
     shards: int = 0  # shard files copied
-    part: str | None = None  # "K/N" when the part was built with --part
+    held: list[str] = field(default_factory=list)  # the "K/N" parts of build-index --part this part holds
 
 
 @dataclass
@@ -52,13 +57,15 @@ class MergeSummary:
     seconds: float = 0.0
 
 
-def _built_parts(store: Store) -> set[tuple[int, int]]:
-    """The --part values the index's build runs used."""
+def held_parts(store: Store) -> set[tuple[int, int]]:
+    """The K/N parts an index holds: those its build runs used (build-index --part), and
+    those of every index merged into it whose build had finished."""
     out = set()
-    for (params,) in store.db.execute("SELECT params FROM runs WHERE kind='build'"):
-        part = json.loads(params).get("cfg", {}).get("part")
-        if part:
+    for kind, params in store.db.execute("SELECT kind, params FROM runs WHERE kind IN ('build', 'merge') AND finished IS NOT NULL"):
+        p = json.loads(params)
+        if kind == "build" and (part := p.get("cfg", {}).get("part")):
             out.add((int(part[0]), int(part[1])))
+        out |= {(int(k), int(n)) for k, n in p.get("held", [])}
     return out
 
 
@@ -78,27 +85,29 @@ def merge_indexes(root: Path, parts: Sequence[Path],
         if r in seen:
             raise ConfigError(f"{p} is given twice (as {seen[r]})")
         seen[r] = Path(p)
-    # every part is read and checked before the target is touched
-    encoders = []
+    # every part's encoder is checked before the target is touched
+    manifests = []
     for p in parts:
         with open_store(p) as st:
             m = st.manifest
-            if not m.get("encoder") or not m.get("dim"):
-                raise InputError(f"{p} holds no vectors yet (no encoder in its manifest); nothing was merged")
-            encoders.append((m["encoder"], int(m["dim"])))
-    enc0, dim0 = encoders[0]
-    for p, (enc, dim) in zip(parts, encoders):
-        if dim != dim0 or _encoder_key(enc) != _encoder_key(enc0):
-            raise IndexMismatchError(f"{p} holds vectors from {_describe(enc, dim)}, {parts[0]} from "
+        if not m.get("encoder") or not m.get("dim"):
+            raise InputError(f"{p} holds no vectors yet (no encoder in its manifest); nothing was merged")
+        manifests.append(m)
+    enc0, dim0 = manifests[0]["encoder"], int(manifests[0]["dim"])
+    for p, m in zip(parts, manifests):
+        if int(m["dim"]) != dim0 or _encoder_key(m["encoder"]) != _encoder_key(enc0):
+            raise IndexMismatchError(f"{p} holds vectors from {_describe(m['encoder'], int(m['dim']))}, {parts[0]} from "
                                      f"{_describe(enc0, dim0)}; indexes of different encoders cannot be merged")
     s = MergeSummary()
     fresh = not root.exists()
     try:
         with create_store(root) as out:
             out.check_encoder(enc0, dim0)
+            if "versions" in manifests[0] and "versions" not in out.manifest:
+                out.update_manifest(versions=manifests[0]["versions"])
             progress = progress_factory(len(parts)) if progress_factory else None
             for p in parts:
-                s.parts.append(_merge_part(out, Path(p)))
+                s.parts.append(_merge_part(out, Path(p), dim0))
                 if progress:
                     progress(1)
             if out.vectors_version and not vectors.is_current(out):
@@ -107,56 +116,87 @@ def merge_indexes(root: Path, parts: Sequence[Path],
                 "SELECT COUNT(*) FROM images WHERE status='embedded' AND split='labeled'",
                 "SELECT COUNT(*) FROM images WHERE status='embedded' AND split='unlabeled'",
                 "SELECT COUNT(*) FROM images WHERE status='failed'"))
-            # which K/N the target holds (its own build runs, and every part merged into it, now or before)
-            held = _built_parts(out)
-            for (params,) in out.db.execute("SELECT params FROM runs WHERE kind='merge'"):
-                if part := json.loads(params).get("part"):
-                    held.add(tuple(int(x) for x in part.split("/")))
+            held = held_parts(out)
             for n in sorted({n for _, n in held}):
                 s.missing_parts += [f"{k}/{n}" for k in range(1, n + 1) if (k, n) not in held]
     except IndexBusyError:
         raise
     except BaseException:
-        if fresh and not s.parts:  # refused or stopped before any part went in: leave nothing
+        if fresh and _holds_nothing(root):  # refused or stopped before any part went in: leave nothing
             shutil.rmtree(root, ignore_errors=True)
         raise
     s.seconds = time.monotonic() - t0
     return s
 
 
-def _merge_part(out: Store, part: Path) -> PartSummary:
+def _holds_nothing(root: Path) -> bool:
+    if not (root / CATALOG).exists():
+        return True
+    try:
+        with open_store(root) as st:
+            return st.db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0
+    except Exception:  # noqa: BLE001 - whatever it is, it is not ours to delete
+        return False
+
+
+def _lookup(out: Store, column: str, keys: list[str]) -> dict[str, tuple]:
+    """key -> (id, status, split, size, mtime, hash) of the target's rows whose `column` is one of `keys`."""
+    found = {}
+    for start in range(0, len(keys), 500):
+        chunk = keys[start:start + 500]
+        q = f"SELECT {column}, id, status, split, size, mtime, hash FROM images WHERE {column} IN ({','.join('?' * len(chunk))})"
+        found.update((r[0], r[1:]) for r in out.db.execute(q, chunk))
+    return found
+
+
+def _merge_part(out: Store, part: Path, dim: int) -> PartSummary:
     with open_store(part) as src:
         rows = src.db.execute(f"SELECT {_COLS} FROM images ORDER BY id").fetchall()
-        shards = {name: (n, dim, created) for name, n, dim, created in src.db.execute("SELECT name, n, dim, created FROM shards")}
-        built = sorted(_built_parts(src))
-        ps = PartSummary(str(part.resolve()), len(rows), part=f"{built[0][0]}/{built[0][1]}" if len(built) == 1 else None)
-        have: dict[tuple[str, str], tuple[int, str, str]] = {}  # (column, key) -> (id, status, split)
-        for column in ("path", "ext_id"):
-            keys = [r[0 if column == "path" else 1] for r in rows if r[0 if column == "path" else 1] is not None]
-            for start in range(0, len(keys), 500):
-                chunk = keys[start:start + 500]
-                q = f"SELECT {column}, id, status, split FROM images WHERE {column} IN ({','.join('?' * len(chunk))})"
-                have.update(((column, k), (i, st, sp)) for k, i, st, sp in out.db.execute(q, chunk))
-        add, replace, move, need = [], [], [], set()
+        shards = {name: (n, d, created) for name, n, d, created in src.db.execute("SELECT name, n, dim, created FROM shards")}
+        ps = PartSummary(str(part.resolve()), len(rows))
+        paths = [r[0] for r in rows if r[0] is not None]
+        ids = [r[1] for r in rows if r[1] is not None]
+        by_path, by_id = _lookup(out, "path", paths), _lookup(out, "ext_id", ids)
+        # one image, one row: a path may not sit in the target as an imported id, nor the reverse
+        other = {**_lookup(out, "ext_id", paths), **_lookup(out, "path", ids)}
+        add, replace, move, need = [], [], [], {}
         for r in rows:
-            path, ext_id, split, status, shard = r[0], r[1], r[2], r[6], r[8]
-            old = have.get(("path", path) if path is not None else ("ext_id", ext_id))
+            path, ext_id, split, size, mtime, h, status, _, shard, row = r[:10]
+            key = path if path is not None else ext_id
+            if status == "pending":
+                ps.pending += 1
+                continue
+            if key in other:
+                ps.clashes += 1
+                continue
+            old = (by_path if path is not None else by_id).get(key)
+            newer = old is not None and path is not None and old[1] == "embedded" and status == "embedded" \
+                and (size, h) != (old[3], old[5]) and (mtime or 0) > (old[4] or 0)  # the file changed since the target saw it
             if old is None:
                 add.append(r)
-            elif old[1] != "embedded" and status == "embedded":
+            elif status == "embedded" and (old[1] != "embedded" or newer):
                 replace.append((old[0], r))
             else:
                 ps.present += 1
-            if status == "embedded" and (old is None or old[1] != "embedded"):
-                need.add(shard)
+            if status == "embedded" and (old is None or old[1] != "embedded" or newer):
+                if shard not in shards:
+                    raise IndexDamagedError(f"{part / CATALOG} points into shard {shard!r}, which it does not list; "
+                                            f"{RESTORE}; nothing of {part} was merged")
+                need[shard] = max(need.get(shard, -1), row)
             if old is not None and split == "labeled" and old[2] == "unlabeled":
                 move.append(old[0])
         ps.added, ps.replaced, ps.moved = len(add), len(replace), len(move)
         known = {name for (name,) in out.db.execute("SELECT name FROM shards")}
-        copy = sorted(need - known)
-        for name in copy:  # files first, then the rows that point into them
-            out.write_shard_file(name, src.shard(name))
+        copy = sorted(set(need) - known)
+        for name in copy:  # checked against the part's catalog, then written: files first, then the rows
+            v = src.shard(name)
+            if v.ndim != 2 or v.shape[1] != dim or len(v) != shards[name][0] or need[name] >= len(v):
+                raise IndexDamagedError(f"shard {src.root / 'shards' / name}.npy holds {tuple(v.shape)}, its catalog says "
+                                        f"{shards[name][0]} rows of dim {dim}; {RESTORE}; nothing of {part} was merged")
+            out.write_shard_file(name, v)
         ps.shards = len(copy)
+        if not ps.pending:  # an unfinished part does not count as held: the warning names it
+            ps.held = [f"{k}/{n}" for k, n in sorted(held_parts(src))]
     now = time.time()
     with out.transaction() as db:
         db.executemany("INSERT INTO shards(name, n, dim, created) VALUES (?,?,?,?)", ((n, *shards[n]) for n in copy))
@@ -166,7 +206,7 @@ def _merge_part(out: Store, part: Path) -> PartSummary:
         db.executemany("UPDATE images SET split='labeled', labeled_at=COALESCE(labeled_at, ?) WHERE id=?", ((now, i) for i in move))
         if need:
             out._bump_version()
-        summary = {k: getattr(ps, k) for k in ("path", "part", "rows", "added", "present", "replaced", "moved", "shards")}
+        summary = {k: getattr(ps, k) for k in ("path", "held", "rows", "added", "present", "replaced", "moved", "pending", "clashes", "shards")}
         db.execute("INSERT INTO runs(kind, params, summary, started, finished) VALUES ('merge',?,?,?,?)",
-                   (json.dumps({"from": ps.path, "part": ps.part}), json.dumps(summary), now, time.time()))
+                   (json.dumps({"from": ps.path, "held": [p.split("/") for p in ps.held]}), json.dumps(summary), now, time.time()))
     return ps

@@ -164,3 +164,92 @@ def test_bad_merges_change_nothing(parts, tmp_path, sample_dir):
     r = run("merge", wide, "--index", out)  # into an index of another encoder
     assert r.exit_code == 3 and "refusing vectors" in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert set(catalog(out)) == set(catalog(parts / "p1"))
+
+
+def test_a_rebuilt_part_brings_its_newer_vectors(tmp_path, sample_dir):
+    src = tmp_path / "src"
+    shutil.copytree(sample_dir, src)
+    build(tmp_path / "p1", src, "--part", "1/2")
+    build(tmp_path / "p2", src, "--part", "2/2")
+    out = tmp_path / "all"
+    assert run("merge", tmp_path / "p1", tmp_path / "p2", "--index", out).exit_code == 0
+    mine = sorted(p for p in catalog(tmp_path / "p1") if "/unlabeled/unlabeled_" in p and p.endswith(".jpg"))
+    other = sorted(p for p in catalog(tmp_path / "p2") if "/unlabeled/unlabeled_" in p and p.endswith(".jpg"))
+    changed = mine[0]
+    shutil.copyfile(other[-1], changed)  # new content for a file of part 1
+    import os
+
+    st = os.stat(changed)
+    os.utime(changed, (st.st_atime, st.st_mtime + 10))
+    assert "1 changed" in build(tmp_path / "p1", src, "--part", "1/2").output
+    r = run("merge", tmp_path / "p1", "--index", out)
+    assert r.exit_code == 0 and "1 replaced" in r.output and " 0 added" in r.output, r.output
+    np.testing.assert_array_equal(catalog(out)[changed][4], catalog(tmp_path / "p1")[changed][4])
+    assert catalog(out)[changed][3] == catalog(tmp_path / "p1")[changed][3] == catalog(tmp_path / "p2")[other[-1]][3]  # the new bytes
+    # merging the older copy back changes nothing: the newer one stays
+    r = run("merge", tmp_path / "p1", "--index", out)
+    assert " 0 added" in r.output and "replaced" not in r.output, r.output
+
+
+def test_merged_indexes_merge_again_and_say_what_is_missing(parts, tmp_path):
+    m = tmp_path / "m"
+    r = run("merge", parts / "p1", parts / "p2", "--index", m)
+    assert "warning: part(s) 3/3 are not merged yet" in r.output, r.output
+    r = run("merge", m, parts / "p3", "--index", tmp_path / "mm")
+    assert r.exit_code == 0 and "warning" not in r.output and "(part 1/3, 2/3)" in r.output, r.output
+    assert set(catalog(tmp_path / "mm")) == set(catalog(parts / "whole"))
+    r = run("merge", m, "--index", tmp_path / "mm2")
+    assert "warning: part(s) 3/3 are not merged yet" in r.output, r.output
+
+
+def test_an_unfinished_part_is_left_out_and_named(parts, tmp_path):
+    p3 = tmp_path / "p3"
+    shutil.copytree(parts / "p3", p3)
+    with open_store(p3, writable=True) as st:
+        with st.transaction() as db:
+            n = db.execute("UPDATE images SET status='pending', shard=NULL, row=NULL WHERE id IN "
+                           "(SELECT id FROM images WHERE status='embedded' LIMIT 4)").rowcount
+    r = run("merge", parts / "p1", parts / "p2", p3, "--index", tmp_path / "all")
+    assert r.exit_code == 0 and f"warning: {n} image(s) of {p3.resolve()} are not embedded yet" in r.output, r.output
+    assert "part(s) 3/3 are not merged yet" in r.output
+    with open_store(tmp_path / "all") as st:
+        assert st.db.execute("SELECT COUNT(*) FROM images WHERE status='pending'").fetchone()[0] == 0
+    assert len(catalog(tmp_path / "all")) == len(catalog(parts / "whole")) - n
+
+
+@pytest.mark.parametrize("damage", ["short shard", "unlisted shard"])
+def test_a_damaged_part_is_refused_in_one_line(parts, tmp_path, damage):
+    bad = tmp_path / "bad"
+    shutil.copytree(parts / "p1", bad)
+    if damage == "short shard":
+        f = next((bad / "shards").glob("*.npy"))
+        np.save(f, np.load(f)[:3])
+    else:
+        with open_store(bad, writable=True) as st:
+            with st.transaction() as db:
+                db.execute("DELETE FROM shards")
+    out = tmp_path / "all"
+    assert run("merge", parts / "p2", "--index", out).exit_code == 0
+    before = catalog(out)
+    r = run("merge", bad, "--index", out)
+    # found while merging, so after the progress bar: no traceback, and the error last
+    assert r.exit_code == 3 and "Traceback" not in r.output, r.output
+    assert r.output.strip().splitlines()[-1].startswith("novelty: error:") and "nothing of" in r.output
+    assert catalog(out).keys() == before.keys()
+    assert run("select", "--budget", 3, "--index", out, "--out", tmp_path / "s.csv").exit_code == 0
+
+
+def test_an_image_under_an_id_and_a_path_is_not_merged_twice(tmp_path, sample_dir):
+    files = sorted((sample_dir / "labeled").glob("*.jpg"))[:3]
+    X = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+    np.save(tmp_path / "v.npy", X)
+    (tmp_path / "paths.txt").write_text("".join(f"{f}\n" for f in files))
+    a, b = tmp_path / "a", tmp_path / "b"
+    for idx, extra in ((a, ()), (b, ("--paths",))):  # a: the paths as plain ids; b: as paths
+        r = run("import-embeddings", tmp_path / "v.npy", "--ids", tmp_path / "paths.txt", "--split", "unlabeled",
+                "--model", "m", "--index", idx, *extra)
+        assert r.exit_code == 0, r.output
+    r = run("merge", b, "--index", a)
+    assert r.exit_code == 0 and "warning: 3 image(s)" in r.output and "other kind of key" in r.output, r.output
+    with open_store(a) as st:
+        assert st.db.execute("SELECT COUNT(*) FROM images").fetchone()[0] == 3
