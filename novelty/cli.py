@@ -203,6 +203,10 @@ def merge(
                 f"(an imported id there, a path here, or the reverse) and were left out")
     typer.echo(f"index {index}: {s.labeled} labeled and {s.unlabeled} unlabeled embedded, {s.failed} failed; "
                f"{len(s.parts)} index(es) merged in {s.seconds:.1f}s")
+    if s.uncertainty_run is not None:
+        typer.echo(f"  uncertainty: {s.uncertainty_scores} scores of the parts, as run #{s.uncertainty_run}; select now defaults to --strategy hybrid")
+    if s.uncertainty_note:
+        err(f"warning: {s.uncertainty_note}")
     if s.missing_parts:
         err(f"warning: part(s) {', '.join(s.missing_parts[:8])}{' …' if len(s.missing_parts) > 8 else ''} are not merged yet")
 

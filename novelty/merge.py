@@ -14,8 +14,9 @@ embedded copies of a file, the one seen with the newer mtime (a part rebuilt aft
 file changed); labeled wins over unlabeled, as it does when one build-index run sees a
 path under both splits; otherwise the target's row stays. Pending rows (a part whose
 build-index did not finish) are left out and named: finish that build and merge again.
-A part's shards are checked against its catalog before anything is copied. Scores, selections and mark-labeled history stay in the parts: they refer
-to the parts' own run ids.
+A part's shards are checked against its catalog before anything is copied. The parts' latest uncertainty scores (`novelty uncertainty --index PART` on each
+machine) are combined into one run of the target when every part has them with the
+same settings; selections and mark-labeled history stay in the parts.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import vectors
+from . import records, vectors
 from .errors import ConfigError, IndexBusyError, IndexDamagedError, IndexMismatchError, InputError
 from .store import CATALOG, RESTORE, Store, _describe, _encoder_key, create_store, open_store
 
@@ -54,6 +55,9 @@ class MergeSummary:
     unlabeled: int = 0
     failed: int = 0
     missing_parts: list[str] = field(default_factory=list)  # "K/N" never merged into the target
+    uncertainty_run: int | None = None  # the parts' uncertainty scores, combined into one run of the target
+    uncertainty_scores: int = 0
+    uncertainty_note: str | None = None  # why the parts' scores were not combined
     seconds: float = 0.0
 
 
@@ -106,12 +110,16 @@ def merge_indexes(root: Path, parts: Sequence[Path],
             if "versions" in manifests[0] and "versions" not in out.manifest:
                 out.update_manifest(versions=manifests[0]["versions"])
             progress = progress_factory(len(parts)) if progress_factory else None
+            carried = []
             for p in parts:
-                s.parts.append(_merge_part(out, Path(p), dim0))
+                ps, scores = _merge_part(out, Path(p), dim0)
+                s.parts.append(ps)
+                carried.append((ps.path, scores))
                 if progress:
                     progress(1)
             if out.vectors_version and not vectors.is_current(out):
                 vectors.build(out)
+            _combine_scores(out, carried, s)
             s.labeled, s.unlabeled, s.failed = (out.db.execute(q).fetchone()[0] for q in (
                 "SELECT COUNT(*) FROM images WHERE status='embedded' AND split='labeled'",
                 "SELECT COUNT(*) FROM images WHERE status='embedded' AND split='unlabeled'",
@@ -149,8 +157,60 @@ def _lookup(out: Store, column: str, keys: list[str]) -> dict[str, tuple]:
     return found
 
 
-def _merge_part(out: Store, part: Path, dim: int) -> PartSummary:
+def _same_settings(params: dict) -> dict:
+    """What must agree for two runs' scores to be one ranking: not where an import came
+    from, nor which parts were combined."""
+    return {k: v for k, v in params.items() if k not in ("file", "merged_from")}
+
+
+def _combine_scores(out: Store, carried: list[tuple[str, tuple[dict, dict] | None]], s: MergeSummary) -> None:
+    """The parts' latest uncertainty scores (each part scores its own images) as one run
+    of the target, so that select ranks the whole pool by them. A run combined by an
+    earlier merge into this target keeps the images this merge's parts do not score."""
+    scored = [(path, c) for path, c in carried if c is not None]
+    if not scored:
+        return
+    if len(scored) < len(carried):
+        path = next(path for path, c in carried if c is None)
+        s.uncertainty_note = (f"the parts' uncertainty scores were not combined: {path} has none; score every part "
+                              f"(novelty uncertainty --index PART) and merge again, or run uncertainty on {out.root}")
+        return
+    want = _same_settings(scored[0][1][0])
+    for path, (params, _) in scored[1:]:
+        got = _same_settings(params)
+        if got != want:
+            key = next(k for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k))
+            s.uncertainty_note = (f"the parts' uncertainty scores were not combined: they were scored with different "
+                                  f"settings ({key}: {want.get(key)!r} in {scored[0][0]}, {got.get(key)!r} in {path})")
+            return
+    ids, values, sources = {}, {}, sorted(path for path, _ in scored)
+    before = records.latest_uncertainty(out)
+    if before is not None and "merged_from" in before.params and _same_settings(before.params) == want:
+        values = dict(zip(before.ids.tolist(), before.values.tolist()))
+        sources = sorted(set(before.params["merged_from"]) | set(sources))
+    for _, (_, scores) in scored:
+        keys = list(scores)
+        for column in ("path", "ext_id"):
+            ids.update((k, v[0]) for k, v in _lookup(out, column, keys).items())
+        values.update((ids[k], v) for k, v in scores.items() if k in ids)
+    if before is not None and sources == before.params.get("merged_from") and \
+            values == dict(zip(before.ids.tolist(), before.values.tolist())):
+        s.uncertainty_run, s.uncertainty_scores = before.run, len(values)  # merged again: nothing new
+    elif values:
+        order = sorted(values)
+        s.uncertainty_run = records.save_uncertainty(out, {**scored[0][1][0], "merged_from": sources}, order,
+                                                     [values[i] for i in order])
+        s.uncertainty_scores = len(order)
+
+
+def _merge_part(out: Store, part: Path, dim: int) -> tuple[PartSummary, tuple[dict, dict] | None]:
+    """-> the part's summary, and its latest uncertainty run's (params, {path or id: score}) if it has one."""
     with open_store(part) as src:
+        latest = records.latest_uncertainty(src)
+        scores = None
+        if latest is not None:
+            key_of = dict(src.db.execute("SELECT id, COALESCE(path, ext_id) FROM images"))
+            scores = (latest.params, {key_of[i]: v for i, v in zip(latest.ids.tolist(), latest.values.tolist())})
         rows = src.db.execute(f"SELECT {_COLS} FROM images ORDER BY id").fetchall()
         shards = {name: (n, d, created) for name, n, d, created in src.db.execute("SELECT name, n, dim, created FROM shards")}
         ps = PartSummary(str(part.resolve()), len(rows))
@@ -209,4 +269,4 @@ def _merge_part(out: Store, part: Path, dim: int) -> PartSummary:
         summary = {k: getattr(ps, k) for k in ("path", "held", "rows", "added", "present", "replaced", "moved", "pending", "clashes", "shards")}
         db.execute("INSERT INTO runs(kind, params, summary, started, finished) VALUES ('merge',?,?,?,?)",
                    (json.dumps({"from": ps.path, "held": [p.split("/") for p in ps.held]}), json.dumps(summary), now, time.time()))
-    return ps
+    return ps, scores

@@ -253,3 +253,58 @@ def test_an_image_under_an_id_and_a_path_is_not_merged_twice(tmp_path, sample_di
     assert r.exit_code == 0 and "warning: 3 image(s)" in r.output and "other kind of key" in r.output, r.output
     with open_store(a) as st:
         assert st.db.execute("SELECT COUNT(*) FROM images").fetchone()[0] == 3
+
+
+SPEC = "tests._tiny_models:make_detector"
+
+
+def score(idx, *extra):
+    r = run("uncertainty", "--detector", SPEC, "--kind", "detection", "--passes", 3, "--image-size", 32, "--workers", 0,
+            "--index", idx, *extra)
+    assert r.exit_code == 0, r.output
+
+
+def scores_by_path(idx) -> dict:
+    from novelty.records import latest_uncertainty
+
+    with open_store(idx) as st:
+        u = latest_uncertainty(st)
+        meta = st.describe(u.ids)
+    return {meta[int(i)][1]: v for i, v in zip(u.ids.tolist(), u.values.tolist())}
+
+
+def test_the_parts_uncertainty_scores_are_combined(parts, tmp_path):
+    ps = []
+    for k in (1, 2, 3):
+        ps.append(tmp_path / f"p{k}")
+        shutil.copytree(parts / f"p{k}", ps[-1])
+        score(ps[-1])  # on each machine, its own part
+    own = {path: v for p in ps for path, v in scores_by_path(p).items()}
+    out = tmp_path / "all"
+    r = run("merge", ps[0], ps[1], "--index", out)
+    assert r.exit_code == 0 and "uncertainty:" in r.output, r.output
+    assert scores_by_path(out) == {k: v for k, v in own.items() if k in scores_by_path(ps[0]) or k in scores_by_path(ps[1])}
+    r = run("merge", ps[2], "--index", out)  # a later merge keeps the scores of the parts merged before
+    assert r.exit_code == 0 and f"uncertainty: {len(own)} scores" in r.output, r.output
+    assert scores_by_path(out) == own
+    with open_store(out) as st:
+        runs = st.db.execute("SELECT COUNT(*) FROM runs WHERE kind='uncertainty'").fetchone()[0]
+    assert run("merge", *ps, "--index", out).exit_code == 0  # merged again: no new run
+    with open_store(out) as st:
+        assert st.db.execute("SELECT COUNT(*) FROM runs WHERE kind='uncertainty'").fetchone()[0] == runs
+    r = run("select", "--budget", 5, "--index", out, "--out", tmp_path / "s.csv")
+    assert r.exit_code == 0 and "with hybrid" in r.output and "no uncertainty score" not in r.output, r.output
+
+
+def test_scores_of_other_settings_or_a_part_without_are_not_combined(parts, tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for src, dst in ((parts / "p1", a), (parts / "p2", b), (parts / "p3", c)):
+        shutil.copytree(src, dst)
+    score(a)
+    score(b, "--passes", 4)
+    r = run("merge", a, b, "--index", tmp_path / "ab")
+    assert r.exit_code == 0 and "different settings (passes: 3 in" in r.output and "uncertainty:" not in r.output, r.output
+    r = run("merge", a, c, "--index", tmp_path / "ac")
+    assert r.exit_code == 0 and f"{c.resolve()} has none" in r.output, r.output
+    with open_store(tmp_path / "ac") as st:
+        assert st.db.execute("SELECT COUNT(*) FROM runs WHERE kind='uncertainty'").fetchone()[0] == 0
