@@ -166,39 +166,55 @@ def _same_settings(params: dict) -> dict:
 def _combine_scores(out: Store, carried: list[tuple[str, tuple[dict, dict] | None]], s: MergeSummary) -> None:
     """The parts' latest uncertainty scores (each part scores its own images) as one run
     of the target, so that select ranks the whole pool by them. A run combined by an
-    earlier merge into this target keeps the images this merge's parts do not score."""
+    earlier merge into this target keeps the images this merge's parts do not score. The
+    target's own uncertainty run (not a merged one) is never superseded: select keeps it.
+    Anything that stops the combination is said in s.uncertainty_note."""
+    before = records.latest_uncertainty(out)
+    merged_before = before is not None and "merged_from" in before.params
     scored = [(path, c) for path, c in carried if c is not None]
-    if not scored:
-        return
-    if len(scored) < len(carried):
-        path = next(path for path, c in carried if c is None)
-        s.uncertainty_note = (f"the parts' uncertainty scores were not combined: {path} has none; score every part "
-                              f"(novelty uncertainty --index PART) and merge again, or run uncertainty on {out.root}")
+    unscored = [path for path, c in carried if c is None]
+    if not scored and not merged_before:
+        return  # nobody scored anything: nothing to combine or to warn about
+    not_combined = "the parts' uncertainty scores were not combined"
+    if unscored:
+        s.uncertainty_note = (f"{not_combined}: {unscored[0]} has none; score it (novelty uncertainty --index PART) "
+                              f"and merge it again, or run uncertainty on {out.root}")
         return
     want = _same_settings(scored[0][1][0])
     for path, (params, _) in scored[1:]:
         got = _same_settings(params)
         if got != want:
             key = next(k for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k))
-            s.uncertainty_note = (f"the parts' uncertainty scores were not combined: they were scored with different "
-                                  f"settings ({key}: {want.get(key)!r} in {scored[0][0]}, {got.get(key)!r} in {path})")
+            s.uncertainty_note = (f"{not_combined}: they were scored with different settings "
+                                  f"({key}: {want.get(key)!r} in {scored[0][0]}, {got.get(key)!r} in {path})")
             return
-    ids, values, sources = {}, {}, sorted(path for path, _ in scored)
-    before = records.latest_uncertainty(out)
-    if before is not None and "merged_from" in before.params and _same_settings(before.params) == want:
-        values = dict(zip(before.ids.tolist(), before.values.tolist()))
-        sources = sorted(set(before.params["merged_from"]) | set(sources))
+    if before is not None and not merged_before:
+        s.uncertainty_note = (f"{not_combined}: {out.root} has its own uncertainty run #{before.run}, which select keeps "
+                              f"using; run uncertainty on {out.root} again to score the merged images")
+        return
+    ids, values, sources = {}, {}, {path for path, _ in scored}
+    old = dict(zip(before.ids.tolist(), before.values.tolist())) if merged_before else {}
+    if merged_before:
+        had = set(before.params["merged_from"])
+        if _same_settings(before.params) == want:
+            values, sources = dict(old), sources | had
+        elif not had <= sources:  # scores of parts not given now would be lost, or mixed with another ranking
+            got = _same_settings(before.params)
+            key = next(k for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k))
+            s.uncertainty_note = (f"{not_combined}: run #{before.run} of {out.root} combines parts scored with other "
+                                  f"settings ({key}: {got.get(key)!r}, now {want.get(key)!r}); score "
+                                  f"{sorted(had - sources)[0]} the same way and merge it again")
+            return
     for _, (_, scores) in scored:
         keys = list(scores)
         for column in ("path", "ext_id"):
             ids.update((k, v[0]) for k, v in _lookup(out, column, keys).items())
         values.update((ids[k], v) for k, v in scores.items() if k in ids)
-    if before is not None and sources == before.params.get("merged_from") and \
-            values == dict(zip(before.ids.tolist(), before.values.tolist())):
+    if merged_before and values == old and _same_settings(before.params) == want:
         s.uncertainty_run, s.uncertainty_scores = before.run, len(values)  # merged again: nothing new
     elif values:
         order = sorted(values)
-        s.uncertainty_run = records.save_uncertainty(out, {**scored[0][1][0], "merged_from": sources}, order,
+        s.uncertainty_run = records.save_uncertainty(out, {**scored[0][1][0], "merged_from": sorted(sources)}, order,
                                                      [values[i] for i in order])
         s.uncertainty_scores = len(order)
 
@@ -220,6 +236,7 @@ def _merge_part(out: Store, part: Path, dim: int) -> tuple[PartSummary, tuple[di
         # one image, one row: a path may not sit in the target as an imported id, nor the reverse
         other = {**_lookup(out, "ext_id", paths), **_lookup(out, "path", ids)}
         add, replace, move, need = [], [], [], {}
+        ours = set()  # keys whose vector in the target is this part's: only their scores are carried
         for r in rows:
             path, ext_id, split, size, mtime, h, status, _, shard, row = r[:10]
             key = path if path is not None else ext_id
@@ -234,10 +251,14 @@ def _merge_part(out: Store, part: Path, dim: int) -> tuple[PartSummary, tuple[di
                 and (size, h) != (old[3], old[5]) and (mtime or 0) > (old[4] or 0)  # the file changed since the target saw it
             if old is None:
                 add.append(r)
+                ours.add(key)
             elif status == "embedded" and (old[1] != "embedded" or newer):
                 replace.append((old[0], r))
+                ours.add(key)
             else:
                 ps.present += 1
+                if path is not None and status == old[1] == "embedded" and (size, h) == (old[3], old[5]):
+                    ours.add(key)  # the same file's vector, merged before
             if status == "embedded" and (old is None or old[1] != "embedded" or newer):
                 if shard not in shards:
                     raise IndexDamagedError(f"{part / CATALOG} points into shard {shard!r}, which it does not list; "
@@ -269,4 +290,6 @@ def _merge_part(out: Store, part: Path, dim: int) -> tuple[PartSummary, tuple[di
         summary = {k: getattr(ps, k) for k in ("path", "held", "rows", "added", "present", "replaced", "moved", "pending", "clashes", "shards")}
         db.execute("INSERT INTO runs(kind, params, summary, started, finished) VALUES ('merge',?,?,?,?)",
                    (json.dumps({"from": ps.path, "held": [p.split("/") for p in ps.held]}), json.dumps(summary), now, time.time()))
+    if scores is not None:
+        scores = (scores[0], {k: v for k, v in scores[1].items() if k in ours})
     return ps, scores

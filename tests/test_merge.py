@@ -308,3 +308,68 @@ def test_scores_of_other_settings_or_a_part_without_are_not_combined(parts, tmp_
     assert r.exit_code == 0 and f"{c.resolve()} has none" in r.output, r.output
     with open_store(tmp_path / "ac") as st:
         assert st.db.execute("SELECT COUNT(*) FROM runs WHERE kind='uncertainty'").fetchone()[0] == 0
+
+
+def uncertainty_runs(idx) -> int:
+    with open_store(idx) as st:
+        return st.db.execute("SELECT COUNT(*) FROM runs WHERE kind='uncertainty'").fetchone()[0]
+
+
+def test_merge_never_supersedes_the_indexs_own_run_nor_drops_scores(parts, tmp_path):
+    ps = []
+    for k in (1, 2, 3):
+        ps.append(tmp_path / f"p{k}")
+        shutil.copytree(parts / f"p{k}", ps[-1])
+        score(ps[-1])
+    out = tmp_path / "all"
+    assert run("merge", ps[0], ps[1], "--index", out).exit_code == 0
+    # p3 rescored with other settings: merging it alone would mix two rankings or drop p1's and p2's scores
+    score(ps[2], "--passes", 4)
+    before = scores_by_path(out)
+    r = run("merge", ps[2], "--index", out)
+    assert r.exit_code == 0 and "combines parts scored with other settings (passes: 3, now 4)" in r.output, r.output
+    assert scores_by_path(out) == before
+    for p in ps[:2]:  # rescored the same way, all three merge into one ranking
+        score(p, "--passes", 4)
+    r = run("merge", *ps, "--index", out)
+    assert r.exit_code == 0 and "uncertainty:" in r.output, r.output
+    assert scores_by_path(out) == {k: v for p in ps for k, v in scores_by_path(p).items()}
+    # the index's own run, made after the merge, stays the one select uses
+    score(out, "--passes", 5)
+    n, own = uncertainty_runs(out), scores_by_path(out)
+    r = run("merge", *ps, "--index", out)
+    assert r.exit_code == 0 and "has its own uncertainty run" in r.output, r.output
+    assert uncertainty_runs(out) == n and scores_by_path(out) == own
+
+
+def test_an_unscored_part_after_a_combined_run_is_named(parts, tmp_path):
+    a = tmp_path / "a"
+    shutil.copytree(parts / "p1", a)
+    score(a)
+    out = tmp_path / "all"
+    assert run("merge", a, "--index", out).exit_code == 0
+    r = run("merge", parts / "p2", "--index", out)
+    assert r.exit_code == 0 and f"{(parts / 'p2').resolve()} has none" in r.output, r.output
+
+
+def test_a_score_follows_the_vector_it_was_computed_with(tmp_path, sample_dir):
+    src = tmp_path / "src"
+    shutil.copytree(sample_dir, src)
+    build(tmp_path / "old", src, "--part", "1/2")
+    score(tmp_path / "old")
+    mine = sorted(p for p in scores_by_path(tmp_path / "old") if p.endswith(".jpg"))
+    other = sorted(p for p in (src / "unlabeled").glob("*.jpg") if str(p) not in mine)
+    changed = mine[0]
+    shutil.copyfile(other[-1], changed)
+    import os
+
+    st = os.stat(changed)
+    os.utime(changed, (st.st_atime, st.st_mtime + 10))
+    build(tmp_path / "new", src, "--part", "1/2")  # a fresh build of the changed files, scored again
+    score(tmp_path / "new")
+    assert scores_by_path(tmp_path / "new")[changed] != scores_by_path(tmp_path / "old")[changed]
+    out = tmp_path / "all"
+    r = run("merge", tmp_path / "new", tmp_path / "old", "--index", out)  # the older part last
+    assert r.exit_code == 0, r.output
+    assert scores_by_path(out)[changed] == scores_by_path(tmp_path / "new")[changed]
+    np.testing.assert_array_equal(catalog(out)[changed][4], catalog(tmp_path / "new")[changed][4])
