@@ -14,9 +14,12 @@ embedded copies of a file, the one seen with the newer mtime (a part rebuilt aft
 file changed); labeled wins over unlabeled, as it does when one build-index run sees a
 path under both splits; otherwise the target's row stays. Pending rows (a part whose
 build-index did not finish) are left out and named: finish that build and merge again.
-A part's shards are checked against its catalog before anything is copied. The parts' latest uncertainty scores (`novelty uncertainty --index PART` on each
-machine) are combined into one run of the target when every part has them with the
-same settings; selections and mark-labeled history stay in the parts.
+A part's shards are checked against its catalog before anything is copied.
+
+The parts' latest uncertainty scores (`novelty uncertainty --index PART` on each
+machine) become one run of the target when every part has them with the same settings
+(`_combine_scores` says when they do not); selections and mark-labeled history stay in
+the parts, whose run ids they refer to.
 """
 from __future__ import annotations
 

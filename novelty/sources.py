@@ -63,7 +63,7 @@ def parse_part(text: str) -> tuple[int, int]:
     except ValueError:
         part = None
     if not sep or part is None or not 1 <= part[0] <= part[1] or part[1] > 1_000_000:
-        raise ConfigError(f"--part must be K/N with 1 <= K <= N (e.g. 2/8), got {text!r}")
+        raise ConfigError(f"--part must be K/N with 1 <= K <= N <= 1,000,000 (e.g. 2/8), got {text!r}")
     return part
 
 
