@@ -1,6 +1,7 @@
 """build-index --part K/N on "several machines" and merge: the parts split the images
 between them, and the merged index holds what one build of everything holds, vector for
 vector; a merge resumes after a kill and never adds a row twice."""
+import os
 import shutil
 
 import numpy as np
@@ -136,6 +137,18 @@ def test_labeled_and_embedded_win(parts, tmp_path, sample_dir):
     assert len(got) == len(catalog(parts / "p1"))
 
 
+def test_parts_of_a_list_file_split_it_the_way_its_folders_do(parts, tmp_path, sample_dir):
+    """A list of relative paths (read against the list's folder) splits like the folders: by absolute path."""
+    (tmp_path / "lists").mkdir()
+    rel = [os.path.relpath(p, tmp_path / "lists") for p in sorted((sample_dir / "unlabeled").iterdir())]
+    (tmp_path / "lists" / "u.txt").write_text("\n".join(rel) + "\n")
+    for k in (1, 2, 3):
+        r = run("build-index", "--labeled", sample_dir / "labeled", "--unlabeled", tmp_path / "lists" / "u.txt", *ENC,
+                "--part", f"{k}/3", "--index", tmp_path / f"l{k}")
+        assert r.exit_code == 0, r.output
+        assert set(catalog(tmp_path / f"l{k}")) == set(catalog(parts / f"p{k}"))
+
+
 @pytest.mark.parametrize("text", ["0/3", "4/3", "3", "a/b", "1/0", "-1/2", "1/2/3"])
 def test_bad_part_values(text, tmp_path, sample_dir):
     r = run("build-index", "--labeled", sample_dir / "labeled", *ENC, "--part", text, "--index", tmp_path / "i")
@@ -177,8 +190,6 @@ def test_a_rebuilt_part_brings_its_newer_vectors(tmp_path, sample_dir):
     other = sorted(p for p in catalog(tmp_path / "p2") if "/unlabeled/unlabeled_" in p and p.endswith(".jpg"))
     changed = mine[0]
     shutil.copyfile(other[-1], changed)  # new content for a file of part 1
-    import os
-
     st = os.stat(changed)
     os.utime(changed, (st.st_atime, st.st_mtime + 10))
     assert "1 changed" in build(tmp_path / "p1", src, "--part", "1/2").output
@@ -361,8 +372,6 @@ def test_a_score_follows_the_vector_it_was_computed_with(tmp_path, sample_dir):
     other = sorted(p for p in (src / "unlabeled").glob("*.jpg") if str(p) not in mine)
     changed = mine[0]
     shutil.copyfile(other[-1], changed)
-    import os
-
     st = os.stat(changed)
     os.utime(changed, (st.st_atime, st.st_mtime + 10))
     build(tmp_path / "new", src, "--part", "1/2")  # a fresh build of the changed files, scored again
