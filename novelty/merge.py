@@ -150,20 +150,17 @@ def _holds_nothing(root: Path) -> bool:
         return False
 
 
-def _lookup(out: Store, column: str, keys: list[str]) -> dict[str, tuple]:
-    """key -> (id, status, split, size, mtime, hash) of the target's rows whose `column` is one of `keys`."""
-    found = {}
-    for start in range(0, len(keys), 500):
-        chunk = keys[start:start + 500]
-        q = f"SELECT {column}, id, status, split, size, mtime, hash FROM images WHERE {column} IN ({','.join('?' * len(chunk))})"
-        found.update((r[0], r[1:]) for r in out.db.execute(q, chunk))
-    return found
+_ROW = ("id", "status", "split", "size", "mtime", "hash")  # what _merge_part compares in the target's rows
 
 
 def _same_settings(params: dict) -> dict:
     """What must agree for two runs' scores to be one ranking: not where an import came
     from, nor which parts were combined."""
     return {k: v for k, v in params.items() if k not in ("file", "merged_from")}
+
+
+def _first_difference(a: dict, b: dict) -> str:
+    return next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
 def _combine_scores(out: Store, carried: list[tuple[str, tuple[dict, dict] | None]], s: MergeSummary) -> None:
@@ -187,7 +184,7 @@ def _combine_scores(out: Store, carried: list[tuple[str, tuple[dict, dict] | Non
     for path, (params, _) in scored[1:]:
         got = _same_settings(params)
         if got != want:
-            key = next(k for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k))
+            key = _first_difference(want, got)
             s.uncertainty_note = (f"{not_combined}: they were scored with different settings "
                                   f"({key}: {want.get(key)!r} in {scored[0][0]}, {got.get(key)!r} in {path})")
             return
@@ -197,13 +194,14 @@ def _combine_scores(out: Store, carried: list[tuple[str, tuple[dict, dict] | Non
         return
     ids, values, sources = {}, {}, {path for path, _ in scored}
     old = dict(zip(before.ids.tolist(), before.values.tolist())) if merged_before else {}
+    same = merged_before and _same_settings(before.params) == want
     if merged_before:
         had = set(before.params["merged_from"])
-        if _same_settings(before.params) == want:
+        if same:
             values, sources = dict(old), sources | had
         elif not had <= sources:  # scores of parts not given now would be lost, or mixed with another ranking
             got = _same_settings(before.params)
-            key = next(k for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k))
+            key = _first_difference(want, got)
             s.uncertainty_note = (f"{not_combined}: run #{before.run} of {out.root} combines parts scored with other "
                                   f"settings ({key}: {got.get(key)!r}, now {want.get(key)!r}); score "
                                   f"{sorted(had - sources)[0]} the same way and merge it again")
@@ -211,9 +209,9 @@ def _combine_scores(out: Store, carried: list[tuple[str, tuple[dict, dict] | Non
     for _, (_, scores) in scored:
         keys = list(scores)
         for column in ("path", "ext_id"):
-            ids.update((k, v[0]) for k, v in _lookup(out, column, keys).items())
+            ids.update((k, v[0]) for k, v in out.find_keys(column, keys, ("id",)).items())
         values.update((ids[k], v) for k, v in scores.items() if k in ids)
-    if merged_before and values == old and _same_settings(before.params) == want:
+    if same and values == old:
         s.uncertainty_run, s.uncertainty_scores = before.run, len(values)  # merged again: nothing new
     elif values:
         order = sorted(values)
@@ -235,9 +233,9 @@ def _merge_part(out: Store, part: Path, dim: int) -> tuple[PartSummary, tuple[di
         ps = PartSummary(str(part.resolve()), len(rows))
         paths = [r[0] for r in rows if r[0] is not None]
         ids = [r[1] for r in rows if r[1] is not None]
-        by_path, by_id = _lookup(out, "path", paths), _lookup(out, "ext_id", ids)
+        by_path, by_id = out.find_keys("path", paths, _ROW), out.find_keys("ext_id", ids, _ROW)
         # one image, one row: a path may not sit in the target as an imported id, nor the reverse
-        other = {**_lookup(out, "ext_id", paths), **_lookup(out, "path", ids)}
+        other = {*out.existing_keys("ext_id", paths), *out.existing_keys("path", ids)}
         add, replace, move, need = [], [], [], {}
         ours = set()  # keys whose vector in the target is this part's: only their scores are carried
         for r in rows:

@@ -403,15 +403,21 @@ class Store:
                                   (json.dumps(run_params, sort_keys=True), now)).lastrowid
         return None
 
-    def existing_keys(self, column: str, keys: Sequence[str]) -> list[str]:
-        """Those of `keys` that the catalog holds in `column` (ext_id or path)."""
+    def find_keys(self, column: str, keys: Sequence[str], fields: Sequence[str] = ()) -> dict[str, tuple]:
+        """key -> the row's `fields`, for those of `keys` the catalog holds in `column`
+        (ext_id or path), 500 keys per query."""
         assert column in ("ext_id", "path")
-        found: list[str] = []
+        found: dict[str, tuple] = {}
+        cols = ", ".join((column, *fields))
         for start in range(0, len(keys), 500):
             chunk = list(keys[start:start + 500])
-            q = f"SELECT {column} FROM images WHERE {column} IN ({','.join('?' * len(chunk))})"
-            found += [e for (e,) in self.db.execute(q, chunk)]
+            q = f"SELECT {cols} FROM images WHERE {column} IN ({','.join('?' * len(chunk))})"
+            found.update((r[0], r[1:]) for r in self.db.execute(q, chunk))
         return found
+
+    def existing_keys(self, column: str, keys: Sequence[str]) -> list[str]:
+        """Those of `keys` that the catalog holds in `column` (ext_id or path)."""
+        return list(self.find_keys(column, keys))
 
     # ------------------------------------------------------------------- vectors
     def shard(self, name: str) -> np.ndarray:
