@@ -396,18 +396,25 @@ def duplicates(
     threshold: Annotated[Optional[float], typer.Option(help="Pairs closer than this cosine distance are near-duplicates; default 0.05.")] = None,
     split: Annotated[Scope, typer.Option(help="Which images to group.")] = Scope.all,
     out: Annotated[Path, typer.Option(help="CSV of group,id,path,split (groups largest first).", dir_okay=False)] = Path("duplicates.csv"),
+    html: Annotated[Optional[Path], typer.Option(help="Also write an HTML page of the groups' thumbnails, largest first.", dir_okay=False)] = None,
+    html_groups: Annotated[int, typer.Option(help="Groups shown on the HTML page (0: all).")] = 100,
+    html_per_group: Annotated[int, typer.Option(help="Thumbnails shown per group on the HTML page.")] = 12,
     index: IndexOpt = DEFAULT_INDEX,
 ):
     """Groups of near-duplicates: connected components of close pairs, found exactly, block by block (bf16 screen + float32 recheck)."""
     from .export import check_out
+    from .gallery import GalleryCfg
     from .inspect import DEFAULT_THRESHOLD, DuplicatesCfg
     from .inspect import duplicates as run
 
     check_out(out)
+    if html is not None:
+        check_out(html)
     t = DEFAULT_THRESHOLD if threshold is None else threshold
     bar = progress_bar("searching", unit="block")
     try:
-        s = run(index, DuplicatesCfg(threshold=t, split=split.value), out, progress_factory=bar)
+        s = run(index, DuplicatesCfg(threshold=t, split=split.value), out, progress_factory=bar, html=html,
+                gallery=GalleryCfg(groups=html_groups, per_group=html_per_group))
     finally:
         bar.close()
     typer.echo(f"{s['groups']} near-duplicate group(s) among {s['images']} images (cosine distance < {t}) -> {out}")
@@ -415,6 +422,8 @@ def duplicates(
     typer.echo(f"  pool in groups   {100 * s['pool_in_groups']:.1f}% of {s['pool']} unlabeled images")
     if s["pool_represented"] is not None:
         typer.echo(f"  already labeled  {100 * s['pool_represented']:.1f}% of the pool is a near-copy of a labeled image")
+    if html is not None:
+        typer.echo(f"  page             {s['html_groups']} of {s['groups']} group(s) as thumbnails -> {html}")
 
 
 @command

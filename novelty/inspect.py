@@ -334,15 +334,23 @@ def write_groups_csv(store: Store, path: Path, groups: DuplicateGroups, chunk: i
         raise
 
 
-def duplicates(root: Path, cfg: DuplicatesCfg, out: Path | None, progress_factory=None) -> dict:
-    """Find near-duplicate groups, write them to `out` (CSV), return the summary."""
+def duplicates(root: Path, cfg: DuplicatesCfg, out: Path | None, progress_factory=None, html: Path | None = None,
+               gallery=None) -> dict:
+    """Find near-duplicate groups, write them to `out` (CSV) and, when `html` is given, a
+    page of their thumbnails (novelty.gallery, `gallery` a GalleryCfg); return the summary."""
+    from .gallery import GalleryCfg, check_gallery_cfg, write_gallery
+
     if out is not None and Path(out).suffix.lower() != ".csv":
         raise ConfigError(f"cannot write {out}: duplicates are written as .csv")
     check_duplicates_cfg(cfg)
+    gallery = gallery or GalleryCfg()
+    check_gallery_cfg(gallery)
     with open_store(root) as store:
         n = len(store.embedded(check_split(cfg.split)).ids)
         progress = progress_factory(n_chunk_pairs(n, cfg.chunk)) if progress_factory else None
         groups = find_duplicates(store, cfg, progress=progress)
         if out is not None:
             write_groups_csv(store, out, groups)
+        if html is not None:
+            groups.summary["html_groups"] = write_gallery(store, html, groups, gallery, out)
     return groups.summary

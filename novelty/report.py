@@ -194,13 +194,13 @@ class Thumbs:
         return self.cache[path]
 
 
-def _figure(thumbs: Thumbs, shown: str, path: str | None, caption: str) -> str:
+def figure(thumbs: Thumbs, shown: str, path: str | None, caption: str) -> str:
     uri, reason = thumbs(path)
     img = f'<img src="{uri}" alt="{esc(shown)}">' if uri else f'<div class="noimg">{esc(reason or "no image")}</div>'
     return f'<figure title="{esc(path or shown)}">{img}<figcaption>{esc(shown)}<br>{caption}</figcaption></figure>'
 
 
-_CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222}h1{font-size:20px;margin:0 0 4px}
+CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222}h1{font-size:20px;margin:0 0 4px}
 .meta{color:#555;margin:0 0 16px}.plots{display:flex;flex-wrap:wrap;gap:12px;margin-bottom:20px}
 .plot{border:1px solid #ddd;background:#fafafa}.plot .t{font-size:13px;font-weight:600}.plot .s{font-size:10px;fill:#555}
 .plot .ax{stroke:#888}table{border-collapse:collapse;width:100%}td,th{border-top:1px solid #ddd;padding:8px;vertical-align:top;text-align:left}
@@ -229,13 +229,13 @@ def render(store: Store, data: ReportData, cfg: ReportCfg, source: Path) -> str:
         i = int(data.image[n])
         shown, path, _ = meta[i]
         scores = "".join(f"<dt>{esc(k)}</dt><dd>{_num(row[k])}</dd>" for k in COLUMNS[3:] if row.get(k) not in (None, ""))
-        near = "".join(_figure(thumbs, meta[int(j)][0], meta[int(j)][1], f"d = {d:.4f}")
+        near = "".join(figure(thumbs, meta[int(j)][0], meta[int(j)][1], f"d = {d:.4f}")
                        for d, j in zip(near_D[n], near_I[n]) if j >= 0) or ("no labeled image" if cfg.k else "")
-        body.append(f'<tr><td>{esc(row.get("rank", n + 1))}</td><td>{_figure(thumbs, shown, path, "")}</td>'
+        body.append(f'<tr><td>{esc(row.get("rank", n + 1))}</td><td>{figure(thumbs, shown, path, "")}</td>'
                     f'<td class="sc"><b>{esc(shown)}</b><div class="path">{esc(path or "")}</div><dl>{scores}</dl></td><td class="near">{near}</td></tr>')
     run = f"run #{data.run}" if data.run is not None else "no matching select run"
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>novelty report: {esc(source.name)}</title>'
-            f'<style>{_CSS}</style></head><body><h1>Selection report</h1>'
+            f'<style>{CSS}</style></head><body><h1>Selection report</h1>'
             f'<p class="meta">{esc(source)} · {run} · {c["picks"]} picks from a pool of {c["pool"]} · {c["labeled"]} labeled · '
             f'index {esc(store.root)} · {time.strftime("%Y-%m-%d %H:%M")}</p>'
             f'<div class="plots">{"".join(plots)}</div>'
