@@ -368,6 +368,7 @@ def neighbors(
     model: Annotated[Optional[str], typer.Option(help="The model config .json, when the index was built from one.")] = None,
     device: Annotated[Device, typer.Option(help="Where a text or new-image query is embedded.")] = Device.auto,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    html: Annotated[Optional[Path], typer.Option(help="Also write an HTML page of the query and its neighbours as thumbnails.", dir_okay=False)] = None,
     index: IndexOpt = DEFAULT_INDEX,
 ):
     """The nearest images to an image or a text prompt (exact, cosine distance); an indexed query is left out."""
@@ -376,7 +377,15 @@ def neighbors(
 
     from .inspect import NeighborsCfg, find_neighbors
 
+    if html is not None:
+        from .export import check_out
+
+        check_out(html)
     r = find_neighbors(index, NeighborsCfg(query=query, text=text, k=k, split=split.value, model=model, device=device.value))
+    if html is not None:
+        from .gallery import write_neighbors
+
+        write_neighbors(r, index, html)
     if as_json:
         hits = [{f: v for f, v in asdict(n).items() if f != "image"} for n in r.neighbors]
         typer.echo(json.dumps({"query": r.query, "neighbors": hits}, indent=1))
@@ -389,6 +398,8 @@ def neighbors(
     typer.echo(f"{'rank':>4}  {'distance':>8}  {'split':<9}  {'id':<{w}}  path")
     for n in r.neighbors:
         typer.echo(f"{n.rank:>4}  {n.distance:>8.4f}  {n.split:<9}  {n.id:<{w}}  {n.path or '-'}")
+    if html is not None:
+        typer.echo(f"page -> {html}")
 
 
 @command

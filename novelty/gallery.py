@@ -1,11 +1,13 @@
-"""The page `novelty duplicates --html` writes: the near-duplicate groups as thumbnails,
-largest group first, so redundancy can be looked at rather than read from a CSV.
+"""Pages of thumbnails for looking at redundancy rather than reading it from a CSV:
+`novelty duplicates --html` (the near-duplicate groups, largest first) and `novelty
+neighbors --html` (a query and its nearest images).
 
-One self-contained HTML file, like `report`: thumbnails are JPEG data URIs, nothing is
-fetched and there is no script; every id and path is HTML-escaped. Each group shows its
-first member (a labeled one when the group has any: the pool already holds that scene)
-and then the others, each with its cosine distance to that first member, so a group
-that chains from one scene into another is visible as distances that grow.
+Each is one self-contained HTML file, like `report`: thumbnails are JPEG data URIs,
+nothing is fetched and there is no script; every id, path and prompt is HTML-escaped.
+Each duplicate group shows its first member (a labeled one when the group has any: the
+labeled set already holds that scene) and then the others, each with its cosine distance
+to that first member, so a group that chains from one scene into another is visible as
+distances that grow.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError
-from .inspect import DuplicateGroups, unit32
+from .inspect import DuplicateGroups, NeighborsResult, unit32
 from .report import CSS, Thumbs, esc, figure
 from .store import Store, atomic_write_text
 
@@ -130,3 +132,29 @@ def write_gallery(store: Store, path: Path, groups: DuplicateGroups, cfg: Galler
     starts, ends = group_bounds(groups.group)
     atomic_write_text(Path(path), render_gallery(store, views, groups.summary, ends - starts, cfg, csv_path))
     return len(views)
+
+
+def render_neighbors(result: NeighborsResult, root: Path, thumb: int = 128) -> str:
+    """The query (its thumbnail, or the prompt) and its neighbours, nearest first."""
+    thumbs = Thumbs(thumb)
+    q = result.query
+    if q["kind"] == "text":
+        query = f'<div class="prompt">&ldquo;{esc(q["text"])}&rdquo;</div>'
+    else:
+        query = figure(thumbs, q.get("id") or Path(q["path"]).name, q.get("path"), esc(q["kind"]))
+    figs = []
+    for n in result.neighbors:
+        fig = figure(thumbs, n.id, n.path, f"#{n.rank} · d = {n.distance:.4f}" + ("<br>labeled" if n.split == "labeled" else ""))
+        figs.append(fig.replace("<figure ", '<figure class="lab" ', 1) if n.split == "labeled" else fig)
+    described = "  ".join(str(q[f]) for f in ("id", "path", "text") if q.get(f))
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>novelty neighbors</title>'
+            f'<style>{CSS}{_GALLERY_CSS}.prompt{{font-size:18px;padding:8px 0}}</style></head><body><h1>Nearest images</h1>'
+            f'<p class="meta">index {esc(root)} · query ({esc(q["kind"])}) {esc(described)} · '
+            f'{len(result.neighbors)} neighbour(s) · {time.strftime("%Y-%m-%d %H:%M")}</p>'
+            f'<section class="grp"><h2>query</h2>{query}</section>'
+            f'<section class="grp"><h2>neighbours <span>· d: cosine distance to the query; labeled images framed in blue</span></h2>'
+            f'{"".join(figs) or "none in this split"}</section></body></html>\n')
+
+
+def write_neighbors(result: NeighborsResult, root: Path, path: Path) -> None:
+    atomic_write_text(Path(path), render_neighbors(result, root))

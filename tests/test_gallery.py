@@ -1,6 +1,7 @@
 """`duplicates --html`: the groups page against the CSV and numpy, escaping of hostile file
 names, self-containment, bad arguments, and (when chromium is on PATH) a headless render."""
 import csv
+import json
 import os
 import re
 import shutil
@@ -160,3 +161,40 @@ def test_page_renders_in_headless_chromium(image_index, tmp_path):
 
     shot = np.asarray(Image.open(png).convert("L"))
     assert shot.shape == (900, 1000) and shot.std() > 10  # not a blank page
+
+
+# ------------------------------------------------------------------------ neighbors --html
+def test_neighbors_page_shows_the_json_hits_in_order(image_index, tmp_path):
+    idx, src = image_index
+    query = str(sorted((src / "labeled").glob("*.jpg"))[0])
+    r = run("neighbors", query, "--k", 5, "--index", idx, "--json", "--html", tmp_path / "n.html")
+    assert r.exit_code == 0, r.output
+    hits = json.loads(r.output)["neighbors"]  # stdout stays pure JSON with --html
+    page = (tmp_path / "n.html").read_text()
+    caps = re.findall(r"<figcaption>([^<]*)<br>#(\d+) · d = ([0-9.]+)", page)
+    assert [(c[0], int(c[1]), c[2]) for c in caps] == [(h["id"], h["rank"], f"{h['distance']:.4f}") for h in hits]
+    assert page.count('<figure class="lab"') == sum(h["split"] == "labeled" for h in hits)
+    assert "&quot;&gt;&lt;b onmouseover=x&gt;bold&lt;/b&gt;.png" in page  # the hostile byte copy is a neighbour, escaped
+    assert "<b onmouseover" not in page
+    assert page.count('src="data:image/jpeg;base64,') == 1 + len(hits)  # the query and each hit
+    for external in EXTERNAL:
+        assert external not in page
+
+
+def test_neighbors_page_for_a_text_prompt_and_a_new_image(image_index, tmp_path, sample_dir):
+    idx, _ = image_index
+    r = run("neighbors", "--text", "<b>red</b> & blue", "--k", 3, "--index", idx, "--html", tmp_path / "t.html")
+    assert r.exit_code == 0 and r.output.strip().endswith(f"page -> {tmp_path / 't.html'}"), r.output
+    page = (tmp_path / "t.html").read_text()
+    assert "&ldquo;&lt;b&gt;red&lt;/b&gt; &amp; blue&rdquo;" in page and "<b>red" not in page
+    assert page.count('src="data:image/jpeg;base64,') == 3
+    new = str(sorted((sample_dir / "unlabeled").glob("*.jpg"))[-1])  # not in this index
+    r = run("neighbors", new, "--k", 2, "--index", idx, "--html", tmp_path / "i.html")
+    assert r.exit_code == 0 and "query  image:" in r.output, r.output
+    page = (tmp_path / "i.html").read_text()
+    assert page.count('src="data:image/jpeg;base64,') == 3 and "<figcaption>" + os.path.basename(new) in page
+
+
+def test_neighbors_page_into_a_missing_folder_fails_first(image_index, tmp_path):
+    r = run("neighbors", "--text", "x", "--index", image_index[0], "--html", tmp_path / "nodir" / "n.html")
+    assert r.exit_code == 2 and "is not an existing folder" in r.output and len(r.output.strip().splitlines()) == 1, r.output
