@@ -378,9 +378,9 @@ def neighbors(
     from .inspect import NeighborsCfg, find_neighbors
 
     if html is not None:
-        from .export import check_out
+        from .export import check_page_out
 
-        check_out(html)
+        check_page_out(html)
     r = find_neighbors(index, NeighborsCfg(query=query, text=text, k=k, split=split.value, model=model, device=device.value))
     if html is not None:
         from .gallery import write_neighbors
@@ -391,7 +391,7 @@ def neighbors(
         typer.echo(json.dumps({"query": r.query, "neighbors": hits}, indent=1))
         return
     q = r.query
-    typer.echo(f"query  {q['kind']}: " + "  ".join(str(q[f]) for f in ("id", "path", "text") if q.get(f)))
+    typer.echo(f"query  {q['kind']}: " + "  ".join(str(q[f]) for f in ("id", "path", "text", "split") if q.get(f)))
     if not r.neighbors:
         typer.echo(f"  no embedded images in split {split.value}")
     w = max([2, *(len(n.id) for n in r.neighbors)])
@@ -418,9 +418,7 @@ def duplicates(
     from .inspect import DEFAULT_THRESHOLD, DuplicatesCfg
     from .inspect import duplicates as run
 
-    check_out(out)
-    if html is not None:
-        check_out(html)
+    check_out(out)  # and the library checks --html before the search
     t = DEFAULT_THRESHOLD if threshold is None else threshold
     bar = progress_bar("searching", unit="block")
     try:
@@ -446,10 +444,10 @@ def report(
     index: IndexOpt = DEFAULT_INDEX,
 ):
     """One self-contained HTML page: each pick with its scores and nearest labeled images, and plots."""
-    from .export import check_out
+    from .export import check_page_out
     from .report import ReportCfg, build_report
 
-    check_out(out)
+    check_page_out(out)
     d = build_report(index, selection, out, ReportCfg(k=k, limit=limit))
     if d.counts["repeated"]:
         err(f"warning: {d.counts['repeated']} row(s) of {selection} repeat an earlier pick; each image is shown once, at its first rank")

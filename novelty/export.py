@@ -79,6 +79,14 @@ def check_out(path: Path) -> None:
         raise ConfigError(f"cannot write {path}: no permission to write in {folder}")
 
 
+def check_page_out(path: Path) -> None:
+    """check_out for an HTML page, whose name must end in .html or .htm: a page written
+    over the command's own CSV, a selection or an image would destroy it."""
+    check_out(path)
+    if Path(path).suffix.lower() not in (".html", ".htm"):
+        raise ConfigError(f"cannot write {path}: an HTML page's name must end in .html or .htm")
+
+
 def get_writer(path: Path) -> Callable[[Path, Rows], None]:
     try:
         return _FORMATS[Path(path).suffix.lower()]

@@ -5,9 +5,9 @@ neighbors --html` (a query and its nearest images).
 Each is one self-contained HTML file, like `report`: thumbnails are JPEG data URIs,
 nothing is fetched and there is no script; every id, path and prompt is HTML-escaped.
 Each duplicate group shows its first member (a labeled one when the group has any: the
-labeled set already holds that scene) and then the others, each with its cosine distance
-to that first member, so a group that chains from one scene into another is visible as
-distances that grow.
+labeled set already holds that scene), then its unlabeled members, then its other
+labeled ones, each with its cosine distance to that first member, so a group that
+chains from one scene into another is visible as distances that grow.
 """
 from __future__ import annotations
 
@@ -66,22 +66,32 @@ def size_table(sizes: np.ndarray) -> list[tuple[str, int, int]]:
     return rows
 
 
+def display_order(labeled: np.ndarray) -> np.ndarray:
+    """Positions of one group's members ([m] labeled flags, labeled first as
+    `find_duplicates` orders them) in the order shown: its first labeled member, then
+    the unlabeled ones, then the other labeled ones, so the images a user might label
+    are never hidden behind labeled ones."""
+    lab, unl = np.flatnonzero(labeled), np.flatnonzero(~labeled)
+    return np.concatenate([lab[:1], unl, lab[1:]])
+
+
 def collect_groups(store: Store, groups: DuplicateGroups, cfg: GalleryCfg) -> list[GroupView]:
-    """The groups shown on the page, each with its first `per_group` members (in the
-    order `find_duplicates` gives: labeled first, then by id) and their distances."""
+    """The groups shown on the page, each with its first `per_group` members in
+    display order, and their distances to the first."""
     check_gallery_cfg(cfg)
     starts, ends = group_bounds(groups.group)
     n = len(starts) if cfg.groups == 0 else min(cfg.groups, len(starts))
     labeled = np.isin(groups.image, store.embedded("labeled").ids)
-    shown = [groups.image[s:min(e, s + cfg.per_group)] for s, e in zip(starts[:n], ends[:n])]
+    bounds = [(int(s), int(e)) for s, e in zip(starts[:n], ends[:n])]
+    shown = [groups.image[s:e][display_order(labeled[s:e])[:min(cfg.per_group, e - s)]] for s, e in bounds]
     sorted_ids, X = store.vectors(ids=np.unique(np.concatenate(shown))) if n else (np.empty(0, np.int64), None)
     views = []
-    for s, e, ids in zip(starts[:n], ends[:n], shown):
+    for (s, e), ids in zip(bounds, shown):
         x = unit32(X[np.searchsorted(sorted_ids, ids)])  # [m, d] in shown order
         x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # float16 storage leaves norms 1 ± 1e-4: a copy shows d = 0
         dist = np.maximum(1.0 - x @ x[0], 0.0)
         dist[0] = 0.0
-        views.append(GroupView(int(groups.group[s]), int(e - s), int(labeled[s:e].sum()), ids, dist))
+        views.append(GroupView(int(groups.group[s]), e - s, int(labeled[s:e].sum()), ids, dist))
     return views
 
 
@@ -97,9 +107,10 @@ def render_gallery(store: Store, views: list[GroupView], summary: dict, sizes: n
     thumbs = Thumbs(cfg.thumb)
     s = summary
     lines = [f'{s["groups"]} near-duplicate group(s) among {s["images"]} images (cosine distance &lt; {s["threshold"]}, '
-             f'split: {esc(s["split"])}); {s["in_groups"]} images in groups, the largest holds {s["largest"]}.',
-             f'{100 * s["pool_in_groups"]:.1f}% of the {s["pool"]} unlabeled images are in a group'
-             + (f'; {100 * s["pool_represented"]:.1f}% are near-copies of a labeled image.' if s["pool_represented"] is not None else ".")]
+             f'split: {esc(s["split"])}); {s["in_groups"]} images in groups, the largest holds {s["largest"]}.']
+    if s["split"] != "labeled":
+        lines.append(f'{100 * s["pool_in_groups"]:.1f}% of the {s["pool"]} unlabeled images are in a group'
+                     + (f'; {100 * s["pool_represented"]:.1f}% are near-copies of a labeled image.' if s["pool_represented"] is not None else "."))
     table = "".join(f"<tr><td>{esc(r)}</td><td>{g}</td><td>{m}</td></tr>" for r, g, m in size_table(sizes))
     body = []
     for v in views:
@@ -134,19 +145,21 @@ def write_gallery(store: Store, path: Path, groups: DuplicateGroups, cfg: Galler
     return len(views)
 
 
-def render_neighbors(result: NeighborsResult, root: Path, thumb: int = 128) -> str:
+def render_neighbors(result: NeighborsResult, root: Path, thumb: int = 96) -> str:
     """The query (its thumbnail, or the prompt) and its neighbours, nearest first."""
     thumbs = Thumbs(thumb)
     q = result.query
     if q["kind"] == "text":
         query = f'<div class="prompt">&ldquo;{esc(q["text"])}&rdquo;</div>'
     else:
-        query = figure(thumbs, q.get("id") or Path(q["path"]).name, q.get("path"), esc(q["kind"]))
+        query = figure(thumbs, q.get("id") or Path(q["path"]).name, q.get("path"), esc(q["kind"]) + ("<br>labeled" if q.get("split") == "labeled" else ""))
+        if q.get("split") == "labeled":
+            query = query.replace("<figure ", '<figure class="lab" ', 1)
     figs = []
     for n in result.neighbors:
         fig = figure(thumbs, n.id, n.path, f"#{n.rank} · d = {n.distance:.4f}" + ("<br>labeled" if n.split == "labeled" else ""))
         figs.append(fig.replace("<figure ", '<figure class="lab" ', 1) if n.split == "labeled" else fig)
-    described = "  ".join(str(q[f]) for f in ("id", "path", "text") if q.get(f))
+    described = "  ".join(str(q[f]) for f in ("id", "path", "text", "split") if q.get(f))
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>novelty neighbors</title>'
             f'<style>{CSS}{_GALLERY_CSS}.prompt{{font-size:18px;padding:8px 0}}</style></head><body><h1>Nearest images</h1>'
             f'<p class="meta">index {esc(root)} · query ({esc(q["kind"])}) {esc(described)} · '

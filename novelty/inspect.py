@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from . import vectors
 from ._closepairs import PAIR_METHODS
 from .config import EncoderCfg, ReaderCfg
 from .errors import ConfigError, EncoderError, IndexMissingError, InputError
-from .store import SPLITS, Layout, Store, open_store
+from .store import SPLITS, Layout, Store, atomic_file, open_store
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +148,8 @@ def query_vector(store: Store, cfg: NeighborsCfg) -> tuple[np.ndarray, int | Non
     image = int(found[0]) if len(found) else None
     if image is not None:
         status, path = store.db.execute("SELECT status, path FROM images WHERE id=?", (image,)).fetchone()
-        desc = {"kind": "indexed", "id": store.describe([image])[image][0], "path": path}
+        shown, _, split = store.describe([image])[image]
+        desc = {"kind": "indexed", "id": shown, "path": path, "split": split}
         if status == "embedded":
             return unit32(store.vectors(ids=np.array([image]))[1][0]), image, desc
         if not (path and os.path.isfile(path)):
@@ -316,28 +316,20 @@ def find_duplicates(store: Store, cfg: DuplicatesCfg, progress: Progress | None 
 
 def write_groups_csv(store: Store, path: Path, groups: DuplicateGroups, chunk: int = 65536) -> None:
     """group,id,path,split rows, streamed to a temporary file and os.replace'd."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(["group", "id", "path", "split"])
-            for s in range(0, len(groups.image), chunk):
-                ids, num = groups.image[s:s + chunk], groups.group[s:s + chunk]
-                meta = store.describe(ids)
-                w.writerows((int(g), meta[i][0], meta[i][1] or "", meta[i][2]) for i, g in zip(ids.tolist(), num))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["group", "id", "path", "split"])
+        for s in range(0, len(groups.image), chunk):
+            ids, num = groups.image[s:s + chunk], groups.group[s:s + chunk]
+            meta = store.describe(ids)
+            w.writerows((int(g), meta[i][0], meta[i][1] or "", meta[i][2]) for i, g in zip(ids.tolist(), num))
 
 
 def duplicates(root: Path, cfg: DuplicatesCfg, out: Path | None, progress_factory=None, html: Path | None = None,
                gallery=None) -> dict:
     """Find near-duplicate groups, write them to `out` (CSV) and, when `html` is given, a
     page of their thumbnails (novelty.gallery, `gallery` a GalleryCfg); return the summary."""
+    from .export import check_page_out
     from .gallery import GalleryCfg, check_gallery_cfg, write_gallery
 
     if out is not None and Path(out).suffix.lower() != ".csv":
@@ -345,6 +337,8 @@ def duplicates(root: Path, cfg: DuplicatesCfg, out: Path | None, progress_factor
     check_duplicates_cfg(cfg)
     gallery = gallery or GalleryCfg()
     check_gallery_cfg(gallery)
+    if html is not None:
+        check_page_out(html)
     with open_store(root) as store:
         n = len(store.embedded(check_split(cfg.split)).ids)
         progress = progress_factory(n_chunk_pairs(n, cfg.chunk)) if progress_factory else None

@@ -16,7 +16,13 @@ log = logging.getLogger(__name__)
 
 
 def record(path: str, split: str) -> ImageRecord:
-    """An image file's size and mtime, or the reason it cannot be one (gone, unreadable, a folder)."""
+    """An image file's size and mtime, or the reason it cannot be one (gone, unreadable,
+    a folder, a name that is not UTF-8)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes in the name (os.walk's surrogateescape): the catalog stores text,
+        shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")  # so record it escaped
+        return ImageRecord(shown, split, -1, 0.0, "unreadable: the file name is not valid UTF-8; rename the file")
     try:
         st = os.stat(path)
     except FileNotFoundError:

@@ -117,14 +117,27 @@ class Layout:
     names: list[str]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name, fsync, then os.replace into place."""
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "wb", **open_kw) -> Iterator:
+    """A file object on a temporary name beside `path`: fsync'd and os.replace'd into
+    place when the block ends, removed when it raises (disk full, Ctrl-C), so `path`
+    is either the old file or the whole new one."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
+    try:
+        with open(tmp, mode, **open_kw) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_file(path) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

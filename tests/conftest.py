@@ -22,6 +22,24 @@ TINY_WIDE = str(HERE / "tiny-clip-wide.json")  # the same with 48-d output
 _runner = CliRunner()
 
 
+def screenshot(page: Path, tmp: Path, width: int, height: int, min_bytes: int = 10_000) -> np.ndarray | None:
+    """The page rendered by headless chromium, [height, width] grey levels; None when
+    chromium wrote no picture of at least `min_bytes` (the callers skip when chromium is
+    not on PATH)."""
+    import subprocess
+
+    png = tmp / "shot.png"
+    subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp / 'profile'}",
+         f"--screenshot={png}", f"--window-size={width},{height}", Path(page).resolve().as_uri()],
+        check=False, capture_output=True, timeout=50,
+    )
+    if not png.exists() or png.stat().st_size < min_bytes:
+        return None
+    return np.asarray(Image.open(png).convert("L"))
+
+
 def run(*args):
     """The novelty CLI in-process (typer's CliRunner); arguments are str()-ed."""
     from novelty.cli import app

@@ -1,6 +1,7 @@
 """build-index, info and import-embeddings through the CLI (typer's CliRunner), on
 generated images with a tiny random-weight open_clip model."""
 import json
+import os
 import shutil
 
 import numpy as np
@@ -238,3 +239,23 @@ def test_help_is_still_help():
     for args in ([], ["select", "--help"]):
         r = run(*args)
         assert "Usage: novelty" in r.output and len(r.output.splitlines()) > 5, r.output
+
+
+def test_a_file_name_that_is_not_utf8_is_recorded_failed_and_the_run_goes_on(tmp_path, sample_dir):
+    src = tmp_path / "u"
+    src.mkdir()
+    good = sorted((sample_dir / "unlabeled").glob("unlabeled_*.jpg"))[:2]
+    for f in good:
+        shutil.copy(f, src / f.name)
+    odd = os.path.join(os.fsencode(src), b"\xff\xfe.jpg")  # bytes no UTF-8 decoder accepts
+    shutil.copy(good[0], odd)
+    idx = tmp_path / "idx"
+    for attempt in range(2):  # the re-run finds the same row, and adds none
+        r = build(idx, ("unlabeled", src))
+        assert r.exit_code == 0, r.output
+        with open_store(idx) as st:
+            rows = st.db.execute("SELECT path, status, reason FROM images ORDER BY id").fetchall()
+        assert len(rows) == 3 and sum(s == "embedded" for _, s, _ in rows) == 2
+        (path, status, reason), = [row for row in rows if row[1] == "failed"]
+        assert path == str(src / "\\xff\\xfe.jpg") and "not valid UTF-8" in reason
+    assert "unchanged" in r.output

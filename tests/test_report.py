@@ -2,14 +2,13 @@
 names, self-containment, and (when chromium is on PATH) a headless render."""
 import csv
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
 
 from novelty.report import ReportCfg, collect
 from novelty.store import open_store
-from tests.conftest import TINY, run, unit
+from tests.conftest import TINY, run, screenshot, unit
 from tests.test_labeling import record_selection
 
 EVIL_DIR = '"><b onmouseover=x>bold<'  # with the file inside: .../"><b onmouseover=x>bold</b>.png
@@ -205,15 +204,5 @@ def test_report_renders_in_headless_chromium(image_index, tmp_path):
     write_csv(tmp_path / "sel.csv", [{"rank": r + 1, "id": i, "path": paths[i]} for r, i in enumerate(ids.tolist()[:6])])
     out = tmp_path / "r.html"
     assert run("report", "--selection", tmp_path / "sel.csv", "--out", out, "--index", idx).exit_code == 0
-    png = tmp_path / "shot.png"
-    subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-         f"--screenshot={png}", "--window-size=1200,2000", out.resolve().as_uri()],
-        check=False, capture_output=True, timeout=50,
-    )
-    assert png.exists() and png.stat().st_size > 20_000
-    from PIL import Image
-
-    shot = np.asarray(Image.open(png).convert("L"))
-    assert shot.shape == (2000, 1200) and shot.std() > 10  # not a blank page
+    shot = screenshot(out, tmp_path, 1200, 2000, min_bytes=20_000)
+    assert shot is not None and shot.shape == (2000, 1200) and shot.std() > 10  # not a blank page

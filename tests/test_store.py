@@ -149,3 +149,17 @@ def check_splits(st, ids, moved, by_id, X):
         assert got_ids.tolist() == want.tolist()
         np.testing.assert_array_equal(got, np.stack([by_id[int(i)] for i in want]))
         np.testing.assert_array_equal(got, X[np.searchsorted(ids, want)].astype(np.float16))
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    from novelty.store import atomic_file, atomic_write_text
+
+    target = tmp_path / "page.html"
+    atomic_write_text(target, "old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_file(target, "w") as f:
+            f.write("half of the new")
+            raise KeyboardInterrupt  # Ctrl-C mid-write
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["page.html"]
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["page.html"]
