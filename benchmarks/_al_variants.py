@@ -32,8 +32,22 @@ the functions in novelty/strategies.py, so the one that wins can move there as i
                    wrong in the image (the amount of error, not 1 - IoU: an image with
                    one tiny object can have 1 - IoU near 1 and few wrong pixels).
                    Session 10, after hybrid-oracle lost.
+    kmedian        another coverage objective, not a weighting of k-center: greedy
+                   facility location (k-median). Each pick j maximises the distance mass
+                   it removes, sum_i max(0, c_i - D_ij), where c_i is pool image i's
+                   cosine distance to its nearest labeled-or-picked image. k-center goes
+                   to the farthest image; this goes where a label brings the most pool
+                   images closer to a labeled one (the density-aware direction of
+                   TypiClust and ProbCover). Session 11.
+    hybrid-kmedian the same, each pool image's term weighted by minmax(u) ** beta: the
+                   pick that removes the most *uncertain* distance mass. The oracles of
+                   session 10 showed that an image's own error is a poor guide to what
+                   its label teaches; this weighs the uncertainty of the images a pick
+                   would cover instead. Session 11.
 """
 from __future__ import annotations
+
+import heapq
 
 import numpy as np
 
@@ -125,9 +139,55 @@ def hybrid_typ(x: S.SelectionInput) -> S.Selection:
     return S.kcenter(x, w.astype(np.float32))
 
 
+def kmedian_greedy(pool: np.ndarray, c0: np.ndarray, budget: int, w: np.ndarray, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy facility location over unit rows `pool` [n, d]: each pick j maximises
+    gain_j = sum_i w_i * max(0, c_i - (1 - x_i . x_j)), c starting at `c0` (each row's
+    distance to the labeled set) and then lowered by every pick. Lazy: the gains only
+    shrink (the objective is submodular), so a candidate whose gain, recomputed now, is
+    at least every other candidate's stale bound is the true argmax. Ties go to the lower
+    index. -> (picks [B], gain at each pick [B])."""
+    X = np.ascontiguousarray(pool, np.float32)
+    c = np.minimum(np.asarray(c0, np.float64), 2.0)  # no labeled set: +inf, and 2 is the largest cosine distance
+    w = np.asarray(w, np.float64)
+    n = len(X)
+    gains = np.empty(n)
+    for s in range(0, n, block):
+        D = 1.0 - X @ X[s:s + block].T  # [n, b]
+        gains[s:s + block] = (w[:, None] * np.maximum(c[:, None] - D, 0.0)).sum(0)
+    heap = [(-g, j) for j, g in enumerate(gains.tolist())]
+    heapq.heapify(heap)
+    picks, got, taken = [], [], np.zeros(n, bool)
+    while len(picks) < min(budget, n) and heap:
+        _, j = heapq.heappop(heap)
+        if taken[j]:
+            continue
+        dj = 1.0 - X @ X[j]  # [n]
+        g = float((w * np.maximum(c - dj, 0.0)).sum())
+        if not heap or (-g, j) <= heap[0]:  # fresh gain beats every stale bound (ties: lower index)
+            picks.append(j), got.append(g)
+            taken[j] = True
+            c = np.minimum(c, np.maximum(dj, 0.0))
+            c[j] = 0.0
+        else:
+            heapq.heappush(heap, (-g, j))
+    return np.asarray(picks, np.int64), np.asarray(got, np.float32)
+
+
+def kmedian(x: S.SelectionInput) -> S.Selection:
+    picks, gain = kmedian_greedy(x.pool, x.nearest.dist, x.budget, np.ones(len(x.pool)))
+    return S.Selection(picks, gain)
+
+
+def hybrid_kmedian(x: S.SelectionInput) -> S.Selection:
+    w = S.uncertainty_weights(_u(x, "hybrid-kmedian"), x.beta)
+    picks, gain = kmedian_greedy(x.pool, x.nearest.dist, x.budget, w)
+    return S.Selection(picks, gain)
+
+
 VARIANTS = {"hybrid-rank": hybrid_rank, "hybrid-top": hybrid_top, "hybrid-floor": hybrid_floor,
             "kcenter-typ": kcenter_typ, "hybrid-typ": hybrid_typ, "hybrid-smooth": hybrid_smooth,
-            "hybrid-beta2": hybrid_beta2, "hybrid-oracle": hybrid_oracle, "hybrid-oracle-pixels": hybrid_oracle_pixels}
+            "hybrid-beta2": hybrid_beta2, "hybrid-oracle": hybrid_oracle, "hybrid-oracle-pixels": hybrid_oracle_pixels,
+            "kmedian": kmedian, "hybrid-kmedian": hybrid_kmedian}
 # their u is the current model's true error on each image (active_learning.oracle_uncertainty), not MC dropout:
 ORACLE = {"hybrid-oracle": "iou", "hybrid-oracle-pixels": "pixels"}
 

@@ -172,6 +172,39 @@ def test_variant_neighbourhoods_match_brute_force():
     np.testing.assert_allclose(typicality(X, 20, block=64), (1 / dist) / (1 / dist).max(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_lazy_kmedian_greedy_matches_the_plain_greedy(weighted):
+    """_al_variants.kmedian_greedy (lazy, block-wise first gains) against a loop that
+    recomputes every candidate's gain from the full distance matrix at every pick."""
+    import numpy as np
+
+    load_benchmark()
+    from _al_variants import kmedian_greedy
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(12, 16))
+    X = centres[rng.integers(0, 12, 400)] + 0.4 * rng.normal(size=(400, 16))  # clustered, like the benchmark's pool
+    X = (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float16)
+    L = X[:30].astype(np.float32)  # a labeled set inside a few clusters
+    pool = X[30:]
+    P = pool.astype(np.float64)
+    c0 = (1 - P @ L.T.astype(np.float64)).min(1)
+    w = rng.random(len(pool)) if weighted else np.ones(len(pool))
+    picks, gain = kmedian_greedy(pool, c0, 25, w, block=64)
+    D = 1 - P @ P.T
+    c, want, want_gain = c0.copy(), [], []
+    for _ in range(25):
+        g = (w[:, None] * np.maximum(c[:, None] - D, 0)).sum(0)
+        g[want] = -np.inf
+        j = int(np.argmax(g))  # the first of equal maxima: the lower index
+        want.append(j), want_gain.append(g[j])
+        c = np.minimum(c, np.maximum(D[:, j], 0))
+        c[j] = 0
+    assert picks.tolist() == want
+    np.testing.assert_allclose(gain, want_gain, rtol=1e-4)
+    assert np.all(np.diff(gain) <= 1e-4 * gain[0])  # submodular: gains never grow
+
+
 def test_oracle_uncertainty_is_each_unlabeled_images_true_error(tmp_path):
     """hybrid-oracle's u against per-image IoU and wrong-pixel counts written out in numpy."""
     import numpy as np
