@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .config import IMAGE_EXTENSIONS
 from .errors import ConfigError, SourceError
-from .store import ImageRecord
+from .store import ImageRecord, text_key
 
 log = logging.getLogger(__name__)
 
@@ -18,11 +18,8 @@ log = logging.getLogger(__name__)
 def record(path: str, split: str) -> ImageRecord:
     """An image file's size and mtime, or the reason it cannot be one (gone, unreadable,
     a folder, a name that is not UTF-8)."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:  # undecodable bytes in the name (os.walk's surrogateescape): the catalog stores text,
-        shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")  # so record it escaped
-        return ImageRecord(shown, split, -1, 0.0, "unreadable: the file name is not valid UTF-8; rename the file")
+    if text_key(path) != path:  # undecodable bytes in the name: recorded under its escaped form, never opened
+        return ImageRecord(text_key(path), split, -1, 0.0, "unreadable: the file name is not valid UTF-8; rename the file")
     try:
         st = os.stat(path)
     except FileNotFoundError:

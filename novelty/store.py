@@ -144,6 +144,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def text_key(name: str) -> str:
+    """A file name as the catalog stores it: SQLite holds UTF-8 text, so the bytes of a
+    name that is not valid UTF-8 (os functions hand them over as surrogates) are written
+    as backslash escapes, e.g. '\\xff'."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def display_id(image_id: int, ext_id: str | None) -> str:
     """The id users see: the imported id, else the catalog id."""
     return ext_id if ext_id is not None else str(image_id)
@@ -519,11 +530,11 @@ class Store:
         found, unknown = [], []
         for key in keys:
             key = key.strip()
-            row = self.db.execute("SELECT id FROM images WHERE ext_id=?", (key,)).fetchone()
+            row = self.db.execute("SELECT id FROM images WHERE ext_id=?", (text_key(key),)).fetchone()
             if row is None and key.isdigit():
                 row = self.db.execute("SELECT id FROM images WHERE id=?", (int(key),)).fetchone()
             if row is None:
-                row = self.db.execute("SELECT id FROM images WHERE path=?", (os.path.abspath(key),)).fetchone()
+                row = self.db.execute("SELECT id FROM images WHERE path=?", (text_key(os.path.abspath(key)),)).fetchone()
             if row is None:
                 unknown.append(key)
             else:

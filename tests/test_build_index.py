@@ -259,3 +259,5 @@ def test_a_file_name_that_is_not_utf8_is_recorded_failed_and_the_run_goes_on(tmp
         (path, status, reason), = [row for row in rows if row[1] == "failed"]
         assert path == str(src / "\\xff\\xfe.jpg") and "not valid UTF-8" in reason
     assert "unchanged" in r.output
+    r = run("neighbors", os.fsdecode(odd), "--index", idx)  # a look-up by that name finds the failed row
+    assert r.exit_code == 2 and "has no vector (failed)" in r.output and len(r.output.strip().splitlines()) == 1, r.output
