@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import sqlite3
+import textwrap
 
 import numpy as np
 import pytest
@@ -151,6 +152,30 @@ def test_bad_uncertainty_arguments(index, args, message):
     r = run("uncertainty", "--index", index, "--image-size", 32, "--workers", 0, *args)
     assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_preprocess_of_the_wrong_shape_is_named(index, tmp_path):
+    # a grey [H, W] tensor instead of [3, H, W]: one image's T=3 passes used to reach the
+    # segmenter as one unbatched RGB image, and after torch's Dropout2d warning the error
+    # blamed the model's output
+    f = tmp_path / "grey.py"
+    f.write_text(textwrap.dedent("""
+        import numpy as np
+        import torch
+        from torch import nn
+
+        def grey(img):
+            return torch.from_numpy(np.asarray(img.convert("L").resize((32, 32)), dtype=np.float32) / 255)
+
+        def build():
+            return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Dropout2d(0.5), nn.Conv2d(4, 3, 1)), grey
+    """))
+    r = run("uncertainty", "--detector", f"{f}:build", "--kind", "segmentation", "--passes", 3, "--batch-size", 1,
+            "--index", index, "--workers", 0)
+    assert r.exit_code != 0 and "Traceback" not in r.output, r.output
+    said = [line for line in r.output.strip().splitlines() if not line.startswith("mc-dropout:")]  # the bar, then the error
+    assert said == ["novelty: error: the preprocess returned a tensor of shape [32, 32] for an image; "
+                    "it must return a float tensor [3, H, W]"], r.output
 
 
 def _backbone_features(paths) -> np.ndarray:

@@ -474,6 +474,20 @@ def test_broken_output_contract_stops_the_run(segmenter, scenes):
         list(score_batches(segmenter, [([0, 1], scenes[:2])], UncertaintyCfg(kind="detection", device="cpu")))
 
 
+@pytest.mark.parametrize("kind", ["detection", "segmentation"])
+@pytest.mark.parametrize("images, got", [
+    (torch.rand(1, 32, 32), r"a tensor of shape \[32, 32\]"),  # T=3 passes of it would look like one RGB image
+    (torch.rand(2, 32, 32), r"a tensor of shape \[32, 32\]"),
+    ([torch.rand(32, 32), torch.rand(32, 24)], r"a tensor of shape \[32, 32\]"),
+    ([torch.rand(3, 32, 32), np.zeros((3, 32, 32), np.float32)], "a ndarray"),
+])
+def test_preprocess_that_breaks_its_contract_stops_the_run(kind, images, got, detector, segmenter):
+    model = detector if kind == "detection" else segmenter
+    cfg = UncertaintyCfg(kind=kind, passes=3, device="cpu")
+    with pytest.raises(ModelError, match=f"^the preprocess returned {got} for an image; it must return a float tensor"):
+        list(score_batches(model, [(list(range(len(images))), images)], cfg))
+
+
 def test_segmentation_takes_lists_and_dict_outputs(segmenter, scenes):
     class DictOut(nn.Module):
         def __init__(self, inner):

@@ -31,6 +31,12 @@ Modules are imported with the current directory on ``sys.path`` (the console scr
 does not put it there); a file's own directory is on ``sys.path`` while it is imported
 and its factory runs, so it can import its neighbours.
 
+torchvision, when installed, is imported through ``_compat.import_torchvision`` before
+the spec's module, so a model built from torchvision's pure-Python parts loads on a
+CPU torch paired with a CUDA torchvision. Its compiled ops still do not run there:
+torchvision's detectors call ``nms`` inside their forward, and each image then fails
+with torchvision's "Couldn't load custom C++ ops" error, recorded as its reason.
+
 Every failure (no colon, missing module or file, missing attribute, a factory that
 raises or returns the wrong thing) raises ModelError with a one-line message naming
 the spec.
@@ -40,12 +46,15 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import ModelError
+
+log = logging.getLogger(__name__)
 
 
 def _first_line(e: BaseException) -> str:
@@ -94,6 +103,20 @@ def _import_module(spec: str, name: str):
         raise ModelError(f"model spec {spec!r}: importing {name} failed: {_first_line(e)}") from e
 
 
+def _import_torchvision() -> None:
+    """torchvision with _compat's workaround, before a spec can import it on its own.
+    Absent or broken otherwise, it is left alone: a model that does not use it still
+    loads, and one that does fails on its own import, with a message naming the spec."""
+    if importlib.util.find_spec("torchvision") is None:
+        return
+    from .._compat import import_torchvision
+
+    try:
+        import_torchvision()
+    except Exception as e:
+        log.debug("torchvision did not import (%s); a model spec that needs it will fail", _first_line(e))
+
+
 def load_model_spec(spec: str, size: int | tuple[int, int] | None = None) -> tuple:
     """``module:factory`` or ``file.py:factory`` -> (model, preprocess). ``size`` is
     passed to ``default_preprocess`` when the factory gives no preprocess."""
@@ -102,6 +125,7 @@ def load_model_spec(spec: str, size: int | tuple[int, int] | None = None) -> tup
     where, colon, attr = spec.rpartition(":")
     if not colon or not where or not attr:
         raise ModelError(f"model spec {spec!r}: expected 'package.module:factory' or 'path/to/file.py:factory'")
+    _import_torchvision()
     is_file = where.endswith(".py") or "/" in where or os.sep in where
     folder = str(Path(where).resolve().parent) if is_file else os.getcwd()
     with _on_path(folder):

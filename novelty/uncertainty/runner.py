@@ -9,7 +9,8 @@ Each batch runs its T passes as one batched forward (``mc.py``), then the pure s
 stop the run: the batch is retried image by image, and an image that fails alone is
 yielded with ``score=None`` and ``error`` set to the reason. Masks do not depend on
 batch composition, so a retried image scores what it would have scored in its batch.
-A model that breaks the output contract raises ModelError at once: every image would
+A model that breaks the output contract, or images that are not tensors [3, H, W]
+(a preprocess that breaks its contract), raise ModelError at once: every image would
 fail the same way.
 """
 from __future__ import annotations
@@ -131,6 +132,22 @@ def _detections(d) -> dict:
     return out
 
 
+def _check_images(images) -> None:
+    """ModelError unless ``images`` is a tensor [B, C, H, W] or a list of tensors [C, H, W].
+    Run anyway, a [B, H, W] batch reaches the model as something else (T*B channels, an
+    unbatched image) and the error, if any, blames the model."""
+    if isinstance(images, torch.Tensor):
+        if images.dim() == 4:
+            return
+        got = f"a tensor of shape {list(images.shape[1:])}"
+    else:
+        bad = next((x for x in images if not isinstance(x, torch.Tensor) or x.dim() != 3), None)
+        if bad is None:
+            return
+        got = f"a tensor of shape {list(bad.shape)}" if isinstance(bad, torch.Tensor) else f"a {type(bad).__name__}"
+    raise ModelError(f"the preprocess returned {got} for an image; it must return a float tensor [3, H, W]")
+
+
 def _score_batch(mc: MCDropout, keys: Sequence, images, cfg: UncertaintyCfg, device: torch.device) -> list[ImageResult]:
     n, T = len(keys), cfg.passes
     images = _to_device(images, device)
@@ -188,6 +205,7 @@ def score_batches(model: nn.Module, batches: Iterable[tuple[Sequence[Hashable], 
     prepare_model(model, cfg)
     with MCDropout(model, cfg.seed, cfg.max_batch, cfg.share_trunk) as mc:
         for keys, images in batches:
+            _check_images(images)
             n = len(keys)
             assert n == (images.shape[0] if isinstance(images, torch.Tensor) else len(images)), "keys and images differ in length"
             try:
