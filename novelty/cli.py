@@ -270,14 +270,15 @@ def select(
     from .selection import SelectCfg
     from .selection import select as run
 
-    get_writer(out)  # a bad extension or folder fails before any work
+    get_writer(out)  # a bad extension, a missing pyarrow or folder fails before any work
     check_out(out)
     r = run(index, SelectCfg(budget=budget, strategy=strategy, beta=uncertainty_weight, seed=seed, radius=radius,
                              approximate=approximate, device=device.value))
     ls = write_selection(out, r.rows)
     s = r.summary
-    typer.echo(f"selected {s['picks']} of {s['pool']} unlabeled images with {s['strategy']} (run #{r.run}) -> {out}, {ls.name}")
-    typer.echo(f"  covering radius  {s['covering_radius_before']:.4f} before, {s['covering_radius_after']:.4f} after (cosine distance)")
+    typer.echo(f"selected {s['picks']} of {s['pool']} unlabeled images with {s['strategy']} (run #{r.run}) -> {out}, {ls}")
+    before = f"{s['covering_radius_before']:.4f} before" if s["labeled"] else "no labeled image yet"
+    typer.echo(f"  covering radius  {before}, {s['covering_radius_after']:.4f} after (cosine distance)")
     typer.echo(f"  redundant        {100 * s['redundant_share']:.1f}% of the pool has a labeled image within r = {s['radius']:.4f}")
     t = s["seconds"]
     typer.echo(f"  time             {t['total']:.1f}s (load {t['load']:.1f}s, nearest-labeled {t['first_pass']:.1f}s, selection {t['select']:.1f}s)")
@@ -334,7 +335,7 @@ def uncertainty(
     how = f"aggregation {aggregation}" if kind is Kind.detection else f"mean of the top {top_percent:g}% of pixels"
     if precision is not Precision.fp32:
         how += f", {precision.value}"
-    typer.echo(f"  mean score {s.mean:.4f} (T={passes}, {kind.value}, {how}); select now defaults to --strategy hybrid")
+    typer.echo(f"  mean score {s.mean:.4g} (T={passes}, {kind.value}, {how}); select now defaults to --strategy hybrid")
 
 
 @command
@@ -343,13 +344,17 @@ def import_uncertainty(
     index: IndexOpt = DEFAULT_INDEX,
 ):
     """Store uncertainty scores computed elsewhere; `select` then defaults to hybrid."""
-    from .records import read_uncertainty_csv, save_uncertainty
+    from .records import pool_scores, read_uncertainty_csv, save_uncertainty
     from .store import open_store
 
     with open_store(index, writable=True) as store:
-        ids, values = read_uncertainty_csv(store, scores_file)
-        run = save_uncertainty(store, {"source": "import", "file": str(scores_file.resolve())}, ids, values)
-    typer.echo(f"stored {len(ids)} uncertainty scores (run #{run}); select now defaults to --strategy hybrid")
+        p = pool_scores(store, scores_file, *read_uncertainty_csv(store, scores_file))
+        run = save_uncertainty(store, {"source": "import", "file": str(scores_file.resolve())}, p.ids, p.values)
+    typer.echo(f"stored {len(p.ids)} uncertainty scores (run #{run}); select now defaults to --strategy hybrid")
+    if p.labeled:
+        err(f"warning: ignored {p.labeled} score(s) of labeled images; select ranks only unlabeled ones")
+    if p.not_embedded:
+        err(f"warning: {p.not_embedded} score(s) are of images not embedded yet; select uses them once build-index embeds them")
 
 
 # ---------------------------------------------------------- inspect, report, label
@@ -484,10 +489,10 @@ def export(
 
     if (run is None) != latest:
         raise ConfigError("give --run N or --latest (one of them)")
-    get_writer(out)
+    get_writer(out)  # a bad extension or a missing pyarrow fails before any work
     check_out(out)
     rid, n, ls = export_run(index, run, out)
-    typer.echo(f"wrote {n} picks of select run #{rid} -> {out}, {ls.name}")
+    typer.echo(f"wrote {n} picks of select run #{rid} -> {out}, {ls}")
 
 
 @command

@@ -20,10 +20,24 @@ Rows = Sequence[dict]
 
 
 def _clean(v):
-    return None if isinstance(v, float) and math.isnan(v) else v
+    """None for NaN and +-inf: JSON has no such numbers (json.dumps would write the
+    invalid tokens NaN and Infinity), and every format writes a missing value the same
+    way, as `export` of the run does (the catalog stores a non-finite priority as NULL)."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _pyarrow():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError("writing .parquet needs pyarrow: pip install -c constraints.txt 'novelty[parquet]'") from None
+    return pa, pq
 
 
 def write_csv(path: Path, rows: Rows) -> None:
+    """Missing and non-finite values are empty cells: pandas reads them as NaN, and a
+    spreadsheet or Label Studio does not see the text 'inf' in a number column."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -33,15 +47,12 @@ def write_csv(path: Path, rows: Rows) -> None:
 
 
 def write_jsonl(path: Path, rows: Rows) -> None:
-    atomic_write_text(path, "".join(json.dumps({k: _clean(r.get(k)) for k in COLUMNS}) + "\n" for r in rows))
+    atomic_write_text(path, "".join(json.dumps({k: _clean(r.get(k)) for k in COLUMNS}, allow_nan=False) + "\n"
+                                    for r in rows))
 
 
 def write_parquet(path: Path, rows: Rows) -> None:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ConfigError("writing .parquet needs pyarrow: pip install -c constraints.txt 'novelty[parquet]'") from None
+    pa, pq = _pyarrow()
     table = pa.Table.from_pylist([{k: _clean(r.get(k)) for k in COLUMNS} for r in rows])
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
@@ -60,7 +71,7 @@ def write_label_studio(path: Path, rows: Rows, image_root: str | None = None) ->
             url = p or str(r["id"])
         scores = {k: _clean(r.get(k)) for k in COLUMNS if k not in ("path",)}
         tasks.append({"data": {"image": url, **{f"novelty_{k}": v for k, v in scores.items()}}, "meta": scores})
-    atomic_write_text(path, json.dumps(tasks, indent=1))
+    atomic_write_text(path, json.dumps(tasks, indent=1, allow_nan=False))
 
 
 _FORMATS: dict[str, Callable[[Path, Rows], None]] = {".csv": write_csv, ".jsonl": write_jsonl, ".parquet": write_parquet}
@@ -88,10 +99,14 @@ def check_page_out(path: Path) -> None:
 
 
 def get_writer(path: Path) -> Callable[[Path, Rows], None]:
-    try:
-        return _FORMATS[Path(path).suffix.lower()]
-    except KeyError:
-        raise ConfigError(f"cannot write {path}: the extension must be one of {', '.join(_FORMATS)}") from None
+    """The writer for `path`'s extension. Fails, before any work, on an unknown extension
+    or a format whose library is not installed (.parquet without pyarrow)."""
+    ext = Path(path).suffix.lower()
+    if ext not in _FORMATS:
+        raise ConfigError(f"cannot write {path}: the extension must be one of {', '.join(_FORMATS)}")
+    if ext == ".parquet":
+        _pyarrow()
+    return _FORMATS[ext]
 
 
 def write_selection(path: Path, rows: Rows) -> Path:

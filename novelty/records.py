@@ -81,6 +81,30 @@ def read_uncertainty_csv(store: Store, path: Path) -> tuple[np.ndarray, np.ndarr
     return ids, np.asarray(vals)
 
 
+@dataclass
+class PoolScores:
+    ids: np.ndarray  # [k] the scores to store: those of unlabeled images
+    values: np.ndarray  # [k]
+    labeled: int  # scores of labeled images, dropped: select never ranks a labeled image
+    not_embedded: int  # of those kept, scores of unlabeled images with no vector yet (pending or failed)
+
+
+def pool_scores(store: Store, path: Path, ids: np.ndarray, values: np.ndarray) -> PoolScores:
+    """The scores of a file (read_uncertainty_csv) that select can use. A file that scores
+    no unlabeled embedded image is refused: select would only warn that it covers no
+    image of the pool, after `import-uncertainty` had said hybrid is now the default."""
+    ids = np.asarray(ids, dtype=np.int64)
+    labeled = np.isin(ids, np.fromiter((i for (i,) in store.db.execute("SELECT id FROM images WHERE split='labeled'")),
+                                       np.int64))
+    in_pool = np.isin(ids, store.embedded("unlabeled").ids)
+    if not in_pool.any():
+        why = f"{int(labeled.sum())} labeled, {int((~labeled).sum())} unlabeled but not embedded"
+        raise InputError(f"none of the {len(ids)} id(s) in {path} is an unlabeled embedded image ({why}); "
+                         f"select ranks only those, so nothing was imported")
+    keep = ~labeled
+    return PoolScores(ids[keep], np.asarray(values)[keep], int(labeled.sum()), int((keep & ~in_pool).sum()))
+
+
 def save_selection(store: Store, params: dict, summary: dict, image_ids, priority, radius_trace=None) -> int:
     """Record a selection run and its picks (rank 1..N in pick order)."""
     now = time.time()

@@ -36,8 +36,13 @@ class SelectResult:
     warnings: list[str] = field(default_factory=list)
 
 
+# the strategies that rank by uncertainty; the others only show it in the output
+USES_UNCERTAINTY = ("hybrid", "uncertainty")
+
+
 def pool_uncertainty(store, pool_ids: np.ndarray, warnings: list[str]) -> tuple[np.ndarray | None, dict | None]:
-    """The latest scores in pool order; images without one get the pool's mean (warned)."""
+    """The latest scores in pool order, NaN for images without one; None when the run
+    scores no image of the pool (warned)."""
     latest = records.latest_uncertainty(store)
     if latest is None:
         return None, None
@@ -48,10 +53,31 @@ def pool_uncertainty(store, pool_ids: np.ndarray, warnings: list[str]) -> tuple[
     if not hit.any():
         warnings.append(f"uncertainty run #{latest.run} scores no unlabeled image; ignoring it")
         return None, None
-    if not hit.all():
-        warnings.append(f"{int((~hit).sum())} unlabeled image(s) have no uncertainty score; they get the mean score")
-        u[~hit] = u[hit].mean()
     return u, {"run": latest.run, **latest.params}
+
+
+def filled_uncertainty(u: np.ndarray, name: str, warnings: list[str]) -> np.ndarray:
+    """u with the pool's mean score for images without one (warned when `name` ranks by it)."""
+    missing = np.isnan(u)
+    if not missing.any():
+        return u
+    if name in USES_UNCERTAINTY:
+        warnings.append(f"{int(missing.sum())} unlabeled image(s) have no uncertainty score; "
+                        f"{name} gives them the mean score (their uncertainty column is left empty)")
+    return np.where(missing, u[~missing].mean(), u)
+
+
+def not_embedded(store, warnings: list[str]) -> None:
+    """Warn about images a killed or unfinished build-index left pending: they have no
+    vector, so they are neither in the pool nor centers."""
+    pending = dict(store.db.execute("SELECT split, COUNT(*) FROM images WHERE status='pending' GROUP BY split").fetchall())
+    parts = []
+    if pending.get("unlabeled"):
+        parts.append(f"{pending['unlabeled']} unlabeled image(s) are not embedded yet and are not in the pool")
+    if pending.get("labeled"):
+        parts.append(f"{pending['labeled']} labeled image(s) are not embedded yet and do not count as labeled")
+    if parts:
+        warnings.append("; ".join(parts) + "; re-run build-index to embed them")
 
 
 def select(root: Path, cfg: SelectCfg) -> SelectResult:
@@ -76,8 +102,14 @@ def select(root: Path, cfg: SelectCfg) -> SelectResult:
         if budget > len(pool_ids):
             warnings.append(f"budget {budget} exceeds the {len(pool_ids)} unlabeled images; selecting them all")
             budget = len(pool_ids)
-        u, u_info = pool_uncertainty(store, pool_ids, warnings)
+        not_embedded(store, warnings)
+        # a run that scores no pool image is worth a warning only where uncertainty would be used
+        uses_u = cfg.strategy is None or cfg.strategy in USES_UNCERTAINTY
+        u, u_info = pool_uncertainty(store, pool_ids, warnings if uses_u else [])
         name = cfg.strategy or strategies.default_strategy(u is not None)
+        measured = None if u is None else ~np.isnan(u)  # [n] images with a score of their own
+        if u is not None:
+            u = filled_uncertainty(u, name, warnings)
         radius = cfg.radius if cfg.radius is not None else scores.default_radius(labeled)
         t1 = time.monotonic()
         nearest = scores.nearest_labeled(pool, labeled, radius=radius, cfg=scores.NearestCfg(approximate=cfg.approximate))
@@ -104,7 +136,7 @@ def select(root: Path, cfg: SelectCfg) -> SelectResult:
                 "path": path,
                 "priority": float(sel.priority[rank - 1]),
                 "novelty": float(nearest.dist[p]) if li >= 0 else None,
-                "uncertainty": float(u[p]) if u is not None else None,
+                "uncertainty": float(u[p]) if measured is not None and measured[p] else None,
                 "nearest_labeled_id": meta[int(lab_ids[li])][0] if li >= 0 else None,
                 "nearest_labeled_distance": float(nearest.dist[p]) if li >= 0 else None,
                 "labeled_neighbors": int(nearest.count[p]) if nearest.count is not None else None,

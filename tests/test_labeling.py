@@ -229,3 +229,23 @@ def test_bad_export_input(index, tmp_path, args, message):
 def test_export_without_a_selection(index, tmp_path):
     r = run("export", "--latest", "--out", tmp_path / "e.csv", "--index", index)
     assert r.exit_code == 2 and "has no recorded selection" in r.output
+
+
+def test_export_prints_the_label_studio_path_with_its_folder(index, tmp_path):
+    record_selection(index, 3)
+    r = run("export", "--latest", "--out", tmp_path / "e.jsonl", "--index", index)
+    assert r.exit_code == 0 and f"-> {tmp_path / 'e.jsonl'}, {tmp_path / 'e.label-studio.json'}\n" in r.output, r.output
+
+
+def test_export_parquet_without_pyarrow_fails_before_any_work(index, tmp_path, monkeypatch):
+    import sys
+
+    from novelty import labeling
+
+    record_selection(index, 3)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow -> ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    monkeypatch.setattr(labeling, "run_rows", lambda *a: pytest.fail("export worked before checking for pyarrow"))
+    r = run("export", "--latest", "--out", tmp_path / "e.parquet", "--index", index)
+    assert r.exit_code == 2 and "writing .parquet needs pyarrow" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert list(tmp_path.glob("e.*")) == []

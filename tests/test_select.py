@@ -2,6 +2,7 @@
 brute-force k-center written here."""
 import csv
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -214,3 +215,117 @@ def test_import_uncertainty_rejects_bad_files(index, tmp_path, content, message)
     assert r.exit_code == 2 and message in r.output, r.output
     with open_store(idx) as st:
         assert st.db.execute("SELECT COUNT(*) FROM uncertainty").fetchone()[0] == 0
+
+
+def strict_json(text):
+    """json.loads that refuses NaN and Infinity, as JSON.parse and most other parsers do."""
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture
+def no_labeled_index(tmp_path):
+    np.save(tmp_path / "p.npy", clustered(50, 8, 4, 3))
+    (tmp_path / "p.txt").write_text("\n".join(f"q{i}" for i in range(50)))
+    idx = tmp_path / "idx"
+    assert run("import-embeddings", tmp_path / "p.npy", "--ids", tmp_path / "p.txt", "--split", "unlabeled", "--index", idx).exit_code == 0
+    return idx
+
+
+@pytest.mark.parametrize("strategy", ["kcenter", "novelty"])
+def test_no_labeled_images_write_valid_json_and_say_so(no_labeled_index, tmp_path, strategy):
+    # the first k-center pick, and every novelty pick, is infinitely far from a labeled set that is empty
+    r = run("select", "--budget", 4, "--strategy", strategy, "--index", no_labeled_index, "--out", tmp_path / "s.jsonl")
+    assert r.exit_code == 0, r.output
+    rows = [strict_json(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    tasks = strict_json((tmp_path / "s.label-studio.json").read_text())
+    assert rows[0]["priority"] is None and tasks[0]["meta"]["priority"] is None and tasks[0]["data"]["novelty_priority"] is None
+    if strategy == "kcenter":
+        assert rows[0]["distance_at_pick"] is None and rows[1]["distance_at_pick"] > 0  # later picks have a finite distance
+    assert "no labeled image yet" in r.output and "inf" not in r.output
+    assert run("select", "--budget", 4, "--strategy", strategy, "--index", no_labeled_index, "--out", tmp_path / "s.csv").exit_code == 0
+    assert read(tmp_path / "s.csv")[0]["priority"] == ""  # empty, as `export` of the run writes it
+
+
+def test_select_prints_the_label_studio_path_with_its_folder(index, tmp_path):
+    idx, _, _ = index
+    r = run("select", "--budget", 3, "--index", idx, "--out", tmp_path / "sel.csv")
+    assert r.exit_code == 0 and f"-> {tmp_path / 'sel.csv'}, {tmp_path / 'sel.label-studio.json'}\n" in r.output, r.output
+
+
+def test_parquet_without_pyarrow_fails_before_any_work(index, tmp_path, monkeypatch):
+    idx, _, _ = index
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow -> ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    r = run("select", "--budget", 3, "--index", idx, "--out", tmp_path / "s.parquet")
+    assert r.exit_code == 2 and "writing .parquet needs pyarrow" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    with open_store(idx) as st:
+        assert st.db.execute("SELECT COUNT(*) FROM runs WHERE kind='select'").fetchone()[0] == 0
+    assert list(tmp_path.glob("s.*")) == []
+
+
+def test_select_warns_about_images_not_embedded_yet(index, tmp_path):
+    idx, _, _ = index
+    with open_store(idx, writable=True) as st, st.transaction() as db:
+        # what a killed build-index leaves: scanned images, no vector yet
+        db.executemany("INSERT INTO images(path, split, size, mtime, status, added) VALUES (?,?,1,0,'pending',0)",
+                       [(f"/nowhere/u{i}.jpg", "unlabeled") for i in range(7)] + [("/nowhere/l0.jpg", "labeled")])
+    r = run("select", "--budget", 3, "--index", idx, "--out", tmp_path / "s.csv")
+    assert r.exit_code == 0, r.output
+    assert "warning: 7 unlabeled image(s) are not embedded yet and are not in the pool" in r.output, r.output
+    assert "1 labeled image(s) are not embedded yet" in r.output and "re-run build-index" in r.output
+    assert "of 200 unlabeled images" in r.output
+
+
+def write_scores(path, ids, values):
+    path.write_text("id,uncertainty\n" + "".join(f"{i},{v}\n" for i, v in zip(ids, values)))
+
+
+def test_images_without_a_score_have_no_uncertainty_in_the_output(index, tmp_path):
+    idx, P, L = index
+    u = np.random.default_rng(3).gamma(2.0, size=100)
+    write_scores(tmp_path / "u.csv", [f"p{i:03d}" for i in range(100)], u)  # half the pool
+    assert run("import-uncertainty", tmp_path / "u.csv", "--index", idx).exit_code == 0
+    out = tmp_path / "h.csv"
+    r = run("select", "--budget", 30, "--index", idx, "--out", out)
+    assert r.exit_code == 0 and "hybrid" in r.output, r.output
+    assert "100 unlabeled image(s) have no uncertainty score" in r.output
+    rows = read(out)
+    assert {x["id"] for x in rows} & {f"p{i:03d}" for i in range(100, 200)}, "test needs an unscored pick"
+    for x in rows:
+        i = int(x["id"][1:])
+        if i < 100:
+            assert float(x["uncertainty"]) == pytest.approx(u[i])
+        else:
+            assert x["uncertainty"] == ""  # not the mean it was ranked with
+
+
+def test_only_strategies_that_use_uncertainty_warn_about_missing_scores(index, tmp_path):
+    idx, _, _ = index
+    write_scores(tmp_path / "u.csv", [f"p{i:03d}" for i in range(100)], np.linspace(0, 1, 100))  # half the pool
+    assert run("import-uncertainty", tmp_path / "u.csv", "--index", idx).exit_code == 0
+    out = tmp_path / "s.csv"
+    for strategy in ("kcenter", "novelty", "random"):
+        r = run("select", "--budget", 5, "--strategy", strategy, "--index", idx, "--out", out)
+        assert r.exit_code == 0 and "uncertainty" not in r.output, r.output
+    r = run("select", "--budget", 5, "--strategy", "uncertainty", "--index", idx, "--out", out)
+    assert r.exit_code == 0 and "100 unlabeled image(s) have no uncertainty score" in r.output
+
+
+def test_import_uncertainty_of_labeled_images(index, tmp_path):
+    idx, _, _ = index
+    write_scores(tmp_path / "lab.csv", [f"l{i:03d}" for i in range(40)], np.linspace(0, 1, 40))
+    r = run("import-uncertainty", tmp_path / "lab.csv", "--index", idx)
+    assert r.exit_code == 2 and "none of the 40 id(s)" in r.output and "40 labeled" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and "hybrid" not in r.output
+    with open_store(idx) as st:
+        assert st.db.execute("SELECT COUNT(*) FROM uncertainty").fetchone()[0] == 0
+        assert st.db.execute("SELECT COUNT(*) FROM runs WHERE kind='uncertainty'").fetchone()[0] == 0
+    # some labeled: accepted, and the labeled ones are counted out
+    write_scores(tmp_path / "mix.csv", ["l000", "l001", "p000", "p001", "p002"], [1, 2, 3, 4, 5])
+    r = run("import-uncertainty", tmp_path / "mix.csv", "--index", idx)
+    assert r.exit_code == 0 and "stored 3 uncertainty scores" in r.output and "ignored 2 score(s) of labeled images" in r.output, r.output
+    with open_store(idx) as st:
+        assert st.db.execute("SELECT COUNT(*) FROM uncertainty").fetchone()[0] == 3

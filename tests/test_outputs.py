@@ -1,0 +1,78 @@
+"""What the selection writers and the CLI write for values that are not ordinary numbers:
+non-finite scores in every format, and small means in `novelty uncertainty`'s summary."""
+import csv
+import json
+import math
+
+import pytest
+
+from novelty import export
+from tests.conftest import run
+
+ROW = {"rank": 1, "id": "a", "path": "/x/a.jpg", "priority": math.inf, "novelty": None, "uncertainty": math.nan,
+       "nearest_labeled_id": None, "nearest_labeled_distance": None, "labeled_neighbors": 0, "distance_at_pick": -math.inf}
+NON_FINITE = ("priority", "uncertainty", "distance_at_pick")
+
+
+def refuse(token):
+    raise ValueError(f"{token} is not JSON")
+
+
+def test_non_finite_values_are_missing_in_every_format(tmp_path):
+    rows = [ROW, {**ROW, "rank": 2, "id": "b", "priority": 0.5}]
+    ls = export.write_selection(tmp_path / "s.jsonl", rows)
+    got = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert all(got[0][k] is None for k in NON_FINITE) and got[1]["priority"] == 0.5
+    tasks = json.loads(ls.read_text(), parse_constant=refuse)
+    assert all(tasks[0]["meta"][k] is None and tasks[0]["data"][f"novelty_{k}"] is None for k in NON_FINITE)
+    export.write_csv(tmp_path / "s.csv", rows)
+    with open(tmp_path / "s.csv") as f:
+        got = list(csv.DictReader(f))
+    assert all(got[0][k] == "" for k in NON_FINITE) and got[0]["labeled_neighbors"] == "0"
+    pq = pytest.importorskip("pyarrow.parquet")
+    export.write_parquet(tmp_path / "s.parquet", rows)
+    got = pq.read_table(tmp_path / "s.parquet").to_pylist()
+    assert all(got[0][k] is None for k in NON_FINITE) and got[1]["priority"] == 0.5
+
+
+SURE = """
+import torch
+from torch import nn
+
+
+class Sure(nn.Module):
+    # a segmenter whose dropout only nudges its logits by 1e-3: the passes nearly agree
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):  # [B, 3, H, W] -> logits [B, 3, H, W]
+        base = torch.stack([8 * x[:, 0] - 4, -4 + 0 * x[:, 0], -4 + 0 * x[:, 0]], 1)
+        return base + 1e-3 * self.drop(x)
+
+
+def build():
+    return Sure()
+"""
+
+
+def test_uncertainty_prints_a_small_mean_with_its_digits(tmp_path, sample_dir):
+    from novelty import records
+    from novelty.store import open_store
+    from tests.conftest import TINY
+
+    src = tmp_path / "u"
+    src.mkdir()
+    for f in sorted((sample_dir / "unlabeled").glob("unlabeled_*.jpg"))[:3]:
+        (src / f.name).write_bytes(f.read_bytes())
+    idx = tmp_path / "idx"
+    assert run("build-index", "--unlabeled", src, "--model", TINY, "--pretrained", "none", "--device", "cpu",
+               "--index", idx).exit_code == 0
+    (tmp_path / "sure.py").write_text(SURE)
+    r = run("uncertainty", "--detector", f"{tmp_path / 'sure.py'}:build", "--kind", "segmentation", "--passes", 4,
+            "--image-size", 32, "--index", idx)
+    assert r.exit_code == 0, r.output
+    with open_store(idx) as st:
+        mean = float(records.latest_uncertainty(st).values.mean())
+    assert 0 < mean < 5e-5  # 4 decimals would print 0.0000
+    assert f"mean score {mean:.4g} (" in r.output, r.output
