@@ -171,7 +171,10 @@ def build_index(
     typer.echo(f"index {index}{f' (part {part})' if part else ''}: {s.scanned} images scanned, {s.new} new, {s.changed} changed, {s.unchanged} unchanged"
                + (f", {s.resumed} resumed from an interrupted run" if s.resumed else ""))
     typer.echo(f"  embedded  {s.embedded} in {s.embed_seconds:.1f}s ({s.rate:.1f} img/s), {s.shards} shard(s); run took {s.seconds:.1f}s")
-    typer.echo(f"  skipped   {s.unchanged} unchanged" + (f", {s.moved} moved to another split" if s.moved else ""))
+    typer.echo(f"  skipped   {s.unchanged} unchanged" + (f", {s.moved} moved to another split" if s.moved else "")
+               + (f", {s.kept_labeled} kept labeled (mark-labeled)" if s.kept_labeled else ""))
+    if s.gone:
+        typer.echo(f"  gone      {s.gone} unlabeled image(s) deleted from their folder since indexed: out of the pool")
     reasons = ", ".join(f"{k}: {v}" for k, v in s.failed_by_reason.items())
     typer.echo(f"  failed    {s.failed}" + (f" ({reasons})" if reasons else ""))
     if s.duplicate_groups:

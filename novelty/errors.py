@@ -49,6 +49,12 @@ class IndexDamagedError(NoveltyError):
     exit_code = 3
 
 
+class IndexReadOnlyError(NoveltyError):
+    """An index directory that cannot be written (a read-only file system or folder)."""
+
+    exit_code = 3
+
+
 class IndexBusyError(NoveltyError):
     """Another process (or this one) holds the index's write lock: retry when it is done."""
 

@@ -5,6 +5,7 @@ call `Store.commit_shard` themselves."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -31,6 +32,8 @@ class BuildSummary:
     new: int = 0
     changed: int = 0
     moved: int = 0
+    kept_labeled: int = 0  # marked labeled by mark-labeled, scanned under --unlabeled again: they stay labeled
+    gone: int = 0  # unlabeled images deleted from a scanned folder: recorded as failed, out of the pool
     resumed: int = 0
     unchanged: int = 0
     embedded: int = 0
@@ -116,9 +119,12 @@ def _build_index(root, labeled, unlabeled, cfg: BuildCfg, progress_factory) -> B
         store.update_manifest(versions=library_versions())
         run = store.start_run("build", {"labeled": [str(p) for p in labeled], "unlabeled": [str(p) for p in unlabeled],
                                         "cfg": asdict(cfg)})
-        counts = store.sync_sources(sources.scan(labeled, unlabeled, cfg.part), retry_failed=cfg.retry_failed)
+        folders = [os.path.abspath(p) for p in unlabeled if Path(p).is_dir()]  # where a missing image was deleted
+        counts = store.sync_sources(sources.scan(labeled, unlabeled, cfg.part), retry_failed=cfg.retry_failed,
+                                    folders=folders, keep=lambda p: sources.in_part(p, cfg.part))
         pending = store.pending_ids()
-        s = BuildSummary(scanned=counts["scanned"], new=counts["new"], changed=counts["changed"], moved=counts["moved"])
+        s = BuildSummary(scanned=counts["scanned"], new=counts["new"], changed=counts["changed"], moved=counts["moved"],
+                         kept_labeled=counts["kept_labeled"], gone=counts["gone"])
         s.resumed = max(0, len(pending) - s.new - s.changed)  # left pending by an interrupted run
         s.unchanged = s.scanned - s.new - s.changed - s.resumed
         log.info("%d images scanned: %d new, %d changed, %d to embed", s.scanned, s.new, s.changed, len(pending))

@@ -138,7 +138,9 @@ def embed_image_file(encoder, path: str) -> np.ndarray:
 
 def query_vector(store: Store, cfg: NeighborsCfg) -> tuple[np.ndarray, int | None, dict]:
     """-> (query [d] float32, its catalog id when it is indexed, a description)."""
-    if (cfg.query is None) == (cfg.text is None):
+    if cfg.query is None and cfg.text is None:
+        raise ConfigError("give QUERY (an id, a path or an image file) or --text \"a prompt\"")
+    if cfg.query is not None and cfg.text is not None:
         raise ConfigError("give either QUERY (an id, a path or an image file) or --text, not both")
     if cfg.text is not None:
         if not cfg.text.strip():

@@ -34,7 +34,21 @@ def record(path: str, split: str) -> ImageRecord:
 
 
 def _walk(root: Path) -> Iterator[str]:
-    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: log.warning("cannot list %s: %s", e.filename, e)):
+    """Image files under `root`, in sorted order. Symlinked folders are followed (a
+    dataset laid out with links is scanned whole); a folder reached twice, through a
+    link or a loop, is scanned once."""
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True,
+                                                onerror=lambda e: log.warning("cannot list %s: %s", e.filename, e)):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames.sort()
         for name in sorted(filenames):
             if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
@@ -111,14 +125,31 @@ def scan(labeled: Sequence[Path], unlabeled: Sequence[Path], part: tuple[int, in
         yield from iter_source(src, "unlabeled", part)
 
 
+def _check_holds_images(src: Path) -> None:
+    """A folder must hold an image file, and a list file must name at least one file
+    that exists (any other text file, a script say, would fill the index with junk
+    rows). Stops at the first hit, so a big source costs one folder listing or line."""
+    if src.is_dir():
+        if next(_walk(src), None) is None:
+            raise SourceError(f"directory {src} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+    elif src.suffix.lower() not in IMAGE_EXTENSIONS:
+        n = 0
+        for n, path in enumerate(_read_list(src), start=1):
+            if os.path.isfile(path):
+                return
+        what = "holds no image path" if n == 0 else f"names {n} path(s) and none is a file"
+        raise SourceError(f"list file {src} {what}; a list holds one image path per line")
+
+
 def check_sources(labeled: Sequence[Path], unlabeled: Sequence[Path]) -> None:
-    """Fail fast, before any work, on a source that does not exist, or on an unlabeled
-    source that is a labeled folder or lies inside one: every image in it would count as
+    """Fail fast, before any work, on a source that does not exist or holds no image,
+    or on an unlabeled source that is a labeled folder or lies inside one: every image in it would count as
     labeled. A labeled folder inside the unlabeled one is fine (its images are labeled,
     the rest unlabeled)."""
     for p in (*labeled, *unlabeled):
         if not Path(p).exists():
             raise SourceError(f"source {p} does not exist")
+        _check_holds_images(Path(p))
     for u in unlabeled:
         for lab in labeled:
             ru, rl = Path(u).resolve(), Path(lab).resolve()

@@ -26,13 +26,14 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import IndexBusyError, IndexDamagedError, IndexMismatchError, IndexMissingError, InputError
+from .errors import (IndexBusyError, IndexDamagedError, IndexMismatchError, IndexMissingError, IndexReadOnlyError,
+                     InputError)
 
 log = logging.getLogger(__name__)
 RESTORE = "restore it or build the index again"  # what a damaged catalog, manifest or shard's message advises
@@ -144,6 +145,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+GONE = "not found: deleted from its folder since it was indexed"
+
+
 def text_key(name: str) -> str:
     """A file name as the catalog stores it: SQLite holds UTF-8 text, so the bytes of a
     name that is not valid UTF-8 (os functions hand them over as surrogates) are written
@@ -169,9 +173,17 @@ class Store:
         self._lock_fd: int | None = None
         if writable:
             self._acquire_lock()
-        self.db = sqlite3.connect(self.root / CATALOG, timeout=60, isolation_level=None)
+        # a folder this process cannot write (a read-only mount): SQLite could not create the catalog's -shm file
+        # there, so the catalog is opened immutable, which is safe only while no writes are pending in its -wal
+        frozen = not writable and not os.access(self.root, os.W_OK)
+        if frozen and (self.root / f"{CATALOG}-wal").exists() and (self.root / f"{CATALOG}-wal").stat().st_size:
+            raise IndexReadOnlyError(f"{self.root} is read-only and its catalog has writes not yet folded in "
+                                     f"({CATALOG}-wal); open it once where it can be written")
+        target = (self.root / CATALOG).resolve().as_uri() + "?mode=ro&immutable=1" if frozen else self.root / CATALOG
+        self.db = sqlite3.connect(target, timeout=60, isolation_level=None, uri=frozen)
         try:
-            self.db.execute("PRAGMA journal_mode=WAL")
+            if not frozen:
+                self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA foreign_keys=ON")
             if writable:
@@ -192,7 +204,11 @@ class Store:
             raise IndexBusyError(f"{self.root} is already open for writing in this process")
         # A POSIX record lock, not flock: it belongs to this process alone, so forked
         # DataLoader workers that outlive a killed run do not keep the index locked.
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise IndexReadOnlyError(f"cannot write to the index {self.root} ({e.strerror}); reading commands "
+                                     f"(info, neighbors, duplicates, report, export) still work") from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -287,12 +303,18 @@ class Store:
     def vectors_version(self) -> int:
         return int(self.meta_get("vectors_version", "0"))
 
-    def sync_sources(self, records: Iterable[ImageRecord], retry_failed: bool = False) -> dict:
+    def sync_sources(self, records: Iterable[ImageRecord], retry_failed: bool = False, folders: Sequence[str] = (),
+                     keep: Callable[[str], bool] | None = None) -> dict:
         """Merge a source scan into the catalog, in one transaction.
 
         New paths are added as pending; paths whose size or mtime changed go back to
         pending; unchanged ones are left alone (failed ones too, unless retry_failed).
-        A path listed under a new split moves to it. Returns counts.
+        A path listed under a new split moves to it, except that an image moved to the
+        labeled split by mark-labeled stays labeled when its folder is scanned as
+        unlabeled again. An unlabeled image under one of `folders` (the scanned folders,
+        absolute) that the scan no longer found, and for which `keep(path)` holds (this
+        part's paths), was deleted: it is recorded as failed ("gone") and leaves the
+        pool; a labeled one stays, as a center. Returns counts.
         """
         now = time.time()
         with self.transaction() as db:
@@ -307,7 +329,8 @@ class Store:
             counts = {"scanned": db.execute("SELECT COUNT(*) FROM scan").fetchone()[0]}
             counts["failed_at_scan"] = [r for (r,) in db.execute(
                 "SELECT s.reason FROM scan s LEFT JOIN images i ON i.path = s.path WHERE s.reason IS NOT NULL "
-                "AND (i.id IS NULL OR i.size IS NOT s.size OR i.mtime IS NOT s.mtime)"
+                "AND (i.id IS NULL OR i.size IS NOT s.size OR i.mtime IS NOT s.mtime"
+                + (" OR i.status = 'failed')" if retry_failed else ")")  # retried, and failed again
             )]
             counts["new"] = db.execute(
                 "INSERT INTO images(path, split, size, mtime, status, reason, added) "
@@ -323,10 +346,26 @@ class Store:
                 + ")"
             ).rowcount
             counts["changed"] = changed
+            counts["kept_labeled"] = db.execute(
+                "SELECT COUNT(*) FROM images i JOIN scan s ON i.path = s.path "
+                "WHERE i.split = 'labeled' AND s.split = 'unlabeled' AND i.labeled_at IS NOT NULL"
+            ).fetchone()[0]
             counts["moved"] = db.execute(
-                "UPDATE images SET split = s.split FROM scan s WHERE images.path = s.path AND images.split != s.split"
+                "UPDATE images SET split = s.split FROM scan s WHERE images.path = s.path AND images.split != s.split "
+                "AND NOT (images.labeled_at IS NOT NULL AND s.split = 'unlabeled')"  # mark-labeled's word stands
             ).rowcount
-            if changed:
+            gone = []
+            for folder in folders:
+                prefix = folder.rstrip(os.sep) + os.sep
+                gone += [i for i, p in db.execute(
+                    "SELECT id, path FROM images i WHERE split = 'unlabeled' AND status != 'failed' AND path IS NOT NULL "
+                    "AND substr(path, 1, ?) = ? AND NOT EXISTS (SELECT 1 FROM scan s WHERE s.path = i.path)",
+                    (len(prefix), prefix)) if keep is None or keep(p)]
+            gone = sorted(set(gone))
+            db.executemany("UPDATE images SET status = 'failed', reason = ?, size = -1, mtime = NULL, shard = NULL, "
+                           "row = NULL, hash = NULL WHERE id = ?", ((GONE, i) for i in gone))
+            counts["gone"] = len(gone)
+            if changed or gone:
                 self._bump_version()
             db.execute("DELETE FROM scan")
         return counts
@@ -598,15 +637,18 @@ def create_store(root: Path) -> Store:
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise IndexMissingError(f"{root} exists and is not a directory")
-    root.mkdir(parents=True, exist_ok=True)
-    if not (root / CATALOG).exists():
-        # the catalog never exists without its schema: a run killed here leaves nothing
-        tmp = root / f".{CATALOG}.{uuid.uuid4().hex[:8]}.tmp"
-        db = sqlite3.connect(tmp)
-        db.executescript(_SCHEMA)
-        db.commit()
-        db.close()
-        os.replace(tmp, root / CATALOG)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if not (root / CATALOG).exists():
+            # the catalog never exists without its schema: a run killed here leaves nothing
+            tmp = root / f".{CATALOG}.{uuid.uuid4().hex[:8]}.tmp"
+            db = sqlite3.connect(tmp)
+            db.executescript(_SCHEMA)
+            db.commit()
+            db.close()
+            os.replace(tmp, root / CATALOG)
+    except (OSError, sqlite3.OperationalError) as e:
+        raise IndexReadOnlyError(f"cannot create the index {root} ({getattr(e, 'strerror', None) or e})") from None
     return Store(root, writable=True)
 
 

@@ -55,6 +55,17 @@ def test_sample_into_an_empty_name_is_refused(tmp_path, monkeypatch):
     assert len(list((tmp_path / "s" / "unlabeled").iterdir())) == 3 + 1 + 3
 
 
+def test_sample_never_writes_among_a_users_own_images(tmp_path):
+    mine = tmp_path / "data" / "labeled" / "labeled_00000.jpg"  # a name the sample would use
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"my own image")
+    one_line_error(run("sample", tmp_path / "data"), 2, "already holds files that novelty sample did not write")
+    assert mine.read_bytes() == b"my own image" and sorted(p.name for p in (tmp_path / "data").iterdir()) == ["labeled"]
+    for _ in range(2):  # into its own folder again, as a second run of the quickstart does
+        r = run("sample", tmp_path / "s", "--n-labeled", 2, "--n-unlabeled", 3)
+        assert r.exit_code == 0, r.output
+
+
 def test_an_unlabeled_source_in_a_labeled_folder_is_refused(tmp_path, sample_dir):
     idx = tmp_path / "idx"
     enc = ("--model", TINY, "--pretrained", "none", "--index", idx)
@@ -256,3 +267,44 @@ def test_uncertainty_on_vectors_without_images_is_refused_up_front(tmp_path):
     one_line_error(run("uncertainty", "--detector", "tests._tiny_models:make_detector", "--kind", "detection",
                        "--index", idx, "--workers", 0), 2, "--paths")
     assert runs(idx, "uncertainty") == 0
+
+
+@pytest.fixture
+def read_only_copy(index, tmp_path):
+    """A copy of the index seen through a read-only bind mount (skipped where this
+    process may not mount, e.g. without root)."""
+    import subprocess
+
+    shutil.copytree(index, tmp_path / "src" / "idx", ignore=shutil.ignore_patterns(".lock"))
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    ok = subprocess.run(["mount", "--bind", str(tmp_path / "src"), str(mnt)], capture_output=True).returncode == 0
+    if ok and subprocess.run(["mount", "-o", "remount,bind,ro", str(mnt)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        ok = False
+    if not ok:
+        pytest.skip("cannot make a read-only bind mount here")
+    try:
+        yield mnt / "idx"
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_read_only_index_is_read_and_refuses_writes_in_one_line(read_only_copy, index, tmp_path, sample_dir):
+    idx = read_only_copy
+    with pytest.raises(OSError):
+        (idx / "probe").write_text("x")  # the mount really is read-only
+    with open_store(index) as st:  # the writable original it was copied from
+        n_lab = st.counts()["by_split_status"][("labeled", "embedded")]
+    r = run("info", "--index", idx)
+    assert r.exit_code == 0 and f"labeled    {n_lab} embedded" in r.output, r.output
+    r = run("neighbors", "1", "--k", 3, "--index", idx, "--json")
+    assert r.exit_code == 0, r.output
+    r = run("duplicates", "--index", idx, "--out", tmp_path / "d.csv")
+    assert r.exit_code == 0, r.output
+    for args in (("select", "--budget", 3, "--out", tmp_path / "s.csv"), ("mark-labeled", "1"),
+                 ("build-index", "--unlabeled", sample_dir / "unlabeled", "--model", TINY, "--pretrained", "none")):
+        one_line_error(run(*args, "--index", idx), 3, "cannot write to the index", "Read-only file system")
+    one_line_error(run("build-index", "--unlabeled", sample_dir / "unlabeled", "--model", TINY, "--pretrained", "none",
+                       "--index", idx.parent / "new"), 3, "cannot create the index")
+    assert not (tmp_path / "s.csv").exists()

@@ -1,5 +1,6 @@
 """build-index, info and import-embeddings through the CLI (typer's CliRunner), on
 generated images with a tiny random-weight open_clip model."""
+import csv
 import json
 import os
 import shutil
@@ -87,6 +88,10 @@ def test_odd_and_broken_images_are_recorded_and_the_run_goes_on(tmp_path, odd_di
     assert rows["nowhere.jpg"] == ("failed", "not found")
     assert rows[folder.name] == ("failed", "not a file")
     assert rows["nul\0byte.jpg"] == ("failed", "unreadable: the path holds a NUL byte")
+    failed = sum(status == "failed" for status, _ in rows.values())
+    r = build(idx, ("unlabeled", listing), extra=("--retry-failed",))  # every failure tried again, and counted again
+    not_found = sum(status == "failed" and reason.startswith("not found") for status, reason in rows.values())
+    assert r.exit_code == 0 and f"failed    {failed} (" in r.output and f"not found: {not_found}" in r.output, r.output
 
 
 def test_list_file_paths_are_relative_to_the_list(tmp_path, sample_dir):
@@ -261,3 +266,108 @@ def test_a_file_name_that_is_not_utf8_is_recorded_failed_and_the_run_goes_on(tmp
     assert "unchanged" in r.output
     r = run("neighbors", os.fsdecode(odd), "--index", idx)  # a look-up by that name finds the failed row
     assert r.exit_code == 2 and "has no vector (failed)" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def small_set(tmp_path, sample_dir, n_lab=4, n_unl=10):
+    """A few good sample images copied into labeled/ and unlabeled/ folders of their own."""
+    for split, n in (("labeled", n_lab), ("unlabeled", n_unl)):
+        (tmp_path / split).mkdir()
+        for f in sorted((sample_dir / split).glob(f"{split}_*.jpg"))[:n]:
+            shutil.copy(f, tmp_path / split / f.name)
+    return tmp_path / "labeled", tmp_path / "unlabeled"
+
+
+def catalog(idx):
+    with open_store(idx) as st:
+        return {p: (split, status, reason) for p, split, status, reason in
+                st.db.execute("SELECT path, split, status, reason FROM images")}
+
+
+def test_rebuilding_keeps_what_mark_labeled_moved(tmp_path, sample_dir):
+    lab, unl = small_set(tmp_path, sample_dir)
+    idx = tmp_path / "idx"
+    assert build(idx, ("labeled", lab), ("unlabeled", unl)).exit_code == 0
+    r = run("select", "--budget", 3, "--index", idx, "--out", tmp_path / "sel.csv")
+    assert r.exit_code == 0, r.output
+    assert run("mark-labeled", "--selection", tmp_path / "sel.csv", "--index", idx).exit_code == 0
+    picked = {row["path"] for row in csv.DictReader(open(tmp_path / "sel.csv"))}
+    r = build(idx, ("labeled", lab), ("unlabeled", unl))  # the same command again, as the README says to
+    assert r.exit_code == 0 and "3 kept labeled (mark-labeled)" in r.output and "moved" not in r.output, r.output
+    assert {p for p, (split, _, _) in catalog(idx).items() if split == "labeled"} >= picked
+    r = run("select", "--budget", 3, "--index", idx, "--out", tmp_path / "sel2.csv")
+    assert r.exit_code == 0 and not picked & {row["path"] for row in csv.DictReader(open(tmp_path / "sel2.csv"))}
+
+
+def test_an_image_deleted_from_a_scanned_folder_leaves_the_pool_and_comes_back(tmp_path, sample_dir):
+    lab, unl = small_set(tmp_path, sample_dir)
+    idx = tmp_path / "idx"
+    assert build(idx, ("labeled", lab), ("unlabeled", unl)).exit_code == 0
+    gone, gone_lab = sorted(unl.glob("*.jpg"))[3], sorted(lab.glob("*.jpg"))[0]
+    keep = tmp_path / "keep.jpg"
+    shutil.copy(gone, keep)
+    gone.unlink(), gone_lab.unlink()
+    r = build(idx, ("labeled", lab), ("unlabeled", unl))
+    assert r.exit_code == 0 and "gone      1 unlabeled image(s)" in r.output, r.output
+    cat = catalog(idx)
+    assert cat[str(gone)][1:] == ("failed", "not found: deleted from its folder since it was indexed")
+    assert cat[str(gone_lab)][:2] == ("labeled", "embedded")  # a labeled image stays a center
+    with open_store(idx) as st:
+        assert st.manifest["faiss"]["ntotal"] == 13 and len(st.embedded("unlabeled").ids) == 9
+    r = run("select", "--budget", 9, "--strategy", "novelty", "--index", idx, "--out", tmp_path / "sel.csv")
+    assert r.exit_code == 0 and str(gone) not in {row["path"] for row in csv.DictReader(open(tmp_path / "sel.csv"))}
+    assert "gone" not in build(idx, ("labeled", lab), ("unlabeled", unl)).output  # counted once
+    shutil.copy(keep, gone)  # back again: embedded again
+    r = build(idx, ("labeled", lab), ("unlabeled", unl))
+    assert r.exit_code == 0 and "embedded  1 " in r.output and catalog(idx)[str(gone)][1] == "embedded", r.output
+
+
+def test_a_part_never_marks_the_other_parts_images_gone(tmp_path, sample_dir):
+    _, unl = small_set(tmp_path, sample_dir, n_lab=0, n_unl=12)
+    from novelty.sources import in_part
+
+    idx = tmp_path / "part1"
+    assert build(idx, ("unlabeled", unl), extra=("--part", "1/2")).exit_code == 0
+    files = sorted(unl.glob("*.jpg"))
+    mine = [f for f in files if in_part(str(f), (1, 2))]
+    other = [f for f in files if not in_part(str(f), (1, 2))]
+    assert mine and other
+    other[0].unlink()
+    r = build(idx, ("unlabeled", unl), extra=("--part", "1/2"))
+    assert r.exit_code == 0 and "gone" not in r.output, r.output
+    mine[0].unlink()
+    r = build(idx, ("unlabeled", unl), extra=("--part", "1/2"))
+    assert "gone      1 unlabeled" in r.output and catalog(idx)[str(mine[0])][1] == "failed", r.output
+
+
+@pytest.mark.parametrize("kind", ["empty folder", "folder of other files", "script", "list of missing files"])
+def test_a_source_without_images_is_refused_before_an_index_exists(tmp_path, kind):
+    src = tmp_path / "src"
+    if kind == "empty folder":
+        src.mkdir()
+    elif kind == "folder of other files":
+        src.mkdir()
+        (src / "notes.txt").write_text("x")
+    elif kind == "script":
+        src = tmp_path / "det.py"
+        src.write_text("import torch\n\ndef build():\n    return None\n")
+    else:
+        src = tmp_path / "list.txt"
+        src.write_text("a.jpg\nb/c.png\n")
+    idx = tmp_path / "idx"
+    r = build(idx, ("unlabeled", src))
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert ("holds no image" in r.output) or ("none is a file" in r.output), r.output
+    assert not idx.exists()  # no empty index bound to a model is left behind
+
+
+def test_symlinked_folders_are_followed_once(tmp_path, sample_dir):
+    _, unl = small_set(tmp_path, sample_dir, n_lab=0, n_unl=4)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").symlink_to(unl, target_is_directory=True)
+    (src / "b").symlink_to(unl, target_is_directory=True)  # the same folder twice
+    (src / "a_loop").symlink_to(src, target_is_directory=True)  # and a loop
+    idx = tmp_path / "idx"
+    r = build(idx, ("unlabeled", src))
+    assert r.exit_code == 0 and "4 images scanned" in r.output, r.output
+    assert sorted(os.path.basename(p) for p in catalog(idx)) == sorted(f.name for f in unl.glob("*.jpg"))

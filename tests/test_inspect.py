@@ -67,7 +67,7 @@ def test_neighbors_by_id_match_numpy(vec_index):
     "args, message, code",
     [
         (["nope"], "'nope' is neither an id or path in the index nor an image file", 2),
-        ([], "give either QUERY", 2),
+        ([], "give QUERY (an id, a path or an image file) or --text", 2),
         (["p001", "--text", "a cat"], "give either QUERY", 2),
         (["--text", "a cat"], "holds imported vectors", 2),
         (["TESTFILE"], "holds imported vectors", 2),
@@ -294,3 +294,4 @@ def test_duplicates_bad_input(vec_index, args, message):
 def test_duplicates_without_index(tmp_path):
     r = run("duplicates", "--index", tmp_path / "none")
     assert r.exit_code == 3 and "no index at" in r.output
+
