@@ -256,6 +256,12 @@ def sample(
 
 
 # --------------------------------------------------------------------------- select
+def _warn_outside(outside: int, root: Path | None) -> None:
+    if outside:
+        err(f"warning: {outside} picked image(s) lie outside --label-studio-root {root}; their Label Studio tasks hold "
+            f"the plain path, which Label Studio cannot serve")
+
+
 @command
 def select(
     budget: Annotated[int, typer.Option(help="How many images to pick.")],
@@ -266,18 +272,21 @@ def select(
     radius: Annotated[Optional[float], typer.Option(help="Cosine distance for labeled_neighbors; default: 5th percentile of labeled-to-labeled nearest-neighbour distances.")] = None,
     approximate: Annotated[bool, typer.Option("--approximate", help="IVF first pass instead of the exact one (faster, recall < 1).")] = False,
     device: Annotated[Device, typer.Option(help="Where the greedy loop runs.")] = Device.auto,
+    label_studio_root: Annotated[Optional[Path], typer.Option(help="The folder Label Studio serves local files from (LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT): the Label Studio file then references images as /data/local-files/?d=PATH under it.", file_okay=False)] = None,
     index: IndexOpt = DEFAULT_INDEX,
 ):
     """Pick the images to label next and write them, best first."""
-    from .export import check_out, get_writer, write_selection
+    from .export import check_label_studio_root, check_out, get_writer, write_selection
     from .selection import SelectCfg
     from .selection import select as run
 
     get_writer(out)  # a bad extension, a missing pyarrow or folder fails before any work
     check_out(out)
+    check_label_studio_root(label_studio_root)
     r = run(index, SelectCfg(budget=budget, strategy=strategy, beta=uncertainty_weight, seed=seed, radius=radius,
                              approximate=approximate, device=device.value))
-    ls = write_selection(out, r.rows)
+    ls, outside = write_selection(out, r.rows, label_studio_root)
+    _warn_outside(outside, label_studio_root)
     s = r.summary
     typer.echo(f"selected {s['picks']} of {s['pool']} unlabeled images with {s['strategy']} (run #{r.run}) -> {out}, {ls}")
     before = f"{s['covering_radius_before']:.4f} before" if s["labeled"] else "no labeled image yet"
@@ -461,7 +470,8 @@ def report(
         err(f"warning: {d.counts['repeated']} row(s) of {selection} repeat an earlier pick; each image is shown once, at its first rank")
     n = d.counts["picks"]
     part = f"; the table shows the first {limit}" if 0 < limit < n else ""
-    typer.echo(f"report on {n} picks ({d.radius_source} covering radius{part}) -> {out}")
+    source = "covering radius computed" if d.radius_source == "computed" else f"covering radius from {d.radius_source}"
+    typer.echo(f"report on {n} picks ({source}{part}) -> {out}")
 
 
 @command
@@ -483,18 +493,21 @@ def export(
     out: Annotated[Path, typer.Option(help=".csv, .jsonl or .parquet; a Label Studio file is written beside it.", dir_okay=False)],
     run: Annotated[Optional[int], typer.Option("--run", min=1, max=(1 << 63) - 1, help="The select run to write (see `novelty info`).")] = None,
     latest: Annotated[bool, typer.Option("--latest", help="The latest select run.")] = False,
+    label_studio_root: Annotated[Optional[Path], typer.Option(help="The folder Label Studio serves local files from (LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT): the Label Studio file then references images as /data/local-files/?d=PATH under it.", file_okay=False)] = None,
     index: IndexOpt = DEFAULT_INDEX,
 ):
     """Write a recorded selection run again. Novelty and nearest-labeled are recomputed against the
     labeled set less the run's own picks; distance_at_pick is not stored and is left empty."""
-    from .export import check_out, get_writer
+    from .export import check_label_studio_root, check_out, get_writer
     from .labeling import export_run
 
     if (run is None) != latest:
         raise ConfigError("give --run N or --latest (one of them)")
     get_writer(out)  # a bad extension or a missing pyarrow fails before any work
     check_out(out)
-    rid, n, ls = export_run(index, run, out)
+    check_label_studio_root(label_studio_root)
+    rid, n, ls, outside = export_run(index, run, out, label_studio_root)
+    _warn_outside(outside, label_studio_root)
     typer.echo(f"wrote {n} picks of select run #{rid} -> {out}, {ls}")
 
 
@@ -517,7 +530,7 @@ def info(index: IndexOpt = DEFAULT_INDEX):
             typer.echo(f"  failed: {reason}: {n}")
         groups, images = store.duplicate_hashes()
         if groups:
-            typer.echo(f"duplicates {images} byte-identical images in {groups} groups")
+            typer.echo(f"duplicates {images} byte-identical images in {groups} group(s)")
         typer.echo(f"disk       {fmt_bytes(store.disk_bytes())}")
         for line in history_lines(store):
             typer.echo(line)

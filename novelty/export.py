@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -59,19 +60,35 @@ def write_parquet(path: Path, rows: Rows) -> None:
     atomic_write_bytes(path, buf.getvalue().to_pybytes())
 
 
-def write_label_studio(path: Path, rows: Rows, image_root: str | None = None) -> None:
-    """Label Studio tasks: {"data": {"image": ..., <scores>}, "meta": {...}}. Paths are
-    written as local-files URLs relative to image_root when given, else absolute."""
-    tasks = []
+def local_files_url(path: str, root: str) -> str | None:
+    """Label Studio's URL for a file under its local-files document root
+    (LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT), or None when `path` is not under `root`."""
+    rel = os.path.relpath(path, root)
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
+        return None
+    return "/data/local-files/?d=" + urllib.parse.quote(Path(rel).as_posix(), safe="/")
+
+
+def write_label_studio(path: Path, rows: Rows, image_root: str | None = None) -> int:
+    """Label Studio tasks: {"data": {"image": ..., <scores>}, "meta": {...}}. With
+    `image_root` (the folder Label Studio serves local files from) images are referenced
+    as local-files URLs; otherwise, and for images outside it, by their plain path.
+    -> the number of images outside `image_root`."""
+    tasks, outside = [], 0
     for r in rows:
         p = r.get("path")
-        if p and image_root:
-            url = "/data/local-files/?d=" + str(Path(p).relative_to(image_root))
-        else:
-            url = p or str(r["id"])
+        url = local_files_url(p, image_root) if p and image_root else None
+        outside += bool(p and image_root and url is None)
         scores = {k: _clean(r.get(k)) for k in COLUMNS if k not in ("path",)}
-        tasks.append({"data": {"image": url, **{f"novelty_{k}": v for k, v in scores.items()}}, "meta": scores})
+        tasks.append({"data": {"image": url or p or str(r["id"]), **{f"novelty_{k}": v for k, v in scores.items()}},
+                      "meta": scores})
     atomic_write_text(path, json.dumps(tasks, indent=1, allow_nan=False))
+    return outside
+
+
+def check_label_studio_root(root: Path | None) -> None:
+    if root is not None and not Path(root).is_dir():
+        raise ConfigError(f"--label-studio-root {root} is not an existing folder")
 
 
 _FORMATS: dict[str, Callable[[Path, Rows], None]] = {".csv": write_csv, ".jsonl": write_jsonl, ".parquet": write_parquet}
@@ -109,10 +126,10 @@ def get_writer(path: Path) -> Callable[[Path, Rows], None]:
     return _FORMATS[ext]
 
 
-def write_selection(path: Path, rows: Rows) -> Path:
-    """Write the selection, and a Label Studio file beside it (<stem>.label-studio.json)."""
+def write_selection(path: Path, rows: Rows, image_root: Path | None = None) -> tuple[Path, int]:
+    """Write the selection, and a Label Studio file beside it (<stem>.label-studio.json).
+    -> (that file, the number of images outside `image_root`)."""
     path = Path(path)
     get_writer(path)(path, rows)
     ls = path.with_name(path.stem + ".label-studio.json")
-    write_label_studio(ls, rows)
-    return ls
+    return ls, write_label_studio(ls, rows, os.path.abspath(image_root) if image_root else None)

@@ -263,8 +263,9 @@ def run_rows(store: Store, run: int, summary: dict) -> list[dict]:
     return rows
 
 
-def export_run(root: Path, run: int | None, out: Path) -> tuple[int, int, Path]:
-    """Write a recorded selection again (and its Label Studio file). -> (run, rows, that file)."""
+def export_run(root: Path, run: int | None, out: Path, image_root: Path | None = None) -> tuple[int, int, Path, int]:
+    """Write a recorded selection again (and its Label Studio file).
+    -> (run, rows, that file, images outside `image_root`)."""
     from .export import get_writer, write_selection
 
     get_writer(out)  # a bad extension fails before any work
@@ -272,4 +273,4 @@ def export_run(root: Path, run: int | None, out: Path) -> tuple[int, int, Path]:
         rid, _, summary = select_run(store, run)
         rows = run_rows(store, rid, summary)
     assert all(set(r) == set(COLUMNS) for r in rows)
-    return rid, len(rows), write_selection(out, rows)
+    return rid, len(rows), *write_selection(out, rows, image_root)

@@ -20,7 +20,7 @@ def refuse(token):
 
 def test_non_finite_values_are_missing_in_every_format(tmp_path):
     rows = [ROW, {**ROW, "rank": 2, "id": "b", "priority": 0.5}]
-    ls = export.write_selection(tmp_path / "s.jsonl", rows)
+    ls, _ = export.write_selection(tmp_path / "s.jsonl", rows)
     got = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert all(got[0][k] is None for k in NON_FINITE) and got[1]["priority"] == 0.5
     tasks = json.loads(ls.read_text(), parse_constant=refuse)
@@ -76,3 +76,33 @@ def test_uncertainty_prints_a_small_mean_with_its_digits(tmp_path, sample_dir):
         mean = float(records.latest_uncertainty(st).values.mean())
     assert 0 < mean < 5e-5  # 4 decimals would print 0.0000
     assert f"mean score {mean:.4g} (" in r.output, r.output
+
+
+def test_label_studio_root_writes_local_files_urls(tmp_path, sample_dir):
+    from novelty.store import open_store
+    from tests.conftest import TINY
+
+    served = tmp_path / "served"
+    for split, folder, n in (("labeled", served / "labeled", 3), ("unlabeled", served / "un labeled", 4),
+                             ("unlabeled", tmp_path / "elsewhere", 1)):
+        folder.mkdir(parents=True)
+        for f in sorted((sample_dir / split).glob(f"{split}_*.jpg"))[:n]:
+            (folder / f.name).write_bytes(f.read_bytes())
+    idx = tmp_path / "idx"
+    assert run("build-index", "--labeled", served / "labeled", "--unlabeled", served / "un labeled", "--unlabeled",
+               tmp_path / "elsewhere", "--model", TINY, "--pretrained", "none", "--device", "cpu", "--index", idx).exit_code == 0
+    r = run("select", "--budget", 5, "--out", tmp_path / "s.csv", "--label-studio-root", served, "--index", idx)
+    assert r.exit_code == 0 and "warning: 1 picked image(s) lie outside --label-studio-root" in r.output, r.output
+    tasks = json.loads((tmp_path / "s.label-studio.json").read_text())
+    with open(tmp_path / "s.csv") as f:
+        paths = [row["path"] for row in csv.DictReader(f)]
+    want = [p if "elsewhere" in p else "/data/local-files/?d=un%20labeled/" + p.rsplit("/", 1)[1] for p in paths]
+    assert [t["data"]["image"] for t in tasks] == want and len(want) == 5
+    r = run("export", "--latest", "--out", tmp_path / "e.csv", "--label-studio-root", served, "--index", idx)
+    assert r.exit_code == 0 and json.loads((tmp_path / "e.label-studio.json").read_text())[0]["data"]["image"] == want[0]
+    with open_store(idx) as st:
+        before = st.db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+    r = run("select", "--budget", 2, "--out", tmp_path / "t.csv", "--label-studio-root", tmp_path / "nope", "--index", idx)
+    assert r.exit_code == 2 and "is not an existing folder" in r.output and len(r.output.strip().splitlines()) == 1
+    with open_store(idx) as st:
+        assert st.db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == before  # refused before any work

@@ -52,7 +52,7 @@ def test_report_escapes_names_and_is_self_contained(image_index, tmp_path):
                                      for r, i in enumerate(picks)])
     out = tmp_path / "r.html"
     r = run("report", "--selection", tmp_path / "sel.csv", "--out", out, "--index", idx, "--k", 2)
-    assert r.exit_code == 0 and "report on 4 picks (computed covering radius)" in r.output, r.output
+    assert r.exit_code == 0 and "report on 4 picks (covering radius computed)" in r.output, r.output
     page = out.read_text()
     assert "<b onmouseover" not in page and "bold</b>" not in page
     assert "&quot;&gt;&lt;b onmouseover=x&gt;bold&lt;/b&gt;.png" in page
@@ -129,13 +129,13 @@ def test_report_on_imported_vectors_shows_ids_without_thumbnails(vec_index, tmp_
     record_selection(vec_index, 5, tmp_path / "sel.csv")
     out = tmp_path / "r.html"
     r = run("report", "--selection", tmp_path / "sel.csv", "--out", out, "--index", vec_index)
-    assert r.exit_code == 0 and "(run #" in r.output, r.output
+    assert r.exit_code == 0 and "(covering radius from run #" in r.output, r.output
     page = out.read_text()
     assert "<img" not in page and page.count('class="noimg"') == 5 * 4
     assert ">p0" in page and ">l0" in page
     # --limit: the table stops after the first N picks, best first; the plots still count all
     r = run("report", "--selection", tmp_path / "sel.csv", "--out", out, "--index", vec_index, "--limit", 2)
-    assert r.exit_code == 0 and "covering radius; the table shows the first 2) ->" in r.output, r.output
+    assert r.exit_code == 0 and "; the table shows the first 2) ->" in r.output, r.output
     page = out.read_text()
     assert page.count('class="noimg"') == 2 * 4 and "first 2 of 5 picks" in page
     assert page.count("<tr>") == 1 + 2  # header and two picks
@@ -167,7 +167,7 @@ def test_report_without_labeled_images(tmp_path):
     assert run("import-embeddings", tmp_path / "p.npy", "--ids", tmp_path / "p.txt", "--split", "unlabeled", "--index", idx).exit_code == 0
     rid, picked, rows = record_selection(idx, 4, tmp_path / "sel.csv")
     r = run("report", "--selection", tmp_path / "sel.csv", "--out", tmp_path / "r.html", "--index", idx, "--k", 0)
-    assert r.exit_code == 0 and f"(run #{rid} covering radius)" in r.output, r.output
+    assert r.exit_code == 0 and f"(covering radius from run #{rid})" in r.output, r.output
     with open_store(idx) as st:
         data = collect(st, rows, ReportCfg(k=0))
     assert np.isinf(data.radius[0]) and np.all(np.isinf(data.near_D)) and len(data.labeled_novelty) == 0
