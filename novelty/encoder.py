@@ -6,6 +6,8 @@ import hashlib
 import json
 import logging
 import os
+import socket
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,6 +149,31 @@ def reparameterize(model) -> bool:
     return True
 
 
+_PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_unreachable(timeout: float = 3.0) -> bool:
+    """True when the Hugging Face hub, where pretrained tags come from, cannot be reached;
+    huggingface_hub is then put in offline mode, so weights already in its cache still
+    load and others fail at once. Without this, a machine with no network waits about a
+    minute while the hub library retries and logs each try. No probe when a proxy is set
+    (a direct connection says nothing then) or offline mode is already on."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(k) for k in _PROXIES):
+        return False
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return False
+    except OSError:
+        constants.HF_HUB_OFFLINE = True
+        log.info("cannot reach %s: the Hugging Face hub is used offline (cached weights only)", host)
+        return True
+
+
 def create_encoder(cfg: EncoderCfg) -> Encoder:
     """Build the open_clip model. Weights that cannot be fetched give a one-line
     EncoderError that says how to pass a local file."""
@@ -158,14 +185,15 @@ def create_encoder(cfg: EncoderCfg) -> Encoder:
     model_name = register_model_config(cfg.model)
     device = resolve_device(cfg.device)
     weights, record = resolve_weights(model_name, cfg.pretrained)
+    offline = weights is not None and "weights_sha256" not in record and hub_unreachable()  # a tag, to be fetched
     try:
         if weights is None:
             torch.manual_seed(RANDOM_INIT_SEED)
         model, _, preprocess = oc.create_model_and_transforms(
             model_name, pretrained=weights, device=device, precision="fp16" if device == "cuda" else "fp32"
         )
-    except RuntimeError as e:
-        if "download" in str(e).lower() or "offline" in str(e).lower() or "connect" in str(e).lower():
+    except (RuntimeError, OSError) as e:
+        if offline or any(w in str(e).lower() for w in ("download", "offline", "connect", "cannot find the requested")):
             raise EncoderError(
                 f"could not fetch weights {weights!r} for {model_name} (no network?); on a machine without internet "
                 f"download open_clip_pytorch_model.bin elsewhere and pass --pretrained /path/to/it"

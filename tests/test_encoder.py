@@ -37,3 +37,44 @@ def test_plain_vit_is_left_alone():
     cfg = Path(__file__).parent / "tiny-clip.json"
     enc = create_encoder(EncoderCfg(model=str(cfg), pretrained="none", device="cpu"))
     assert "reparameterized" not in enc.info
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """The hub's endpoint set to a TEST-NET address nothing answers on, offline mode
+    off (conftest turns it on for the whole suite), and no proxy."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "https://192.0.2.1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    return constants
+
+
+def test_an_unreachable_hub_turns_offline_mode_on(unreachable_hub, monkeypatch):
+    import time
+
+    from novelty.encoder import hub_unreachable
+
+    t = time.monotonic()
+    assert hub_unreachable(timeout=0.5) and unreachable_hub.HF_HUB_OFFLINE is True
+    assert time.monotonic() - t < 5
+    monkeypatch.setattr(unreachable_hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # a direct probe says nothing behind a proxy
+    assert not hub_unreachable(timeout=0.5) and unreachable_hub.HF_HUB_OFFLINE is False
+
+
+def test_a_tag_without_network_fails_fast_in_one_line(unreachable_hub):
+    import time
+
+    from novelty.errors import EncoderError
+
+    t = time.monotonic()
+    try:
+        create_encoder(EncoderCfg(model="ViT-B-32", pretrained="laion2b_s34b_b79k", device="cpu"))
+    except EncoderError as e:
+        assert "could not fetch weights 'laion2b_s34b_b79k'" in str(e) and "\n" not in str(e)
+    else:
+        pytest.skip("these weights are in the local Hugging Face cache")
+    assert time.monotonic() - t < 20  # the probe's 3 s and a model build, not a minute of retries
