@@ -160,7 +160,9 @@ def mark_labeled(root: Path, list_file: Path | None = None, selection: Path | No
         else:
             keys = read_list(list_file)
             base = Path(list_file).parent
-            ids = resolve_keys(store, keys, [None if os.path.isabs(k) else str(base / k) for k in keys], "nothing was changed")
+            ids = resolve_keys(store, keys, [None if os.path.isabs(k) else str(base / k) for k in keys],
+                               f"nothing was changed (a relative path is read against the current folder, then "
+                               f"against the list's folder {base.resolve()})")
             source = {"list": str(Path(list_file).resolve())}
         by, exact = match_select_run(store, ids)
         distinct = np.unique(ids)

@@ -156,7 +156,8 @@ def test_mark_by_path_relative_to_the_list(tmp_path, sample_dir):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["LIST_UNKNOWN"], "2 of 4 id(s) are not in the index: 'zzz', 'nope.jpg'; nothing was changed"),
+        (["LIST_UNKNOWN"], "2 of 4 id(s) are not in the index: 'zzz', 'nope.jpg'; nothing was changed (a relative "
+                           "path is read against the current folder, then against the list's folder"),
         ([], "give a LIST file of ids or paths, or --selection FILE"),
         (["LIST_OK", "--selection", "LIST_OK"], "give a LIST file of ids or paths, or --selection FILE"),
         (["missing.txt"], "list file missing.txt does not exist"),
