@@ -120,8 +120,9 @@ def _build_index(root, labeled, unlabeled, cfg: BuildCfg, progress_factory) -> B
         run = store.start_run("build", {"labeled": [str(p) for p in labeled], "unlabeled": [str(p) for p in unlabeled],
                                         "cfg": asdict(cfg)})
         folders = [os.path.abspath(p) for p in unlabeled if Path(p).is_dir()]  # where a missing image was deleted
-        counts = store.sync_sources(sources.scan(labeled, unlabeled, cfg.part), retry_failed=cfg.retry_failed,
-                                    folders=folders, keep=lambda p: sources.in_part(p, cfg.part))
+        unlisted: list[str] = []  # folders the scan could not list: what they hold is unknown, not gone
+        counts = store.sync_sources(sources.scan(labeled, unlabeled, cfg.part, unlisted), retry_failed=cfg.retry_failed,
+                                    folders=folders, keep=lambda p: sources.was_listed(p, cfg.part, unlisted))
         pending = store.pending_ids()
         s = BuildSummary(scanned=counts["scanned"], new=counts["new"], changed=counts["changed"], moved=counts["moved"],
                          kept_labeled=counts["kept_labeled"], gone=counts["gone"])

@@ -33,13 +33,18 @@ def record(path: str, split: str) -> ImageRecord:
     return ImageRecord(path, split, st.st_size, st.st_mtime)
 
 
-def _walk(root: Path) -> Iterator[str]:
+def _walk(root: Path, unlisted: list[str] | None = None) -> Iterator[str]:
     """Image files under `root`, in sorted order. Symlinked folders are followed (a
     dataset laid out with links is scanned whole); a folder reached twice, through a
-    link or a loop, is scanned once."""
+    link or a loop, is scanned once. Folders that cannot be listed are warned about and
+    appended to `unlisted`: their images are unknown, not gone."""
+    def cannot_list(e: OSError) -> None:
+        log.warning("cannot list %s: %s", e.filename, e)
+        if unlisted is not None and e.filename:
+            unlisted.append(os.path.abspath(e.filename))
+
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True,
-                                                onerror=lambda e: log.warning("cannot list %s: %s", e.filename, e)):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=cannot_list):
         try:
             st = os.stat(dirpath)
         except OSError:
@@ -94,14 +99,15 @@ def in_part(path: str, part: tuple[int, int] | None) -> bool:
     return int.from_bytes(digest, "big") % part[1] == part[0] - 1
 
 
-def iter_source(src: Path, split: str, part: tuple[int, int] | None = None) -> Iterator[ImageRecord]:
+def iter_source(src: Path, split: str, part: tuple[int, int] | None = None,
+                unlisted: list[str] | None = None) -> Iterator[ImageRecord]:
     """Records for one SRC (with `part`, only the paths in it: the others are not even
     stat'ed). Raises SourceError when it is missing or holds no image."""
     src = Path(src)
     if not src.exists():
         raise SourceError(f"source {src} does not exist")
     if src.is_dir():
-        paths: Iterator[str] = _walk(src)
+        paths: Iterator[str] = _walk(src, unlisted)
     elif src.suffix.lower() in IMAGE_EXTENSIONS:
         paths = iter([str(src)])
     else:
@@ -117,12 +123,20 @@ def iter_source(src: Path, split: str, part: tuple[int, int] | None = None) -> I
         raise SourceError(f"{kind} {src} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
 
 
-def scan(labeled: Sequence[Path], unlabeled: Sequence[Path], part: tuple[int, int] | None = None) -> Iterator[ImageRecord]:
-    """Records for every source of both splits (with `part`, of that part only)."""
+def scan(labeled: Sequence[Path], unlabeled: Sequence[Path], part: tuple[int, int] | None = None,
+         unlisted: list[str] | None = None) -> Iterator[ImageRecord]:
+    """Records for every source of both splits (with `part`, of that part only); the
+    folders that could not be listed are appended to `unlisted`."""
     for src in labeled:
-        yield from iter_source(src, "labeled", part)
+        yield from iter_source(src, "labeled", part, unlisted)
     for src in unlabeled:
-        yield from iter_source(src, "unlabeled", part)
+        yield from iter_source(src, "unlabeled", part, unlisted)
+
+
+def was_listed(path: str, part: tuple[int, int] | None, unlisted: Sequence[str]) -> bool:
+    """Whether a scan that did not find `path` has shown it is gone: it is in this part,
+    and no folder above it failed to list."""
+    return in_part(path, part) and not any(path.startswith(d.rstrip(os.sep) + os.sep) for d in unlisted)
 
 
 def _check_holds_images(src: Path) -> None:
@@ -143,9 +157,9 @@ def _check_holds_images(src: Path) -> None:
 
 def check_sources(labeled: Sequence[Path], unlabeled: Sequence[Path]) -> None:
     """Fail fast, before any work, on a source that does not exist or holds no image,
-    or on an unlabeled source that is a labeled folder or lies inside one: every image in it would count as
-    labeled. A labeled folder inside the unlabeled one is fine (its images are labeled,
-    the rest unlabeled)."""
+    or on an unlabeled source that is a labeled folder or lies inside one: every image
+    in it would count as labeled. A labeled folder inside the unlabeled one is fine (its
+    images are labeled, the rest unlabeled)."""
     for p in (*labeled, *unlabeled):
         if not Path(p).exists():
             raise SourceError(f"source {p} does not exist")

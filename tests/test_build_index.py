@@ -371,3 +371,14 @@ def test_symlinked_folders_are_followed_once(tmp_path, sample_dir):
     r = build(idx, ("unlabeled", src))
     assert r.exit_code == 0 and "4 images scanned" in r.output, r.output
     assert sorted(os.path.basename(p) for p in catalog(idx)) == sorted(f.name for f in unl.glob("*.jpg"))
+
+
+def test_a_folder_that_cannot_be_listed_hides_nothing_as_gone(tmp_path):
+    from novelty.sources import _walk, was_listed
+
+    unlisted: list[str] = []
+    assert list(_walk(tmp_path / "vanished", unlisted)) == [] and unlisted == [str(tmp_path / "vanished")]
+    assert not was_listed(str(tmp_path / "vanished" / "a.jpg"), None, unlisted)  # unknown, not gone
+    assert not was_listed(str(tmp_path / "vanished" / "sub" / "b.jpg"), None, unlisted)
+    assert was_listed(str(tmp_path / "vanished-too" / "a.jpg"), None, unlisted)  # a sibling with a common prefix
+    assert was_listed(str(tmp_path / "x.jpg"), None, unlisted)
