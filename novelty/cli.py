@@ -58,6 +58,9 @@ app = typer.Typer(
 )
 
 IndexOpt = Annotated[Path, typer.Option("--index", help="Index directory.", file_okay=False)]
+LabelStudioRootOpt = Annotated[Optional[Path], typer.Option(
+    help="The folder Label Studio serves local files from (LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT): the Label Studio "
+         "file then references images as /data/local-files/?d=PATH under it.", file_okay=False)]
 
 
 class Split(str, Enum):
@@ -272,7 +275,7 @@ def select(
     radius: Annotated[Optional[float], typer.Option(help="Cosine distance for labeled_neighbors; default: 5th percentile of labeled-to-labeled nearest-neighbour distances.")] = None,
     approximate: Annotated[bool, typer.Option("--approximate", help="IVF first pass instead of the exact one (faster, recall < 1).")] = False,
     device: Annotated[Device, typer.Option(help="Where the greedy loop runs.")] = Device.auto,
-    label_studio_root: Annotated[Optional[Path], typer.Option(help="The folder Label Studio serves local files from (LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT): the Label Studio file then references images as /data/local-files/?d=PATH under it.", file_okay=False)] = None,
+    label_studio_root: LabelStudioRootOpt = None,
     index: IndexOpt = DEFAULT_INDEX,
 ):
     """Pick the images to label next and write them, best first."""
@@ -493,7 +496,7 @@ def export(
     out: Annotated[Path, typer.Option(help=".csv, .jsonl or .parquet; a Label Studio file is written beside it.", dir_okay=False)],
     run: Annotated[Optional[int], typer.Option("--run", min=1, max=(1 << 63) - 1, help="The select run to write (see `novelty info`).")] = None,
     latest: Annotated[bool, typer.Option("--latest", help="The latest select run.")] = False,
-    label_studio_root: Annotated[Optional[Path], typer.Option(help="The folder Label Studio serves local files from (LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT): the Label Studio file then references images as /data/local-files/?d=PATH under it.", file_okay=False)] = None,
+    label_studio_root: LabelStudioRootOpt = None,
     index: IndexOpt = DEFAULT_INDEX,
 ):
     """Write a recorded selection run again. Novelty and nearest-labeled are recomputed against the
