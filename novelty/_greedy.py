@@ -4,6 +4,7 @@ pick without labeled rows, and the handling of bitwise-identical rows."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 
@@ -36,14 +37,17 @@ class Dups:
 class Trace:
     """What each pick records: pool row, w * d and d at pick time, covering radius after."""
 
-    def __init__(self, budget: int):
+    def __init__(self, budget: int, progress: Callable[[int], object] | None = None):
         self.picks = np.empty(budget, np.int64)
         self.priority = np.empty(budget, np.float32)
         self.dist = np.empty(budget, np.float32)
         self.radius = np.empty(budget, np.float32)
+        self.progress = progress  # called with 1 after each pick (a progress bar's update)
 
     def put(self, t: int, row: int, prio: float, d: float, radius: float) -> None:
         self.picks[t], self.priority[t], self.dist[t], self.radius[t] = row, prio, d, radius
+        if self.progress is not None:
+            self.progress(1)
 
 
 def check_inputs(pool, labeled, budget, weights):

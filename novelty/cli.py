@@ -286,8 +286,12 @@ def select(
     get_writer(out)  # a bad extension, a missing pyarrow or folder fails before any work
     check_out(out)
     check_label_studio_root(label_studio_root)
-    r = run(index, SelectCfg(budget=budget, strategy=strategy, beta=uncertainty_weight, seed=seed, radius=radius,
-                             approximate=approximate, device=device.value))
+    bar = progress_bar("picking", unit="pick")
+    try:
+        r = run(index, SelectCfg(budget=budget, strategy=strategy, beta=uncertainty_weight, seed=seed, radius=radius,
+                                 approximate=approximate, device=device.value), progress_factory=bar)
+    finally:
+        bar.close()
     ls, outside = write_selection(out, r.rows, label_studio_root)
     _warn_outside(outside, label_studio_root)
     s = r.summary

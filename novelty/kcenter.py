@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,7 +71,8 @@ def _start(x, inv, labeled, cfg_first, nearest, clusters=None):
 
 
 def kcenter_greedy(pool: np.ndarray, labeled: np.ndarray, budget: int, weights: np.ndarray | None = None, *,
-                   cfg: KCenterCfg = KCenterCfg(), nearest: NearestResult | None = None) -> KCenterResult:
+                   cfg: KCenterCfg = KCenterCfg(), nearest: NearestResult | None = None,
+                   progress: Callable[[int], object] | None = None) -> KCenterResult:
     """k-center greedy from the labeled rows over the pool rows ([n, d] / [m, d], float16
     or float32; m may be 0). weights: None or [n] >= 0 (already u^beta). nearest: a
     precomputed first pass against `labeled`, reused as is. The pool is never modified
@@ -79,7 +81,8 @@ def kcenter_greedy(pool: np.ndarray, labeled: np.ndarray, budget: int, weights: 
 
     Without labeled rows the first pick is the row maximising w_i * (cosine distance to
     the pool's mean direction), ties to the lower index; its priority and dist_at_pick
-    are +inf (there is no center yet). budget >= n picks the whole pool."""
+    are +inf (there is no center yet). budget >= n picks the whole pool. progress, when
+    given, is called with 1 after each pick."""
     pool, labeled, budget, w = check_inputs(pool, labeled, budget, weights)
     if cfg.device not in DEVICES:
         raise ConfigError(f"unknown device {cfg.device!r}; choose one of: {', '.join(DEVICES)}")
@@ -93,11 +96,11 @@ def kcenter_greedy(pool: np.ndarray, labeled: np.ndarray, budget: int, weights: 
             raise ConfigError("device 'cuda' asked for but torch sees no CUDA device")
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
-        return kcenter_torch(pool, labeled, budget, w, device="cuda", nearest=nearest)
-    return _kcenter_cpu(pool, labeled, budget, w, cfg, nearest)
+        return kcenter_torch(pool, labeled, budget, w, device="cuda", nearest=nearest, progress=progress)
+    return _kcenter_cpu(pool, labeled, budget, w, cfg, nearest, progress)
 
 
-def _kcenter_cpu(pool, labeled, budget, w, cfg: KCenterCfg, nearest) -> KCenterResult:
+def _kcenter_cpu(pool, labeled, budget, w, cfg: KCenterCfg, nearest, progress=None) -> KCenterResult:
     t0 = time.perf_counter()
     n = len(pool)
     inv = row_inv_norms(pool)
@@ -108,7 +111,7 @@ def _kcenter_cpu(pool, labeled, budget, w, cfg: KCenterCfg, nearest) -> KCenterR
     nearest, clusters, d = _start(pool, inv, labeled, first, nearest)
     t1 = time.perf_counter()
     radius_before = float(d.max()) if len(labeled) else float("inf")
-    tr, stats = _loops(pool, inv, labeled, d, w, budget, cfg, method, clusters)
+    tr, stats = _loops(pool, inv, labeled, d, w, budget, cfg, method, clusters, progress)
     stats["first_pass_s"] = t1 - t0
     stats["loop_s"] = time.perf_counter() - t1
     log.info("k-center greedy (%s): %d picks from %d rows in %.2fs (first pass %.2fs)",
@@ -116,12 +119,12 @@ def _kcenter_cpu(pool, labeled, budget, w, cfg: KCenterCfg, nearest) -> KCenterR
     return KCenterResult(tr.picks, tr.priority, tr.dist, radius_before, tr.radius, nearest, stats)
 
 
-def _loops(pool, inv, labeled, d, w, budget, cfg, method, clusters):
+def _loops(pool, inv, labeled, d, w, budget, cfg, method, clusters, progress=None):
     from ._clusters import cluster_pool, ensure_stats
     from ._lazy import LazyGreedy
 
     n = len(pool)
-    tr = Trace(budget)
+    tr = Trace(budget, progress)
     t = 0
     centers = None
     if len(labeled) == 0:
@@ -189,7 +192,8 @@ def _kcenter_plain(pool, labeled, budget, weights, max_elems, max_bytes) -> KCen
 
 
 def kcenter_torch(pool: np.ndarray, labeled: np.ndarray, budget: int, weights: np.ndarray | None = None, *,
-                  device: str = "cpu", nearest: NearestResult | None = None, block: int = 65536) -> KCenterResult:
+                  device: str = "cpu", nearest: NearestResult | None = None, block: int = 65536,
+                  progress: Callable[[int], object] | None = None) -> KCenterResult:
     """The plain loop in torch on `device` (float16 storage, float32 arithmetic; TF32 off).
     Same definition, rows and first pick as kcenter_plain; testable on the CPU."""
     import torch
@@ -221,7 +225,7 @@ def kcenter_torch(pool: np.ndarray, labeled: np.ndarray, budget: int, weights: n
             nearest = NearestResult(np.full(n, np.inf, np.float32), np.full(n, -1, np.int64), None)
         t1 = time.perf_counter()
         wt = None if w is None else torch.from_numpy(w).to(dev)
-        tr = Trace(budget)
+        tr = Trace(budget, progress)
         picked = torch.zeros(n, dtype=torch.bool, device=dev)
         t = 0
         dups = Dups(pool, w)

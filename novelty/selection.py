@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -80,7 +81,9 @@ def not_embedded(store, warnings: list[str]) -> None:
         warnings.append("; ".join(parts) + "; re-run build-index to embed them")
 
 
-def select(root: Path, cfg: SelectCfg) -> SelectResult:
+def select(root: Path, cfg: SelectCfg, progress_factory: Callable[[int], Callable[[int], object]] | None = None) -> SelectResult:
+    """Pick cfg.budget images and record the run. progress_factory(budget), when given,
+    returns a function called with the number of images just picked."""
     if cfg.budget <= 0:
         raise ConfigError(f"--budget must be > 0, got {cfg.budget}")
     if not (math.isfinite(cfg.beta) and cfg.beta >= 0):
@@ -116,8 +119,19 @@ def select(root: Path, cfg: SelectCfg) -> SelectResult:
         t2 = time.monotonic()
         from .kcenter import KCenterCfg
 
-        x = strategies.SelectionInput(pool, labeled, budget, nearest, u, cfg.beta, cfg.seed, KCenterCfg(device=cfg.device))
+        bar: dict = {"update": None, "done": 0}
+
+        def tick(k: int) -> None:  # the bar starts at the first pick: a strategy that refuses shows none
+            if bar["update"] is None:
+                bar["update"] = progress_factory(budget)
+            bar["done"] += k
+            bar["update"](k)
+
+        x = strategies.SelectionInput(pool, labeled, budget, nearest, u, cfg.beta, cfg.seed, KCenterCfg(device=cfg.device),
+                                      progress=tick if progress_factory else None)
         sel = strategies.get_strategy(name)(x)
+        if progress_factory and bar["done"] < len(sel.picks):
+            tick(len(sel.picks) - bar["done"])  # strategies that pick all at once
         t3 = time.monotonic()
         radius_before = float(nearest.dist.max()) if len(lab_ids) else float("inf")
         if sel.radius_trace is not None and len(sel.radius_trace):

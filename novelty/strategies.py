@@ -26,6 +26,7 @@ class SelectionInput:
     beta: float = 1.0
     seed: int = 0
     kcenter_cfg: object = None
+    progress: Callable[[int], object] | None = None  # called with 1 after each k-center pick
 
 
 @dataclass
@@ -59,7 +60,8 @@ def _need_uncertainty(x: SelectionInput, name: str) -> np.ndarray:
 def kcenter(x: SelectionInput, weights: np.ndarray | None = None) -> Selection:
     from .kcenter import KCenterCfg, kcenter_greedy
 
-    r = kcenter_greedy(x.pool, x.labeled, x.budget, weights, cfg=x.kcenter_cfg or KCenterCfg(), nearest=x.nearest)
+    r = kcenter_greedy(x.pool, x.labeled, x.budget, weights, cfg=x.kcenter_cfg or KCenterCfg(), nearest=x.nearest,
+                       progress=x.progress)
     return Selection(r.picks, r.priority, r.radius_trace, r.dist_at_pick)
 
 

@@ -237,3 +237,20 @@ def test_zero_weights():
     w[[7, 300]] = 1.0
     res = kcenter_greedy(pool, lab, 4, w, cfg=KCenterCfg(method="pruned", cluster_size=16))
     assert sorted(res.picks[:2].tolist()) == [7, 300] and res.picks[2:].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("impl", ["pruned", "plain", "torch"])
+@pytest.mark.parametrize("with_labeled", [True, False])
+def test_progress_is_told_each_pick_and_changes_nothing(impl, with_labeled):
+    pool, lab = DATA["clustered"]()
+    lab = lab if with_labeled else lab[:0]
+    calls = []
+
+    def run(progress):
+        if impl == "torch":
+            return kcenter_torch(pool, lab, 80, progress=progress)
+        return kcenter_greedy(pool, lab, 80, cfg=KCenterCfg(method=impl, cluster_size=64), progress=progress)
+
+    quiet, told = run(None), run(calls.append)
+    assert calls == [1] * 80
+    np.testing.assert_array_equal(quiet.picks, told.picks)

@@ -74,6 +74,7 @@ def test_kcenter_select_matches_brute_force(index, tmp_path):
     picks, radii = brute_kcenter(P, L, 25)
     assert [x["id"] for x in rows] == [f"p{i:03d}" for i in picks]
     assert "kcenter" in r.output and f"{radii[-1]:.4f} after" in r.output
+    assert "picking: 100%" in r.output and "25/25" in r.output and "pick/s" in r.output  # a bar with its rate
     # novelty, nearest labeled and labeled_neighbors against numpy
     D = 1 - unit32(P).astype(np.float64) @ unit32(L).astype(np.float64).T
     for x in rows:
