@@ -485,12 +485,19 @@ def report(
 def mark_labeled(
     list_file: Annotated[Optional[Path], typer.Argument(metavar="LIST", help="A text file of ids or paths, one a line.")] = None,
     selection: Annotated[Optional[Path], typer.Option("--selection", help="A selection file; ties the images to its select run.", dir_okay=False)] = None,
+    undo: Annotated[bool, typer.Option("--undo", help="Move them back to unlabeled (only images mark-labeled moved).")] = False,
     index: IndexOpt = DEFAULT_INDEX,
 ):
     """Move images from unlabeled to labeled once they are labeled; the next select counts them as labeled."""
     from .labeling import mark_labeled as run
 
-    r = run(index, list_file, selection)
+    r = run(index, list_file, selection, undo=undo)
+    if undo:
+        typer.echo(f"moved {r.moved} image(s) back to unlabeled; {r.already} already were (run #{r.run})")
+        if r.from_sources:
+            err(f"warning: {r.from_sources} image(s) are labeled because a --labeled source lists them and stay labeled; "
+                f"take them out of that source to change it")
+        return
     by = f" from select run #{r.labeled_by}" if r.labeled_by else ""
     typer.echo(f"marked {r.moved} image(s) labeled{by}; {r.already} already were (run #{r.run})")
 

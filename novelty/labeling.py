@@ -142,15 +142,20 @@ def match_select_run(store: Store, ids: np.ndarray) -> tuple[int | None, bool]:
 class MarkResult:
     run: int  # the mark-labeled run
     requested: int  # distinct images named
-    moved: int  # unlabeled -> labeled now
-    already: int  # labeled before
+    moved: int  # unlabeled -> labeled now (with undo: labeled -> unlabeled)
+    already: int  # labeled before (with undo: unlabeled before)
     labeled_by: int | None  # the select run they came from
+    from_sources: int = 0  # with undo: labeled because a --labeled source lists them, left labeled
 
 
-def mark_labeled(root: Path, list_file: Path | None = None, selection: Path | None = None) -> MarkResult:
+def mark_labeled(root: Path, list_file: Path | None = None, selection: Path | None = None, undo: bool = False) -> MarkResult:
     """Move the named images from unlabeled to labeled, in one transaction. An unknown
     id changes nothing; images already labeled are counted, not refused (idempotent).
-    Splits are not vectors: the FAISS index stays valid and vectors_version is kept."""
+    Splits are not vectors: the FAISS index stays valid and vectors_version is kept.
+
+    With `undo`, move images that mark-labeled moved back to unlabeled (a mistake in
+    the list, a label rejected by review). Images labeled because a --labeled source
+    lists them stay labeled: their split is the sources' word, changed there."""
     if (list_file is None) == (selection is None):
         raise ConfigError("give a LIST file of ids or paths, or --selection FILE (one of them)")
     with open_store(root, writable=True) as store:
@@ -171,15 +176,25 @@ def mark_labeled(root: Path, list_file: Path | None = None, selection: Path | No
             db.execute("CREATE TEMP TABLE IF NOT EXISTS mark_ids(image INTEGER PRIMARY KEY)")
             db.execute("DELETE FROM mark_ids")
             db.executemany("INSERT INTO mark_ids VALUES (?)", ((int(i),) for i in distinct))
-            moved = db.execute("UPDATE images SET split='labeled', labeled_at=?, labeled_by=? "
-                               "WHERE split='unlabeled' AND id IN (SELECT image FROM mark_ids)", (now, by)).rowcount
+            from_sources = 0
+            if undo:
+                from_sources = db.execute("SELECT COUNT(*) FROM images WHERE split='labeled' AND labeled_at IS NULL "
+                                          "AND id IN (SELECT image FROM mark_ids)").fetchone()[0]
+                moved = db.execute("UPDATE images SET split='unlabeled', labeled_at=NULL, labeled_by=NULL WHERE "
+                                   "split='labeled' AND labeled_at IS NOT NULL AND id IN (SELECT image FROM mark_ids)").rowcount
+                by = None
+            else:
+                moved = db.execute("UPDATE images SET split='labeled', labeled_at=?, labeled_by=? "
+                                   "WHERE split='unlabeled' AND id IN (SELECT image FROM mark_ids)", (now, by)).rowcount
             db.execute("DELETE FROM mark_ids")
-            summary = {"requested": len(distinct), "moved": moved, "already": len(distinct) - moved,
-                       "labeled_by": by, "exact_match": exact}
-            run = db.execute("INSERT INTO runs(kind, params, summary, started, finished) VALUES ('mark-labeled', ?, ?, ?, ?)",
-                             (json.dumps(source, sort_keys=True), json.dumps(summary), now, time.time())).lastrowid
-    log.info("marked %d image(s) labeled (%d already were)", moved, len(distinct) - moved)
-    return MarkResult(run, len(distinct), moved, len(distinct) - moved, by)
+            already = len(distinct) - moved - from_sources
+            summary = {"requested": len(distinct), "moved": moved, "already": already, "labeled_by": by,
+                       "exact_match": exact, "from_sources": from_sources}
+            run = db.execute("INSERT INTO runs(kind, params, summary, started, finished) VALUES (?, ?, ?, ?, ?)",
+                             ("unmark" if undo else "mark-labeled", json.dumps(source, sort_keys=True), json.dumps(summary),
+                              now, time.time())).lastrowid
+    log.info("%s %d image(s) (%d already were)", "moved back" if undo else "marked", moved, already)
+    return MarkResult(run, len(distinct), moved, already, by, from_sources)
 
 
 # --------------------------------------------------------------------------- history
@@ -204,6 +219,9 @@ def run_notes(store: Store, run_ids: list[int]) -> dict[int, str]:
         elif kind == "mark-labeled":
             notes[rid] = (f"{s.get('moved', 0)} moved to labeled" + (f" (picks of #{s['labeled_by']})" if s.get("labeled_by") else "")
                           + (f", {s['already']} already labeled" if s.get("already") else ""))
+        elif kind == "unmark":
+            notes[rid] = (f"{s.get('moved', 0)} moved back to unlabeled"
+                          + (f", {s['from_sources']} left labeled (a --labeled source)" if s.get("from_sources") else ""))
         elif kind == "build" and "embedded" in s:
             notes[rid] = f"{s['embedded']} embedded, {s.get('failed', 0)} failed"
         elif kind == "import" and "imported" in s:

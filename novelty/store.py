@@ -73,7 +73,7 @@ CREATE TABLE IF NOT EXISTS shards(
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs(
     id      INTEGER PRIMARY KEY,
-    kind    TEXT NOT NULL,        -- build | import | merge | select | uncertainty | mark-labeled
+    kind    TEXT NOT NULL,        -- build | import | merge | select | uncertainty | mark-labeled | unmark
     params  TEXT NOT NULL,        -- JSON
     summary TEXT,                 -- JSON, set when the run finishes
     started REAL NOT NULL,

@@ -92,6 +92,29 @@ def test_mark_selection_labeled_is_atomic_idempotent_and_in_history(index, tmp_p
     assert "mark-labeled  0 moved to labeled (picks of" in r.output and "10 already labeled" in r.output
 
 
+def test_undo_moves_back_only_what_mark_labeled_moved(index, tmp_path):
+    first = tmp_path / "sel.csv"
+    rid, picked, _ = record_selection(index, 10, first)
+    before = run("select", "--budget", 10, "--index", index, "--out", tmp_path / "a.csv")
+    assert run("mark-labeled", "--selection", first, "--index", index).exit_code == 0
+    (tmp_path / "list.txt").write_text("\n".join(["l000", "l001", *[str(i) for i in picked[:4]]]) + "\n")  # 2 from the sources
+    r = run("mark-labeled", "--undo", tmp_path / "list.txt", "--index", index)
+    assert r.exit_code == 0 and "moved 4 image(s) back to unlabeled; 0 already were" in r.output, r.output
+    assert "warning: 2 image(s) are labeled because a --labeled source lists them and stay labeled" in r.output
+    assert counts(index) == {"labeled": 36, "unlabeled": 94}
+    with open_store(index) as st:
+        rows = st.db.execute(f"SELECT split, labeled_at, labeled_by FROM images WHERE id IN ({','.join(map(str, picked[:4]))})").fetchall()
+        assert all(row == ("unlabeled", None, None) for row in rows)
+    r = run("mark-labeled", "--undo", "--selection", first, "--index", index)  # the rest, and idempotent for the 4
+    assert r.exit_code == 0 and "moved 6 image(s) back to unlabeled; 4 already were" in r.output, r.output
+    assert counts(index) == {"labeled": 30, "unlabeled": 100}
+    after = run("select", "--budget", 10, "--index", index, "--out", tmp_path / "b.csv")
+    assert after.exit_code == before.exit_code == 0
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()  # as if never marked
+    r = run("info", "--index", index)
+    assert "unmark  4 moved back to unlabeled, 2 left labeled (a --labeled source)" in r.output, r.output
+
+
 def test_marked_images_count_as_labeled_in_nearest_labeled(index, tmp_path):
     """Brute force: after marking, the pool's nearest-labeled distances are taken over
     the old labeled set plus the marked images."""
