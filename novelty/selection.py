@@ -37,10 +37,6 @@ class SelectResult:
     warnings: list[str] = field(default_factory=list)
 
 
-# the strategies that rank by uncertainty; the others only show it in the output
-USES_UNCERTAINTY = ("hybrid", "uncertainty")
-
-
 def pool_uncertainty(store, pool_ids: np.ndarray, warnings: list[str]) -> tuple[np.ndarray | None, dict | None]:
     """The latest scores in pool order, NaN for images without one; None when the run
     scores no image of the pool (warned)."""
@@ -62,7 +58,7 @@ def filled_uncertainty(u: np.ndarray, name: str, warnings: list[str]) -> np.ndar
     missing = np.isnan(u)
     if not missing.any():
         return u
-    if name in USES_UNCERTAINTY:
+    if name in strategies.USES_UNCERTAINTY:
         warnings.append(f"{int(missing.sum())} unlabeled image(s) have no uncertainty score; "
                         f"{name} gives them the mean score (their uncertainty column is left empty)")
     return np.where(missing, u[~missing].mean(), u)
@@ -107,7 +103,7 @@ def select(root: Path, cfg: SelectCfg, progress_factory: Callable[[int], Callabl
             budget = len(pool_ids)
         not_embedded(store, warnings)
         # a run that scores no pool image is worth a warning only where uncertainty would be used
-        uses_u = cfg.strategy is None or cfg.strategy in USES_UNCERTAINTY
+        uses_u = cfg.strategy is None or cfg.strategy in strategies.USES_UNCERTAINTY
         u, u_info = pool_uncertainty(store, pool_ids, warnings if uses_u else [])
         name = cfg.strategy or strategies.default_strategy(u is not None)
         measured = None if u is None else ~np.isnan(u)  # [n] images with a score of their own

@@ -96,6 +96,10 @@ _STRATEGIES: dict[str, Callable[[SelectionInput], Selection]] = {
 }
 
 
+# the strategies that rank by uncertainty; the others only show it in the output
+USES_UNCERTAINTY = ("hybrid", "uncertainty")
+
+
 def list_strategies() -> list[str]:
     return list(_STRATEGIES)
 
