@@ -27,6 +27,7 @@ Ties go to the lower labeled index, as in the plain search.
 from __future__ import annotations
 
 import logging
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -34,6 +35,8 @@ from ._clusters import PoolClusters, chunk_stats, cluster_chunks
 from ._rows import BF16Side, bf16_mm, blas_threads, torch_threads, unit_rows
 
 log = logging.getLogger(__name__)
+
+Tick = Optional[Callable[[int], object]]  # told the number of pool rows just settled (a progress bar's update)
 
 ETA = 2e-4  # slack on squared Euclidean distances obtained through dot products (float32 error)
 U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8-bit significand)
@@ -80,14 +83,17 @@ class Results:
 
 
 def nearest_plain(x: np.ndarray, inv: np.ndarray, Y: np.ndarray, radius: float | None, res: Results,
-                  rows: np.ndarray | None = None, max_elems: int = 1 << 22) -> None:
-    """Chunked float32 product against all labeled rows: the reference."""
+                  rows: np.ndarray | None = None, max_elems: int = 1 << 22, progress: Tick = None) -> None:
+    """Chunked float32 product against all labeled rows: the reference. progress, when
+    given, is called with the number of rows each block settles."""
     n = len(x) if rows is None else len(rows)
     step = max(64, min(8192, max_elems // max(1, len(Y))))
     for s in range(0, n, step):
         sel = slice(s, min(n, s + step)) if rows is None else rows[s:s + step]
         X = unit_rows(x, inv, sel)
         res.put_block(np.arange(s, min(n, s + step)) if rows is None else sel, X @ Y.T, None, radius)
+        if progress is not None:
+            progress(len(X))
 
 
 class Screen:
@@ -168,15 +174,17 @@ def _lower(t, U):
 
 
 def nearest_pruned(x: np.ndarray, inv: np.ndarray, Y: np.ndarray, cl: PoolClusters, radius: float | None,
-                   res: Results, k0: int = 8, screen_all: bool = False) -> dict:
+                   res: Results, k0: int = 8, screen_all: bool = False, progress: Tick = None) -> dict:
     """Fill `res` for every pool row (mechanisms 1 and 2; screen_all: 2 only, for tests).
-    -> counters for the log."""
+    progress: told the rows settled, n in all. -> counters for the log."""
     with blas_threads(1), torch_threads(1):  # one thread but for the large products (bf16_mm)
         screen = Screen(Y, radius, res)
-        far, s0, pairs = _tiers(x, inv, Y, cl, radius, res, k0, screen_all, screen)
+        far, s0, pairs = _tiers(x, inv, Y, cl, radius, res, k0, screen_all, screen, progress)
         for s in range(0, len(far), 512):
             rows = cl.perm[far[s:s + 512]]
             screen.run(unit_rows(x, inv, rows), rows, s0[s:s + 512])
+            if progress is not None:
+                progress(len(rows))
     n, m = len(x), len(Y)
     stats = {"pruned_pairs_share": pairs / max(1, n * m), "screened_rows_share": screen.screened / max(1, n),
              "recomputed_per_screened_row": screen.recomputed / max(1, screen.screened)}
@@ -184,7 +192,8 @@ def nearest_pruned(x: np.ndarray, inv: np.ndarray, Y: np.ndarray, cl: PoolCluste
     return stats
 
 
-def _tiers(x, inv, Y, cl: PoolClusters, radius, res: Results, k0: int, screen_all: bool, screen: Screen):
+def _tiers(x, inv, Y, cl: PoolClusters, radius, res: Results, k0: int, screen_all: bool, screen: Screen,
+           progress: Tick = None):
     """Mechanism 1. -> (positions left for the screen, their known similarity, pairs computed)."""
     import torch
 
@@ -198,6 +207,7 @@ def _tiers(x, inv, Y, cl: PoolClusters, radius, res: Results, k0: int, screen_al
     probe = np.sort(np.random.default_rng(0).choice(m, min(m, PROBE), replace=False))
     for c0, c1 in cluster_chunks(cl.starts, 8192):
         s0, s1 = cl.starts[c0], cl.starts[c1]
+        to_screen = 0
         X = unit_rows(x, inv, cl.perm[s0:s1])  # [b, d]
         if not have_stats:
             chunk_stats(cl, c0, c1, X)
@@ -247,6 +257,9 @@ def _tiers(x, inv, Y, cl: PoolClusters, radius, res: Results, k0: int, screen_al
                 else:
                     far.append(s0 + lo + mem)
                     far_s0.append(best0[mem])
+                    to_screen += len(mem)
+        if progress is not None:  # rows left to the screen are told when it settles them
+            progress(int(s1 - s0) - to_screen)
     far = np.concatenate(far) if far else np.zeros(0, np.int64)
     o = np.argsort(far)
     s0 = np.concatenate(far_s0).astype(np.float32) if far_s0 else np.zeros(0, np.float32)

@@ -117,8 +117,12 @@ def progress_bar(desc: str, unit: str = "img"):
 
     bars = []
 
-    def factory(total: int):
-        bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr, smoothing=0.05)
+    def factory(total: int, what: str | None = None, what_unit: str | None = None):
+        """A library stage may name itself (select: its first pass, then the picks)."""
+        for b in bars:  # one bar at a time: a new stage closes the one before
+            b.close()
+        bar = tqdm(total=total, desc=what or desc, unit=what_unit or unit, dynamic_ncols=True, file=sys.stderr,
+                   smoothing=0.05)
         bars.append(bar)
         return bar.update
 

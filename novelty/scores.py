@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._clusters import PoolClusters, auto_size, cluster_pool
-from ._firstpass import Results, nearest_plain, nearest_pruned
+from ._firstpass import Results, Tick, nearest_plain, nearest_pruned
 from ._rows import check_rows, row_inv_norms, torch_threads, unique_rows, unit_float32, unit_rows
 from .errors import ConfigError
 
@@ -61,16 +61,17 @@ def _check_cfg(cfg: NearestCfg) -> None:
 
 
 def nearest_labeled(pool: np.ndarray, labeled: np.ndarray, *, radius: float | None = None,
-                    cfg: NearestCfg = NearestCfg()) -> NearestResult:
+                    cfg: NearestCfg = NearestCfg(), progress: Tick = None) -> NearestResult:
     """For each pool row [n, d]: the nearest labeled row [m, d], its distance, and how many
-    labeled rows lie within `radius` (cosine distance, inclusive)."""
+    labeled rows lie within `radius` (cosine distance, inclusive). progress, when given,
+    is told the number of pool rows settled as the search goes (n in all)."""
     pool, labeled = check_rows(pool, "pool"), check_rows(labeled, "labeled")
-    res, _ = nearest_with(pool, row_inv_norms(pool), labeled, radius, cfg)
+    res, _ = nearest_with(pool, row_inv_norms(pool), labeled, radius, cfg, progress=progress)
     return res
 
 
 def nearest_with(x: np.ndarray, inv: np.ndarray, labeled: np.ndarray, radius: float | None, cfg: NearestCfg,
-                 clusters: PoolClusters | None = None) -> tuple[NearestResult, PoolClusters | None]:
+                 clusters: PoolClusters | None = None, progress: Tick = None) -> tuple[NearestResult, PoolClusters | None]:
     """nearest_labeled on rows with their inverse norms; reuses or returns the pool clusters."""
     _check_cfg(cfg)
     if radius is not None and not 0 <= radius <= 2:
@@ -79,6 +80,8 @@ def nearest_with(x: np.ndarray, inv: np.ndarray, labeled: np.ndarray, radius: fl
         raise ConfigError(f"pool rows have {x.shape[1]} dims but labeled rows {labeled.shape[1]}")
     n, m = len(x), len(labeled)
     if m == 0 or n == 0:
+        if progress is not None and n:
+            progress(n)
         return NearestResult(np.full(n, np.inf, np.float32), np.full(n, -1, np.int64),
                              np.zeros(n, np.int32) if radius is not None else None, radius, False), clusters
     t0 = time.perf_counter()
@@ -87,17 +90,17 @@ def nearest_with(x: np.ndarray, inv: np.ndarray, labeled: np.ndarray, radius: fl
     Y = unit_float32(labeled[first] if dedup else labeled)  # [u, d]
     res = Results(n, radius is not None, copies.astype(np.int32) if dedup else None)
     if cfg.approximate:
-        _nearest_ivf(x, inv, Y, radius, cfg, res)
+        _nearest_ivf(x, inv, Y, radius, cfg, res, progress=progress)
         how = "IVF"
     elif cfg.method == "plain" or (cfg.method == "auto" and (n * len(Y) < PLAIN_BELOW
                                                              or n < 8 * auto_size(n, cfg.cluster_size))):
         with torch_threads(1):
-            nearest_plain(x, inv, Y, radius, res)
+            nearest_plain(x, inv, Y, radius, res, progress=progress)
         how = "plain"
     else:
         if clusters is None:
             clusters = cluster_pool(x, inv, cfg.cluster_size, seed=cfg.seed)
-        nearest_pruned(x, inv, Y, clusters, radius, res)
+        nearest_pruned(x, inv, Y, clusters, radius, res, progress=progress)
         how = "pruned"
     dist = np.maximum(np.float32(1.0) - res.sim, np.float32(0.0))
     idx = first[res.idx] if dedup else res.idx
@@ -106,7 +109,7 @@ def nearest_with(x: np.ndarray, inv: np.ndarray, labeled: np.ndarray, radius: fl
 
 
 def _nearest_ivf(x: np.ndarray, inv: np.ndarray, Y: np.ndarray, radius: float | None, cfg: NearestCfg,
-                 res: Results, block: int = 16384) -> None:
+                 res: Results, block: int = 16384, progress: Tick = None) -> None:
     """Approximate: FAISS IVF-Flat (inner product) over the labeled rows."""
     import faiss
 
@@ -132,6 +135,8 @@ def _nearest_ivf(x: np.ndarray, inv: np.ndarray, Y: np.ndarray, radius: float | 
             lims = lims.astype(np.int64)
             w = np.ones(len(I), np.int64) if res.mult is None else res.mult[I]
             res.count[s:s + len(X)] = np.add.reduceat(np.r_[w, 0], lims[:-1]) * (np.diff(lims) > 0)
+        if progress is not None:
+            progress(len(X))
 
 
 def nearest_recall(pool: np.ndarray, labeled: np.ndarray, cfg: NearestCfg = NearestCfg(approximate=True),

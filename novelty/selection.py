@@ -77,9 +77,10 @@ def not_embedded(store, warnings: list[str]) -> None:
         warnings.append("; ".join(parts) + "; re-run build-index to embed them")
 
 
-def select(root: Path, cfg: SelectCfg, progress_factory: Callable[[int], Callable[[int], object]] | None = None) -> SelectResult:
-    """Pick cfg.budget images and record the run. progress_factory(budget), when given,
-    returns a function called with the number of images just picked."""
+def select(root: Path, cfg: SelectCfg, progress_factory: Callable[..., Callable[[int], object]] | None = None) -> SelectResult:
+    """Pick cfg.budget images and record the run. progress_factory(total, desc, unit), when
+    given, returns a function told the work just done: pool rows ("nearest-labeled", "img")
+    during the first pass, then images picked ("picking", "pick")."""
     if cfg.budget <= 0:
         raise ConfigError(f"--budget must be > 0, got {cfg.budget}")
     if not (math.isfinite(cfg.beta) and cfg.beta >= 0):
@@ -90,6 +91,11 @@ def select(root: Path, cfg: SelectCfg, progress_factory: Callable[[int], Callabl
         raise ConfigError(f"--radius is a cosine distance in [0, 2], got {cfg.radius}")
     if cfg.strategy is not None:
         strategies.get_strategy(cfg.strategy)  # unknown names fail before any work
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda asked for but torch sees no CUDA device")
     t0 = time.monotonic()
     warnings: list[str] = []
     with open_store(root, writable=True) as store:
@@ -106,20 +112,23 @@ def select(root: Path, cfg: SelectCfg, progress_factory: Callable[[int], Callabl
         uses_u = cfg.strategy is None or cfg.strategy in strategies.USES_UNCERTAINTY
         u, u_info = pool_uncertainty(store, pool_ids, warnings if uses_u else [])
         name = cfg.strategy or strategies.default_strategy(u is not None)
+        strategies.check_ready(name, u is not None)
         measured = None if u is None else ~np.isnan(u)  # [n] images with a score of their own
         if u is not None:
             u = filled_uncertainty(u, name, warnings)
         radius = cfg.radius if cfg.radius is not None else scores.default_radius(labeled)
         t1 = time.monotonic()
-        nearest = scores.nearest_labeled(pool, labeled, radius=radius, cfg=scores.NearestCfg(approximate=cfg.approximate))
+        first_bar = progress_factory(len(pool_ids), "nearest-labeled", "img") if progress_factory and len(lab_ids) else None
+        nearest = scores.nearest_labeled(pool, labeled, radius=radius, cfg=scores.NearestCfg(approximate=cfg.approximate),
+                                         progress=first_bar)
         t2 = time.monotonic()
         from .kcenter import KCenterCfg
 
         bar: dict = {"update": None, "done": 0}
 
-        def tick(k: int) -> None:  # the bar starts at the first pick: a strategy that refuses shows none
+        def tick(k: int) -> None:  # the bar starts at the first pick
             if bar["update"] is None:
-                bar["update"] = progress_factory(budget)
+                bar["update"] = progress_factory(budget, "picking", "pick")
             bar["done"] += k
             bar["update"](k)
 

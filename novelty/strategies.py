@@ -51,9 +51,14 @@ def top(scores: np.ndarray, budget: int) -> np.ndarray:
     return order[:budget]
 
 
-def _need_uncertainty(x: SelectionInput, name: str) -> np.ndarray:
-    if x.uncertainty is None:
+def check_ready(name: str, has_uncertainty: bool) -> None:
+    """Refuse, before any work, a strategy whose inputs are missing."""
+    if name in USES_UNCERTAINTY and not has_uncertainty:
         raise ConfigError(f"strategy {name!r} needs uncertainty scores: run `novelty uncertainty` or `novelty import-uncertainty` first")
+
+
+def _need_uncertainty(x: SelectionInput, name: str) -> np.ndarray:
+    check_ready(name, x.uncertainty is not None)
     return x.uncertainty
 
 

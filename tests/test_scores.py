@@ -79,6 +79,24 @@ def test_nearest_exact_matches_brute_force(method, data):
     check_nearest(res, D, count, r)
 
 
+@pytest.mark.parametrize("cfg", [NearestCfg(method="plain"), NearestCfg(method="pruned", cluster_size=48),
+                                 NearestCfg(approximate=True, nlist=16, nprobe=4)], ids=["plain", "pruned", "ivf"])
+def test_progress_is_told_every_row_once_and_changes_nothing(cfg):
+    """The first pass tells a progress bar the rows it settles: n in all, in several steps
+    (the pruned search: rows its bounds settle, then the screened ones), same result."""
+    pool, lab = split(20000, 400, 32, 60, seed=3, novel=0.3)
+    told = []
+    quiet = nearest_labeled(pool, lab, radius=0.2, cfg=cfg)
+    res = nearest_labeled(pool, lab, radius=0.2, cfg=cfg, progress=told.append)
+    assert sum(told) == len(pool) and len(told) > 1 and min(told) >= 0
+    np.testing.assert_array_equal(res.dist, quiet.dist)
+    np.testing.assert_array_equal(res.idx, quiet.idx)
+    np.testing.assert_array_equal(res.count, quiet.count)
+    told.clear()
+    nearest_labeled(pool, lab[:0], cfg=cfg, progress=told.append)  # no labeled rows: all settled at once
+    assert told == [len(pool)]
+
+
 def test_pruned_search_uses_both_bounds_and_screen():
     pool, lab = split(5000, 800, 64, 50, seed=3, novel=0.3)
     inv = row_inv_norms(pool)

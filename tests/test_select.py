@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import run
 from novelty.store import open_store
@@ -75,6 +76,7 @@ def test_kcenter_select_matches_brute_force(index, tmp_path):
     assert [x["id"] for x in rows] == [f"p{i:03d}" for i in picks]
     assert "kcenter" in r.output and f"{radii[-1]:.4f} after" in r.output
     assert "picking: 100%" in r.output and "25/25" in r.output and "pick/s" in r.output  # a bar with its rate
+    assert "nearest-labeled: 100%" in r.output and "200/200" in r.output and "img/s" in r.output  # the first pass too
     # novelty, nearest labeled and labeled_neighbors against numpy
     D = 1 - unit32(P).astype(np.float64) @ unit32(L).astype(np.float64).T
     for x in rows:
@@ -172,6 +174,13 @@ def test_bad_select_arguments(index, tmp_path, args, message, code):
     idx, _, _ = index
     r = run("select", "--index", idx, *args)
     assert r.exit_code == code and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_fails_before_any_work(index):
+    idx, _, _ = index
+    r = run("select", "--budget", 5, "--device", "cuda", "--index", idx)
+    assert r.exit_code == 2 and r.output.strip() == "novelty: error: --device cuda asked for but torch sees no CUDA device"
 
 
 def test_no_index_and_no_unlabeled(tmp_path):
