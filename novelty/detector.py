@@ -128,38 +128,39 @@ def score_index(root: Path, cfg: DetectorCfg, progress_factory: Callable[[int], 
         s = UncertaintySummary(run=run, resumed=len(done), skipped_no_image=len(rows) - len(with_image))
         if s.skipped_no_image:
             log.warning("%d imported vectors have no image file to run the detector on", s.skipped_no_image)
-        ds = CatalogImages(str(store.root / CATALOG), todo, preprocess, None, 89_478_485)
-        loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate_any)
-        decode_failures: list[tuple[int, str]] = []
+        with store.recording_stop(run):
+            ds = CatalogImages(str(store.root / CATALOG), todo, preprocess, None, 89_478_485)
+            loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate_any)
+            decode_failures: list[tuple[int, str]] = []
 
-        def batches():
-            for ids, images, failures in loader:
-                decode_failures.extend(failures)
-                if ids:
-                    yield ids, images
+            def batches():
+                for ids, images, failures in loader:
+                    decode_failures.extend(failures)
+                    if ids:
+                        yield ids, images
 
-        progress = progress_factory(len(todo)) if progress_factory and len(todo) else None
-        pending: list = []
+            progress = progress_factory(len(todo)) if progress_factory and len(todo) else None
+            pending: list = []
 
-        def commit():
-            with store.transaction() as db:
-                db.executemany("INSERT OR REPLACE INTO uncertainty(run, image, value, reason) VALUES (?,?,?,?)",
-                               [(run, int(r.key), r.score, r.error) for r in pending]
-                               + [(run, int(i), None, reason) for i, reason in decode_failures])
-            for r in pending:
-                if r.score is None:
-                    s.failed_by_reason[r.error.split(":")[0]] = s.failed_by_reason.get(r.error.split(":")[0], 0) + 1
-            for _, reason in decode_failures:
-                s.failed_by_reason[reason.split(":")[0]] = s.failed_by_reason.get(reason.split(":")[0], 0) + 1
-            s.scored += sum(r.score is not None for r in pending)
-            s.failed += sum(r.score is None for r in pending) + len(decode_failures)
-            pending.clear(), decode_failures.clear()
+            def commit():
+                with store.transaction() as db:
+                    db.executemany("INSERT OR REPLACE INTO uncertainty(run, image, value, reason) VALUES (?,?,?,?)",
+                                   [(run, int(r.key), r.score, r.error) for r in pending]
+                                   + [(run, int(i), None, reason) for i, reason in decode_failures])
+                for r in pending:
+                    if r.score is None:
+                        s.failed_by_reason[r.error.split(":")[0]] = s.failed_by_reason.get(r.error.split(":")[0], 0) + 1
+                for _, reason in decode_failures:
+                    s.failed_by_reason[reason.split(":")[0]] = s.failed_by_reason.get(reason.split(":")[0], 0) + 1
+                s.scored += sum(r.score is not None for r in pending)
+                s.failed += sum(r.score is None for r in pending) + len(decode_failures)
+                pending.clear(), decode_failures.clear()
 
-        for r in score_batches(model, batches(), ucfg, progress=lambda n: progress and progress(n)):
-            pending.append(r)
-            if len(pending) >= cfg.commit_every:
-                commit()
-        commit()
+            for r in score_batches(model, batches(), ucfg, progress=lambda n: progress and progress(n)):
+                pending.append(r)
+                if len(pending) >= cfg.commit_every:
+                    commit()
+            commit()
         n, mean = store.db.execute("SELECT COUNT(value), AVG(value) FROM uncertainty WHERE run=?", (run,)).fetchone()
         s.with_score, s.mean = int(n), float(mean or 0.0)
         s.seconds = time.monotonic() - t0

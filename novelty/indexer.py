@@ -119,26 +119,33 @@ def _build_index(root, labeled, unlabeled, cfg: BuildCfg, progress_factory) -> B
         store.update_manifest(versions=library_versions())
         run = store.start_run("build", {"labeled": [str(p) for p in labeled], "unlabeled": [str(p) for p in unlabeled],
                                         "cfg": asdict(cfg)})
-        folders = [os.path.abspath(p) for p in unlabeled if Path(p).is_dir()]  # where a missing image was deleted
-        unlisted: list[str] = []  # folders the scan could not list: what they hold is unknown, not gone
-        counts = store.sync_sources(sources.scan(labeled, unlabeled, cfg.part, unlisted), retry_failed=cfg.retry_failed,
-                                    folders=folders, keep=lambda p: sources.was_listed(p, cfg.part, unlisted))
-        pending = store.pending_ids()
-        s = BuildSummary(scanned=counts["scanned"], new=counts["new"], changed=counts["changed"], moved=counts["moved"],
-                         kept_labeled=counts["kept_labeled"], gone=counts["gone"])
-        s.resumed = max(0, len(pending) - s.new - s.changed)  # left pending by an interrupted run
-        s.unchanged = s.scanned - s.new - s.changed - s.resumed
-        log.info("%d images scanned: %d new, %d changed, %d to embed", s.scanned, s.new, s.changed, len(pending))
-        progress = progress_factory(len(pending)) if progress_factory and len(pending) else None
-        t1 = time.monotonic()
-        s.embedded, failed, s.shards = embed_shards(store, encoder, pending, cfg, progress)
-        s.embed_seconds = time.monotonic() - t1
-        failed.update(reason_kind(r) for r in counts["failed_at_scan"])  # missing, unreadable
-        s.failed_by_reason = dict(failed.most_common())
-        s.failed = sum(failed.values())
-        s.duplicate_groups, s.duplicate_images = store.duplicate_hashes()
-        if store.vectors_version and not vectors.is_current(store):
-            vectors.build(store)
+        with store.recording_stop(run):
+            s = _scan_and_embed(store, encoder, labeled, unlabeled, cfg, progress_factory)
         s.seconds = time.monotonic() - t0
         store.finish_run(run, asdict(s))
+    return s
+
+
+def _scan_and_embed(store, encoder, labeled, unlabeled, cfg: BuildCfg, progress_factory) -> BuildSummary:
+    """Scan the sources into the catalog, embed what is pending, refresh the vectors."""
+    folders = [os.path.abspath(p) for p in unlabeled if Path(p).is_dir()]  # where a missing image was deleted
+    unlisted: list[str] = []  # folders the scan could not list: what they hold is unknown, not gone
+    counts = store.sync_sources(sources.scan(labeled, unlabeled, cfg.part, unlisted), retry_failed=cfg.retry_failed,
+                                folders=folders, keep=lambda p: sources.was_listed(p, cfg.part, unlisted))
+    pending = store.pending_ids()
+    s = BuildSummary(scanned=counts["scanned"], new=counts["new"], changed=counts["changed"], moved=counts["moved"],
+                     kept_labeled=counts["kept_labeled"], gone=counts["gone"])
+    s.resumed = max(0, len(pending) - s.new - s.changed)  # left pending by an interrupted run
+    s.unchanged = s.scanned - s.new - s.changed - s.resumed
+    log.info("%d images scanned: %d new, %d changed, %d to embed", s.scanned, s.new, s.changed, len(pending))
+    progress = progress_factory(len(pending)) if progress_factory and len(pending) else None
+    t1 = time.monotonic()
+    s.embedded, failed, s.shards = embed_shards(store, encoder, pending, cfg, progress)
+    s.embed_seconds = time.monotonic() - t1
+    failed.update(reason_kind(r) for r in counts["failed_at_scan"])  # missing, unreadable
+    s.failed_by_reason = dict(failed.most_common())
+    s.failed = sum(failed.values())
+    s.duplicate_groups, s.duplicate_images = store.duplicate_hashes()
+    if store.vectors_version and not vectors.is_current(store):
+        vectors.build(store)
     return s

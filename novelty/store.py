@@ -622,6 +622,29 @@ class Store:
         with self.transaction() as db:
             db.execute("UPDATE runs SET summary=?, finished=? WHERE id=?", (json.dumps(summary, default=str), time.time(), run_id))
 
+    @contextlib.contextmanager
+    def recording_stop(self, run_id: int) -> Iterator[None]:
+        """A run that raises (an error, Ctrl-C) stays unfinished, so it resumes, with the
+        reason in its summary for `info`; a killed one has no reason to leave."""
+        try:
+            yield
+        except BaseException as e:
+            reason = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else stop_reason(e)
+            try:
+                with self.transaction() as db:
+                    db.execute("UPDATE runs SET summary=? WHERE id=? AND finished IS NULL",
+                               (json.dumps({"stopped": reason}), run_id))
+            except Exception:  # a full disk or a lost lock must not hide the error that stopped the run
+                log.debug("could not record why run %d stopped", run_id, exc_info=True)
+            raise
+
+
+def stop_reason(e: BaseException) -> str:
+    """An exception as one short line."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    text = text if len(text) <= 160 else text[:157] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
 
 def _encoder_key(enc: dict) -> tuple:
     return (enc.get("kind"), enc.get("model"), enc.get("weights_sha256") or enc.get("pretrained"))

@@ -382,3 +382,34 @@ def test_a_folder_that_cannot_be_listed_hides_nothing_as_gone(tmp_path):
     assert not was_listed(str(tmp_path / "vanished" / "sub" / "b.jpg"), None, unlisted)
     assert was_listed(str(tmp_path / "vanished-too" / "a.jpg"), None, unlisted)  # a sibling with a common prefix
     assert was_listed(str(tmp_path / "x.jpg"), None, unlisted)
+
+
+def test_a_stopped_build_says_why_in_info_and_resumes(tmp_path, sample_dir):
+    """Ctrl-C during embedding: the run stays unfinished with its reason, info names it,
+    the shards done are kept and the next run finishes the rest."""
+    from novelty.config import BuildCfg, EncoderCfg, ReaderCfg
+    from novelty.indexer import build_index
+
+    idx = tmp_path / "idx"
+    calls = []
+
+    def bar(total):
+        def update(k):  # told after each batch of 8, before its shard of 16 is committed
+            calls.append(k)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+        return update
+
+    cfg = BuildCfg(encoder=EncoderCfg(model=TINY, pretrained="none", device="cpu"),
+                   reader=ReaderCfg(batch_size=8, workers=0), shard_size=16)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(idx, [sample_dir / "labeled"], [sample_dir / "unlabeled"], cfg, progress_factory=bar)
+    r = run("info", "--index", idx)
+    assert r.exit_code == 0 and "build  (stopped: interrupted (Ctrl-C))" in r.output, r.output
+    with open_store(idx) as st:
+        done = st.counts()["by_split_status"].get(("labeled", "embedded"), 0)
+    assert done == 16  # the first shard was committed before the bar was told
+    r = build(idx, ("labeled", sample_dir / "labeled"), ("unlabeled", sample_dir / "unlabeled"), extra=["--shard-size", 16])
+    assert r.exit_code == 0 and "resumed from an interrupted run" in r.output, r.output
+    info = run("info", "--index", idx).output
+    assert info.count("(stopped:") == 1 and "not finished" not in info  # the first run's reason stays; the second finished

@@ -176,6 +176,9 @@ def test_preprocess_of_the_wrong_shape_is_named(index, tmp_path):
     said = [line for line in r.output.strip().splitlines() if not line.startswith("mc-dropout:")]  # the bar, then the error
     assert said == ["novelty: error: the preprocess returned a tensor of shape [32, 32] for an image; "
                     "it must return a float tensor [3, H, W]"], r.output
+    history = run("info", "--index", index).output.splitlines()
+    line = [x for x in history if " uncertainty" in x][-1]  # the run says why it stopped
+    assert "(stopped: ModelError: the preprocess returned a tensor of shape [32, 32]" in line, history
 
 
 def _backbone_features(paths) -> np.ndarray:
