@@ -299,7 +299,8 @@ def select(
     ls, outside = write_selection(out, r.rows, label_studio_root)
     _warn_outside(outside, label_studio_root)
     s = r.summary
-    typer.echo(f"selected {s['picks']} of {s['pool']} unlabeled images with {s['strategy']} (run #{r.run}) -> {out}, {ls}")
+    kept_out = f" ({s['excluded']} excluded)" if s.get("excluded") else ""
+    typer.echo(f"selected {s['picks']} of {s['pool']} unlabeled images{kept_out} with {s['strategy']} (run #{r.run}) -> {out}, {ls}")
     before = f"{s['covering_radius_before']:.4f} before" if s["labeled"] else "no labeled image yet"
     typer.echo(f"  covering radius  {before}, {s['covering_radius_after']:.4f} after (cosine distance)")
     typer.echo(f"  redundant        {100 * s['redundant_share']:.1f}% of the pool has a labeled image within r = {s['radius']:.4f}")
@@ -507,6 +508,27 @@ def mark_labeled(
 
 
 @command
+def exclude(
+    list_file: Annotated[Optional[Path], typer.Argument(metavar="LIST", help="A text file of ids or paths, one a line.")] = None,
+    selection: Annotated[Optional[Path], typer.Option("--selection", help="A selection file (e.g. the rows your labelers skipped).", dir_okay=False)] = None,
+    reason: Annotated[Optional[str], typer.Option(help="Why, shown by info (e.g. 'blank', 'private').")] = None,
+    undo: Annotated[bool, typer.Option("--undo", help="Make them candidates again.")] = False,
+    index: IndexOpt = DEFAULT_INDEX,
+):
+    """Keep images out of every later selection: ones that cannot be labeled (blank, private, out of scope)."""
+    from .labeling import exclude as run
+
+    r = run(index, list_file, selection, reason=reason, undo=undo)
+    if undo:
+        typer.echo(f"{r.changed} image(s) are candidates again; {r.already} were not excluded (run #{r.run})")
+        return
+    typer.echo(f"excluded {r.changed} image(s) from selection; {r.already} already were (run #{r.run})")
+    if r.labeled:
+        err(f"warning: {r.labeled} of them are labeled: they stay centers; the exclusion applies if they are moved "
+            f"back to unlabeled")
+
+
+@command
 def export(
     out: Annotated[Path, typer.Option(help=".csv, .jsonl or .parquet; a Label Studio file is written beside it.", dir_okay=False)],
     run: Annotated[Optional[int], typer.Option("--run", min=1, max=(1 << 63) - 1, help="The select run to write (see `novelty info`).")] = None,
@@ -532,6 +554,7 @@ def export(
 @command
 def info(index: IndexOpt = DEFAULT_INDEX):
     """What the index holds: model, dim, counts per split, failures, size on disk."""
+    from .labeling import excluded_by_reason
     from .store import open_store
 
     with open_store(index) as store:
@@ -546,6 +569,10 @@ def info(index: IndexOpt = DEFAULT_INDEX):
             typer.echo(f"{split:<10} {parts.get('embedded', 0)} embedded, {parts.get('failed', 0)} failed, {parts.get('pending', 0)} pending")
         for reason, n in c["failed_by_reason"].items():
             typer.echo(f"  failed: {reason}: {n}")
+        excluded = excluded_by_reason(store)
+        if excluded:
+            why = ", ".join(f"{r or 'no reason given'}: {n}" for r, n in excluded.items())
+            typer.echo(f"excluded   {sum(excluded.values())} unlabeled image(s) kept out of selection ({why})")
         groups, images = store.duplicate_hashes()
         if groups:
             typer.echo(f"duplicates {images} byte-identical images in {groups} group(s)")

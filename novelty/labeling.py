@@ -1,6 +1,7 @@
 """Close the labeling loop: read a selection back, mark its images labeled (one
-transaction, all or nothing), describe the history of selections and what became of
-their picks, and write a recorded selection run again.
+transaction, all or nothing), keep the images labelers skipped out of later selections
+(exclude), describe the history of selections and what became of their picks, and
+write a recorded selection run again.
 
 A selection file or list names images by the id `select` wrote (an imported id or the
 catalog id) or by path. It is tied to the select run whose picks it matches: the same
@@ -138,6 +139,25 @@ def match_select_run(store: Store, ids: np.ndarray) -> tuple[int | None, bool]:
 
 
 # ---------------------------------------------------------------------- mark-labeled
+def check_one_source(list_file: Path | None, selection: Path | None) -> None:
+    if (list_file is None) == (selection is None):
+        raise ConfigError("give a LIST file of ids or paths, or --selection FILE (one of them)")
+
+
+def named_ids(store: Store, list_file: Path | None, selection: Path | None) -> tuple[np.ndarray, dict]:
+    """Catalog ids named by a list file or a selection file, in order, and the source for
+    the run's params. Any unknown id raises, naming it: nothing is changed."""
+    if selection is not None:
+        return (selection_ids(store, read_selection(selection), "nothing was changed"),
+                {"selection": str(Path(selection).resolve())})
+    keys = read_list(list_file)
+    base = Path(list_file).parent
+    ids = resolve_keys(store, keys, [None if os.path.isabs(k) else str(base / k) for k in keys],
+                       f"nothing was changed (a relative path is read against the current folder, then "
+                       f"against the list's folder {base.resolve()})")
+    return ids, {"list": str(Path(list_file).resolve())}
+
+
 @dataclass
 class MarkResult:
     run: int  # the mark-labeled run
@@ -156,19 +176,9 @@ def mark_labeled(root: Path, list_file: Path | None = None, selection: Path | No
     With `undo`, move images that mark-labeled moved back to unlabeled (a mistake in
     the list, a label rejected by review). Images labeled because a --labeled source
     lists them stay labeled: their split is the sources' word, changed there."""
-    if (list_file is None) == (selection is None):
-        raise ConfigError("give a LIST file of ids or paths, or --selection FILE (one of them)")
+    check_one_source(list_file, selection)
     with open_store(root, writable=True) as store:
-        if selection is not None:
-            ids = selection_ids(store, read_selection(selection), "nothing was changed")
-            source = {"selection": str(Path(selection).resolve())}
-        else:
-            keys = read_list(list_file)
-            base = Path(list_file).parent
-            ids = resolve_keys(store, keys, [None if os.path.isabs(k) else str(base / k) for k in keys],
-                               f"nothing was changed (a relative path is read against the current folder, then "
-                               f"against the list's folder {base.resolve()})")
-            source = {"list": str(Path(list_file).resolve())}
+        ids, source = named_ids(store, list_file, selection)
         by, exact = match_select_run(store, ids)
         distinct = np.unique(ids)
         now = time.time()
@@ -197,6 +207,60 @@ def mark_labeled(root: Path, list_file: Path | None = None, selection: Path | No
     return MarkResult(run, len(distinct), moved, already, by, from_sources)
 
 
+# --------------------------------------------------------------------------- exclude
+@dataclass
+class ExcludeResult:
+    run: int  # the exclude (or include) run
+    requested: int  # distinct images named
+    changed: int  # excluded now (with undo: excluded no more)
+    already: int  # excluded before (with undo: not excluded before)
+    labeled: int  # of the images named, those labeled now (not in the pool while they are)
+
+
+def exclude(root: Path, list_file: Path | None = None, selection: Path | None = None, reason: str | None = None,
+            undo: bool = False) -> ExcludeResult:
+    """Keep the named images out of every later selection (an image the labelers could
+    not label: blank, private, out of scope), in one transaction; an unknown id changes
+    nothing. select leaves them out of its pool (its covering radius and redundancy are
+    then over the images it may pick); their vectors stay, so neighbors, duplicates and
+    report still show them. With `undo`, they are candidates again."""
+    check_one_source(list_file, selection)
+    if reason is not None and not reason.strip():
+        raise ConfigError("--reason must not be empty")
+    with open_store(root, writable=True) as store:
+        ids, source = named_ids(store, list_file, selection)
+        distinct = np.unique(ids)
+        now = time.time()
+        with store.transaction() as db:
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS named_ids(image INTEGER PRIMARY KEY)")
+            db.execute("DELETE FROM named_ids")
+            db.executemany("INSERT INTO named_ids VALUES (?)", ((int(i),) for i in distinct))
+            labeled = db.execute("SELECT COUNT(*) FROM images WHERE split='labeled' AND id IN (SELECT image FROM named_ids)"
+                                 ).fetchone()[0]
+            params = {**source, **({"reason": reason} if reason else {})}
+            run = db.execute("INSERT INTO runs(kind, params, started) VALUES (?, ?, ?)",
+                             ("include" if undo else "exclude", json.dumps(params, sort_keys=True), now)).lastrowid
+            if undo:
+                changed = db.execute("DELETE FROM excluded WHERE image IN (SELECT image FROM named_ids)").rowcount
+            else:
+                changed = db.execute("INSERT OR IGNORE INTO excluded(image, reason, run, at) SELECT image, ?, ?, ? FROM named_ids",
+                                     (reason, run, now)).rowcount
+            db.execute("DELETE FROM named_ids")
+            summary = {"requested": len(distinct), "changed": changed, "already": len(distinct) - changed, "labeled": labeled}
+            db.execute("UPDATE runs SET summary=?, finished=? WHERE id=?", (json.dumps(summary), time.time(), run))
+    log.info("%s %d image(s) (%d already were)", "included" if undo else "excluded", changed, len(distinct) - changed)
+    return ExcludeResult(run, len(distinct), changed, len(distinct) - changed, labeled)
+
+
+def excluded_by_reason(store: Store) -> dict[str, int]:
+    """Excluded images still unlabeled, by reason ('' for none given), most first."""
+    if not len(store.excluded_ids()):
+        return {}
+    return dict(store.db.execute(
+        "SELECT COALESCE(e.reason, ''), COUNT(*) FROM excluded e JOIN images i ON i.id = e.image "
+        "WHERE i.split = 'unlabeled' GROUP BY 1 ORDER BY 2 DESC").fetchall())
+
+
 # --------------------------------------------------------------------------- history
 def _day(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "?"
@@ -222,6 +286,8 @@ def run_notes(store: Store, run_ids: list[int]) -> dict[int, str]:
         elif kind == "unmark":
             notes[rid] = (f"{s.get('moved', 0)} moved back to unlabeled"
                           + (f", {s['from_sources']} left labeled (a --labeled source)" if s.get("from_sources") else ""))
+        elif kind in ("exclude", "include") and "changed" in s:
+            notes[rid] = f"{s['changed']} {kind}d" + (f", {s['already']} already were" if s.get("already") else "")
         elif kind == "build" and "embedded" in s:
             notes[rid] = f"{s['embedded']} embedded, {s.get('failed', 0)} failed"
         elif kind == "import" and "imported" in s:

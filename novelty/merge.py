@@ -18,7 +18,7 @@ A part's shards are checked against its catalog before anything is copied.
 
 The parts' latest uncertainty scores (`novelty uncertainty --index PART` on each
 machine) become one run of the target when every part has them with the same settings
-(`_combine_scores` says when they do not); selections and mark-labeled history stay in
+(`_combine_scores` says when they do not); selections, exclusions and mark-labeled history stay in
 the parts, whose run ids they refer to.
 """
 from __future__ import annotations

@@ -99,9 +99,10 @@ def select(root: Path, cfg: SelectCfg, progress_factory: Callable[..., Callable[
     t0 = time.monotonic()
     warnings: list[str] = []
     with open_store(root, writable=True) as store:
-        pool_ids, pool = store.vectors("unlabeled")  # [n] int64, [n, d] float16
+        pool_ids, pool, excluded = store.pool()  # [n] int64, [n, d] float16: embedded, unlabeled, not excluded
         if len(pool_ids) == 0:
-            raise ConfigError(f"index {root} has no embedded unlabeled images to select from")
+            why = f" ({excluded} excluded)" if excluded else ""
+            raise ConfigError(f"index {root} has no embedded unlabeled images to select from{why}")
         lab_ids, labeled = store.vectors("labeled")  # [m], [m, d]
         budget = cfg.budget
         if budget > len(pool_ids):
@@ -166,6 +167,7 @@ def select(root: Path, cfg: SelectCfg, progress_factory: Callable[..., Callable[
             "strategy": name,
             "picks": len(picks),
             "pool": len(pool_ids),
+            "excluded": excluded,
             "labeled": len(lab_ids),
             "radius": radius,
             "covering_radius_before": radius_before,

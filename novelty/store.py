@@ -73,7 +73,7 @@ CREATE TABLE IF NOT EXISTS shards(
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs(
     id      INTEGER PRIMARY KEY,
-    kind    TEXT NOT NULL,        -- build | import | merge | select | uncertainty | mark-labeled | unmark
+    kind    TEXT NOT NULL,        -- build | import | merge | select | uncertainty | mark-labeled | unmark | exclude | include
     params  TEXT NOT NULL,        -- JSON
     summary TEXT,                 -- JSON, set when the run finishes
     started REAL NOT NULL,
@@ -86,6 +86,12 @@ CREATE TABLE IF NOT EXISTS picks(
     priority REAL,                -- what the strategy maximised at this pick
     radius  REAL,                 -- covering radius of the pool after this pick (k-center strategies)
     PRIMARY KEY (run, rank)
+);
+CREATE TABLE IF NOT EXISTS excluded(
+    image   INTEGER PRIMARY KEY REFERENCES images(id),  -- never picked by select while unlabeled
+    reason  TEXT,
+    run     INTEGER REFERENCES runs(id),  -- the exclude run that named it
+    at      REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS uncertainty(
     run     INTEGER NOT NULL REFERENCES runs(id),
@@ -548,6 +554,23 @@ class Store:
             for a, b in zip(starts.tolist(), ends.tolist()):
                 out[sel[a]:sel[a] + (b - a)] = src[r[a]:r[a] + (b - a)]
         return all_ids, out
+
+    def excluded_ids(self) -> np.ndarray:
+        """Catalog ids `novelty exclude` named, sorted (an index from before the table: none)."""
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='excluded'").fetchone():
+            return np.zeros(0, np.int64)
+        rows = self.db.execute("SELECT image FROM excluded ORDER BY image").fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def pool(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """The unlabeled vectors select may pick: embedded and not excluded.
+        -> (ids, float16 [n, d], how many embedded unlabeled images are excluded)."""
+        skip = self.excluded_ids()
+        if not len(skip):
+            return (*self.vectors("unlabeled"), 0)
+        ids = self.embedded("unlabeled").ids
+        keep = ~np.isin(ids, skip)
+        return (*self.vectors("unlabeled", ids=ids[keep]), int((~keep).sum()))
 
     def iter_blocks(self, split: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (ids [b], float16 vectors [b, d]) shard by shard, never all at once."""

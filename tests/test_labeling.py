@@ -273,3 +273,79 @@ def test_export_parquet_without_pyarrow_fails_before_any_work(index, tmp_path, m
     r = run("export", "--latest", "--out", tmp_path / "e.parquet", "--index", index)
     assert r.exit_code == 2 and "writing .parquet needs pyarrow" in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert list(tmp_path.glob("e.*")) == []
+
+
+# --------------------------------------------------------------------------- exclude
+def farthest(idx, skip=()):
+    """Display ids of the unlabeled images by distance to the labeled set, farthest first (numpy)."""
+    with open_store(idx) as st:
+        ids, P = st.vectors("unlabeled")
+        _, L = st.vectors("labeled")
+        shown = st.describe(ids)
+    d = (1 - P.astype(np.float64) @ L.astype(np.float64).T).min(axis=1)
+    order = [shown[int(ids[i])][0] for i in np.argsort(-d, kind="stable")]
+    return [x for x in order if x not in skip]
+
+
+def test_excluded_images_are_never_selected_until_included_again(index, tmp_path):
+    top = farthest(index)[:4]
+    (tmp_path / "skip.txt").write_text("\n".join(top) + "\n")
+    r = run("exclude", tmp_path / "skip.txt", "--reason", "blank", "--index", index)
+    assert r.exit_code == 0 and "excluded 4 image(s) from selection; 0 already were" in r.output, r.output
+    r = run("exclude", tmp_path / "skip.txt", "--index", index)  # idempotent
+    assert r.exit_code == 0 and "excluded 0 image(s) from selection; 4 already were" in r.output, r.output
+    out = tmp_path / "s.csv"
+    r = run("select", "--budget", 6, "--strategy", "novelty", "--index", index, "--out", out)
+    assert r.exit_code == 0 and "selected 6 of 96 unlabeled images (4 excluded)" in r.output, r.output
+    assert [x["id"] for x in read(out)] == farthest(index, skip=top)[:6]
+    r = run("select", "--budget", 10, "--strategy", "kcenter", "--index", index, "--out", out)
+    assert r.exit_code == 0 and not set(top) & {x["id"] for x in read(out)}
+    info = run("info", "--index", index).output
+    assert "excluded   4 unlabeled image(s) kept out of selection (blank: 4)" in info, info
+    assert "exclude  4 excluded" in info and "exclude  0 excluded, 4 already were" in info, info
+    # back in the pool
+    r = run("exclude", tmp_path / "skip.txt", "--undo", "--index", index)
+    assert r.exit_code == 0 and "4 image(s) are candidates again" in r.output, r.output
+    r = run("select", "--budget", 6, "--strategy", "novelty", "--index", index, "--out", out)
+    assert r.exit_code == 0 and "selected 6 of 100 unlabeled images with" in r.output, r.output
+    assert [x["id"] for x in read(out)] == farthest(index)[:6]
+    assert "kept out of selection" not in run("info", "--index", index).output
+
+
+def test_excluding_labeled_images_warns_and_applies_once_they_are_unlabeled(index, tmp_path):
+    (tmp_path / "x.txt").write_text("l000\np000\n")
+    r = run("exclude", tmp_path / "x.txt", "--index", index)
+    assert r.exit_code == 0 and "excluded 2 image(s)" in r.output and "1 of them are labeled" in r.output, r.output
+    assert "excluded   1 unlabeled image(s)" in run("info", "--index", index).output
+    (tmp_path / "m.txt").write_text("p000\n")
+    assert run("mark-labeled", tmp_path / "m.txt", "--index", index).exit_code == 0  # labeled now: a center
+    r = run("select", "--budget", 3, "--strategy", "novelty", "--index", index, "--out", tmp_path / "s.csv")
+    assert r.exit_code == 0 and "of 99 unlabeled images with" in r.output, r.output  # nothing excluded is left in it
+
+
+def test_excluding_the_whole_pool_is_said_and_bad_input_changes_nothing(index, tmp_path):
+    (tmp_path / "bad.txt").write_text("p001\nzzz\n")
+    r = run("exclude", tmp_path / "bad.txt", "--index", index)
+    assert r.exit_code == 2 and "1 of 2 id(s) are not in the index: 'zzz'" in r.output, r.output
+    r = run("exclude", tmp_path / "bad.txt", "--reason", " ", "--index", index)
+    assert r.exit_code == 2 and "--reason must not be empty" in r.output
+    with open_store(index) as st:
+        assert not len(st.excluded_ids()) and not st.db.execute("SELECT COUNT(*) FROM runs WHERE kind='exclude'").fetchone()[0]
+    (tmp_path / "all.txt").write_text("\n".join(f"p{i:03d}" for i in range(100)))
+    assert run("exclude", tmp_path / "all.txt", "--index", index).exit_code == 0
+    r = run("select", "--budget", 3, "--index", index, "--out", tmp_path / "s.csv")
+    assert r.exit_code == 2 and "has no embedded unlabeled images to select from (100 excluded)" in r.output, r.output
+
+
+def test_an_index_from_before_exclude_reads_and_gains_the_table_when_written(index, tmp_path):
+    import sqlite3
+
+    db = sqlite3.connect(index / "catalog.sqlite")
+    db.execute("DROP TABLE excluded")
+    db.commit()
+    db.close()
+    r = run("info", "--index", index)  # read-only open: no table, nothing excluded
+    assert r.exit_code == 0 and "kept out of selection" not in r.output
+    (tmp_path / "x.txt").write_text("p000\n")
+    assert run("exclude", tmp_path / "x.txt", "--index", index).exit_code == 0
+    assert "excluded   1 unlabeled image(s) kept out of selection (no reason given: 1)" in run("info", "--index", index).output
