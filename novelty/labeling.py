@@ -144,6 +144,13 @@ def check_one_source(list_file: Path | None, selection: Path | None) -> None:
         raise ConfigError("give a LIST file of ids or paths, or --selection FILE (one of them)")
 
 
+def _fill_named(db, ids: np.ndarray) -> None:
+    """The temp table chosen_ids(image) holds `ids`, for one statement's IN (SELECT ...)."""
+    db.execute("CREATE TEMP TABLE IF NOT EXISTS chosen_ids(image INTEGER PRIMARY KEY)")
+    db.execute("DELETE FROM chosen_ids")
+    db.executemany("INSERT INTO chosen_ids VALUES (?)", ((int(i),) for i in ids))
+
+
 def named_ids(store: Store, list_file: Path | None, selection: Path | None) -> tuple[np.ndarray, dict]:
     """Catalog ids named by a list file or a selection file, in order, and the source for
     the run's params. Any unknown id raises, naming it: nothing is changed."""
@@ -183,20 +190,18 @@ def mark_labeled(root: Path, list_file: Path | None = None, selection: Path | No
         distinct = np.unique(ids)
         now = time.time()
         with store.transaction() as db:
-            db.execute("CREATE TEMP TABLE IF NOT EXISTS mark_ids(image INTEGER PRIMARY KEY)")
-            db.execute("DELETE FROM mark_ids")
-            db.executemany("INSERT INTO mark_ids VALUES (?)", ((int(i),) for i in distinct))
+            _fill_named(db, distinct)
             from_sources = 0
             if undo:
                 from_sources = db.execute("SELECT COUNT(*) FROM images WHERE split='labeled' AND labeled_at IS NULL "
-                                          "AND id IN (SELECT image FROM mark_ids)").fetchone()[0]
+                                          "AND id IN (SELECT image FROM chosen_ids)").fetchone()[0]
                 moved = db.execute("UPDATE images SET split='unlabeled', labeled_at=NULL, labeled_by=NULL WHERE "
-                                   "split='labeled' AND labeled_at IS NOT NULL AND id IN (SELECT image FROM mark_ids)").rowcount
+                                   "split='labeled' AND labeled_at IS NOT NULL AND id IN (SELECT image FROM chosen_ids)").rowcount
                 by = None
             else:
                 moved = db.execute("UPDATE images SET split='labeled', labeled_at=?, labeled_by=? "
-                                   "WHERE split='unlabeled' AND id IN (SELECT image FROM mark_ids)", (now, by)).rowcount
-            db.execute("DELETE FROM mark_ids")
+                                   "WHERE split='unlabeled' AND id IN (SELECT image FROM chosen_ids)", (now, by)).rowcount
+            db.execute("DELETE FROM chosen_ids")
             already = len(distinct) - moved - from_sources
             summary = {"requested": len(distinct), "moved": moved, "already": already, "labeled_by": by,
                        "exact_match": exact, "from_sources": from_sources}
@@ -232,20 +237,18 @@ def exclude(root: Path, list_file: Path | None = None, selection: Path | None = 
         distinct = np.unique(ids)
         now = time.time()
         with store.transaction() as db:
-            db.execute("CREATE TEMP TABLE IF NOT EXISTS named_ids(image INTEGER PRIMARY KEY)")
-            db.execute("DELETE FROM named_ids")
-            db.executemany("INSERT INTO named_ids VALUES (?)", ((int(i),) for i in distinct))
-            labeled = db.execute("SELECT COUNT(*) FROM images WHERE split='labeled' AND id IN (SELECT image FROM named_ids)"
+            _fill_named(db, distinct)
+            labeled = db.execute("SELECT COUNT(*) FROM images WHERE split='labeled' AND id IN (SELECT image FROM chosen_ids)"
                                  ).fetchone()[0]
             params = {**source, **({"reason": reason} if reason else {})}
             run = db.execute("INSERT INTO runs(kind, params, started) VALUES (?, ?, ?)",
                              ("include" if undo else "exclude", json.dumps(params, sort_keys=True), now)).lastrowid
             if undo:
-                changed = db.execute("DELETE FROM excluded WHERE image IN (SELECT image FROM named_ids)").rowcount
+                changed = db.execute("DELETE FROM excluded WHERE image IN (SELECT image FROM chosen_ids)").rowcount
             else:
-                changed = db.execute("INSERT OR IGNORE INTO excluded(image, reason, run, at) SELECT image, ?, ?, ? FROM named_ids",
+                changed = db.execute("INSERT OR IGNORE INTO excluded(image, reason, run, at) SELECT image, ?, ?, ? FROM chosen_ids",
                                      (reason, run, now)).rowcount
-            db.execute("DELETE FROM named_ids")
+            db.execute("DELETE FROM chosen_ids")
             summary = {"requested": len(distinct), "changed": changed, "already": len(distinct) - changed, "labeled": labeled}
             db.execute("UPDATE runs SET summary=?, finished=? WHERE id=?", (json.dumps(summary), time.time(), run))
     log.info("%s %d image(s) (%d already were)", "included" if undo else "excluded", changed, len(distinct) - changed)
