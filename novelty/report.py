@@ -3,8 +3,9 @@ embedded as small JPEG data URIs, plots are inline SVG drawn here; nothing is fe
 from the network and there is no script. Every id and path is HTML-escaped.
 
 The page shows the index as it was when the selection was made: the pool is the
-unlabeled images plus the selected ones, the labeled set leaves the selected ones out
-(so a report still makes sense after `mark-labeled`).
+unlabeled images (less those `exclude` keeps out of selection) plus the selected ones,
+the labeled set leaves the selected ones out (so a report still makes sense after
+`mark-labeled`).
 """
 from __future__ import annotations
 
@@ -87,7 +88,9 @@ def collect(store: Store, rows: list[dict], cfg: ReportCfg) -> ReportData:
         rows, image = [rows[i] for i in keep], image[keep]
     lab_all = store.embedded("labeled").ids
     labeled = lab_all[~np.isin(lab_all, image)]
-    pool = np.union1d(store.embedded("unlabeled").ids, image[np.isin(image, store.embedded().ids)])
+    unlabeled = store.embedded("unlabeled").ids
+    unlabeled = unlabeled[~np.isin(unlabeled, store.excluded_ids())]  # select's pool leaves them out
+    pool = np.union1d(unlabeled, image[np.isin(image, store.embedded().ids)])
     sel_ids, X = store.vectors(ids=np.unique(image))
     D, I, _ = knn_blocks(store, X, max(cfg.k, 1), "labeled", exclude=image)  # the first column is the pick's novelty
     order = np.searchsorted(sel_ids, image)

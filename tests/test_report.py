@@ -125,6 +125,21 @@ def test_report_numbers_match_brute_force(vec_index, tmp_path):
     assert after.radius_source == f"run #{rid}"
 
 
+def test_excluded_images_leave_the_report_pool_but_picks_stay(vec_index, tmp_path):
+    rid, picked, rows = record_selection(vec_index, 5, tmp_path / "sel.csv")
+    with open_store(vec_index) as st:
+        before = collect(st, rows, ReportCfg(k=1, sample=10 ** 6))
+        unl = st.embedded("unlabeled").ids
+        shown = st.describe(unl)
+    others = [i for i in unl.tolist() if i not in set(picked.tolist())][:7]
+    (tmp_path / "x.txt").write_text("\n".join([shown[i][0] for i in others] + [rows[0]["id"]]))  # a pick skipped too
+    assert run("exclude", tmp_path / "x.txt", "--index", vec_index).exit_code == 0
+    with open_store(vec_index) as st:
+        after = collect(st, rows, ReportCfg(k=1, sample=10 ** 6))
+    assert after.counts["pool"] == before.counts["pool"] - 7 and after.counts["picks"] == 5
+    assert len(after.pool_novelty) == len(before.pool_novelty) - 7
+
+
 def test_report_on_imported_vectors_shows_ids_without_thumbnails(vec_index, tmp_path):
     record_selection(vec_index, 5, tmp_path / "sel.csv")
     out = tmp_path / "r.html"
