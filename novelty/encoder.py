@@ -54,6 +54,12 @@ def register_model_config(model: str) -> str:
     return model
 
 
+def config_sha256(path: Path) -> str:
+    """SHA-256 of a model config's contents (keys sorted, so reformatting the file keeps it)."""
+    cfg = json.loads(Path(path).read_text(encoding="utf-8"))
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def _one_line(e: BaseException) -> str:
     """A library's exception as one line, cut at 240 characters (a state_dict mismatch lists every key)."""
     if isinstance(e, EOFError) and not str(e):
@@ -212,7 +218,8 @@ def create_encoder(cfg: EncoderCfg) -> Encoder:
     info = {
         "kind": "open_clip",
         "model": model_name,
-        **({"model_config": str(Path(cfg.model).resolve())} if cfg.model.endswith(".json") else {}),
+        **({"model_config": str(Path(cfg.model).resolve()), "config_sha256": config_sha256(Path(cfg.model))}
+           if cfg.model.endswith(".json") else {}),
         **record,
         "dim": dim,
         **({"reparameterized": True} if fused else {}),

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from . import records, vectors
 from .errors import ConfigError, IndexBusyError, IndexDamagedError, IndexMismatchError, InputError
-from .store import CATALOG, RESTORE, Store, _describe, _encoder_key, create_store, open_store
+from .store import CATALOG, RESTORE, Store, _describe, create_store, same_encoder, open_store
 
 _COLS = "path, ext_id, split, size, mtime, hash, status, reason, shard, row, added, labeled_at"
 
@@ -102,7 +102,7 @@ def merge_indexes(root: Path, parts: Sequence[Path],
         manifests.append(m)
     enc0, dim0 = manifests[0]["encoder"], int(manifests[0]["dim"])
     for p, m in zip(parts, manifests):
-        if int(m["dim"]) != dim0 or _encoder_key(m["encoder"]) != _encoder_key(enc0):
+        if int(m["dim"]) != dim0 or not same_encoder(m["encoder"], enc0):
             raise IndexMismatchError(f"{p} holds vectors from {_describe(m['encoder'], int(m['dim']))}, {parts[0]} from "
                                      f"{_describe(enc0, dim0)}; indexes of different encoders cannot be merged")
     s = MergeSummary()

@@ -286,7 +286,7 @@ class Store:
             self.write_manifest(m)
             return
         old, new = _describe(m["encoder"], m["dim"]), _describe(encoder, dim)
-        if m["dim"] != dim or _encoder_key(m["encoder"]) != _encoder_key(encoder):
+        if m["dim"] != dim or not same_encoder(m["encoder"], encoder):
             raise IndexMismatchError(f"index {self.root} holds vectors from {old}; refusing vectors from {new}")
 
     @property
@@ -669,13 +669,24 @@ def stop_reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _encoder_key(enc: dict) -> tuple:
-    return (enc.get("kind"), enc.get("model"), enc.get("weights_sha256") or enc.get("pretrained"))
+def same_encoder(a: dict, b: dict) -> bool:
+    """Whether two manifests' encoders give the same vectors. A model config file counts
+    by its contents (config_sha256), not its name: two configs called mycfg.json differ,
+    and a renamed copy is the same model. A manifest from before config_sha256 was
+    recorded is compared by name, as it was then."""
+    def model(e: dict, other: dict):
+        return e["config_sha256"] if "config_sha256" in e and "config_sha256" in other else e.get("model")
+
+    def weights(e: dict):
+        return e.get("weights_sha256") or e.get("pretrained")
+
+    return a.get("kind") == b.get("kind") and model(a, b) == model(b, a) and weights(a) == weights(b)
 
 
 def _describe(enc: dict, dim: int) -> str:
     weights = enc.get("pretrained")
-    return f"{enc.get('kind')} model {enc.get('model')!r} (weights {weights!r}, dim {dim})"
+    config = f"config sha256 {enc['config_sha256'][:12]}, " if enc.get("config_sha256") else ""
+    return f"{enc.get('kind')} model {enc.get('model')!r} ({config}weights {weights!r}, dim {dim})"
 
 
 def create_store(root: Path) -> Store:

@@ -134,6 +134,30 @@ def test_other_model_is_refused_naming_both(tmp_path, sample_dir):
     assert "tiny-clip" in r.output and "tiny-clip-wide" in r.output and "dim 32" in r.output and "dim 48" in r.output
 
 
+def test_a_model_config_counts_by_its_contents_not_its_name(tmp_path, sample_dir):
+    """Two configs both called mycfg.json (same dim, other layers) give other vectors:
+    the second is refused. A renamed copy of the first is the same model: accepted,
+    and neighbors --text finds the config under its new name."""
+    cfg = json.loads(open(TINY).read())
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "mycfg.json").write_text(json.dumps(cfg))
+    other = json.loads(json.dumps(cfg))
+    other["vision_cfg"].update(layers=cfg["vision_cfg"]["layers"] + 1)
+    (tmp_path / "b" / "mycfg.json").write_text(json.dumps(other))
+    idx = tmp_path / "idx"
+    assert build(idx, ("labeled", sample_dir / "labeled"), model=tmp_path / "a" / "mycfg.json").exit_code == 0
+    r = build(idx, ("unlabeled", sample_dir / "unlabeled"), model=tmp_path / "b" / "mycfg.json")
+    assert r.exit_code == 3 and "holds vectors from" in r.output and "config sha256" in r.output, r.output
+    with open_store(idx) as st:
+        assert not st.db.execute("SELECT COUNT(*) FROM images WHERE split='unlabeled'").fetchone()[0]  # nothing added
+    (tmp_path / "a" / "mycfg.json").rename(tmp_path / "a" / "renamed.json")
+    (tmp_path / "a" / "renamed.json").write_text(json.dumps(cfg, indent=2))  # reformatted: the same contents
+    r = build(idx, ("unlabeled", sample_dir / "unlabeled"), model=tmp_path / "a" / "renamed.json")
+    assert r.exit_code == 0, r.output
+    r = run("neighbors", "--text", "a red square", "--index", idx, "--model", tmp_path / "a" / "renamed.json", "--k", 2)
+    assert r.exit_code == 0, r.output
+
+
 def test_local_weights_file_loads(tmp_path, sample_dir):
     import torch
 
