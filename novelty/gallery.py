@@ -87,8 +87,7 @@ def collect_groups(store: Store, groups: DuplicateGroups, cfg: GalleryCfg) -> li
     sorted_ids, X = store.vectors(ids=np.unique(np.concatenate(shown))) if n else (np.empty(0, np.int64), None)
     views = []
     for (s, e), ids in zip(bounds, shown):
-        x = unit32(X[np.searchsorted(sorted_ids, ids)])  # [m, d] in shown order
-        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # float16 storage leaves norms 1 ± 1e-4: a copy shows d = 0
+        x = unit32(X[np.searchsorted(sorted_ids, ids)])  # [m, d] in shown order, renormalised: a copy shows d = 0
         dist = np.maximum(1.0 - x @ x[0], 0.0)
         dist[0] = 0.0
         views.append(GroupView(int(groups.group[s]), e - s, int(labeled[s:e].sum()), ids, dist))

@@ -14,6 +14,7 @@ import numpy as np
 
 from . import vectors
 from ._closepairs import PAIR_METHODS
+from ._rows import unit_float32
 from .config import EncoderCfg, ReaderCfg
 from .errors import ConfigError, EncoderError, IndexMissingError, InputError
 from .store import SPLITS, Layout, Store, atomic_file, open_store
@@ -34,7 +35,11 @@ def check_split(split: str | None) -> str | None:
 
 
 def unit32(X: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(X, dtype=np.float32)
+    """Rows ([n, d] or one [d]) as unit float32: the stored float16 vectors have norms of
+    1 +- ~1e-3, and every distance novelty reports (select, export, report, neighbors,
+    duplicates) is the cosine distance of the renormalised rows, so they agree."""
+    X = np.asarray(X)
+    return unit_float32(X[None])[0] if X.ndim == 1 else unit_float32(X)
 
 
 def knn_blocks(
@@ -163,13 +168,26 @@ def query_vector(store: Store, cfg: NeighborsCfg) -> tuple[np.ndarray, int | Non
     return xq, image, {"kind": "image" if image is None else "indexed", "path": path}
 
 
+RESCORE = 16  # candidates FAISS returns beyond k, rescored on the renormalised rows
+
+
 def search_neighbors(store: Store, index, xq: np.ndarray, k: int, split: str | None, exclude: int | None = None) -> list[Neighbor]:
-    """The k nearest of one query [d] in `split` (None: all), exactly, through FAISS."""
+    """The k nearest of one query [d] in `split` (None: all): FAISS's exact search over
+    the stored float16 rows for k + RESCORE candidates, whose cosine distances are then
+    computed on the renormalised rows (unit32), as everywhere else, and sorted again.
+    The rescoring moves a distance by at most ~1e-3, so only a near-tie at the k-th
+    place could differ from a full search on the renormalised rows."""
     allowed = store.embedded(split).ids if split else None
     if allowed is not None and len(allowed) == 0:
         return []
-    D, I = vectors.search(index, xq[None, :], k + (exclude is not None), allowed)
-    keep = [(float(dist), int(i)) for dist, i in zip(D[0], I[0]) if i >= 0 and i != exclude][:k]
+    _, I = vectors.search(index, xq[None, :], k + RESCORE + (exclude is not None), allowed)
+    cand = np.unique(I[0][(I[0] >= 0) & (I[0] != (-1 if exclude is None else exclude))])
+    if not len(cand):
+        return []
+    ids, Y = store.vectors(ids=cand)
+    dist = np.maximum(np.float32(1.0) - unit32(Y) @ unit32(xq), np.float32(0.0))
+    o = np.lexsort((ids, dist))[:k]  # by distance, ties to the lower id
+    keep = [(float(dist[j]), int(ids[j])) for j in o]
     meta = store.describe([i for _, i in keep])
     return [Neighbor(r, i, meta[i][0], meta[i][1], meta[i][2], dist) for r, (dist, i) in enumerate(keep, start=1)]
 
@@ -244,13 +262,13 @@ def n_chunk_pairs(n: int, chunk: int) -> int:
 
 
 def _gather(store: Store, lay: Layout, sel: slice) -> np.ndarray:
-    """Vectors at layout positions `sel`, shard by shard: [b, d] float32."""
+    """Vectors at layout positions `sel`, shard by shard: [b, d] unit float32."""
     shard, row = lay.shard[sel], lay.row[sel]
     out = np.empty((len(shard), store.dim), np.float32)
     for k in np.unique(shard):
         m = shard == k
         out[m] = store.shard(lay.names[k])[row[m]]
-    return out
+    return unit32(out)
 
 
 def close_pairs(store: Store, lay: Layout, cfg: DuplicatesCfg, progress: Progress | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -239,7 +239,11 @@ def test_neighbors_page_for_a_text_prompt_and_a_new_image(image_index, tmp_path,
     r = run("neighbors", new, "--k", 2, "--index", idx, "--html", tmp_path / "i.html")
     assert r.exit_code == 0 and "query  image:" in r.output, r.output
     page = (tmp_path / "i.html").read_text()
-    assert page.count('src="data:image/jpeg;base64,') == 3 and "<figcaption>" + os.path.basename(new) in page
+    # the query and its 2 neighbours; gone.jpg (deleted after indexing, a byte copy that ties
+    # with its original) may be one of them and shows a placeholder instead
+    missing = page.count('<div class="noimg">not found</div>')
+    assert page.count('src="data:image/jpeg;base64,') == 3 - missing and "<figcaption>" + os.path.basename(new) in page
+    assert missing == page.count("gone.jpg") <= 1
 
 
 def test_neighbors_page_into_a_missing_folder_fails_first(image_index, tmp_path):

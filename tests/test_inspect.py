@@ -23,7 +23,7 @@ def import_split(idx, tmp, name, X, ids, split):
 @pytest.fixture
 def vec_index(tmp_path):
     """40 labeled and 160 unlabeled 16-d vectors; some near-copy groups, a few of them
-    reaching into the labeled set. -> (index, ids, stored vectors float64, splits)."""
+    reaching into the labeled set. -> (index, ids, stored vectors renormalised in float64, splits)."""
     rng = np.random.default_rng(3)
     lab, pool = unit(rng.normal(size=(40, 16))), unit(rng.normal(size=(160, 16)))
     for g in range(8):  # near-copies (cosine distance ~1e-3) of pool[g*10] inside the pool
@@ -39,7 +39,7 @@ def vec_index(tmp_path):
         ids, X = st.vectors()
         meta = st.describe(ids)
     names = np.array([meta[i][0] for i in ids.tolist()])
-    return idx, names, X.astype(np.float64), np.array([meta[i][2] for i in ids.tolist()])
+    return idx, names, unit(X), np.array([meta[i][2] for i in ids.tolist()])  # the renormalised rows every path uses
 
 
 def test_neighbors_by_id_match_numpy(vec_index):

@@ -27,7 +27,7 @@ def record_selection(idx, budget, out=None, radius=0.3):
     with open_store(idx, writable=True) as st:
         pool_ids, P = st.vectors("unlabeled")
         lab_ids, L = st.vectors("labeled")
-        P, L = P.astype(np.float64), L.astype(np.float64)
+        P, L = unit(P), (unit(L) if len(L) else L.astype(np.float64))  # select's renormalised rows
         d = (1 - P @ L.T).min(axis=1) if len(L) else np.full(len(P), np.inf)
         picks = np.argsort(-d, kind="stable")[:budget]
         cover, trace = d.copy(), []
@@ -131,7 +131,7 @@ def test_marked_images_count_as_labeled_in_nearest_labeled(index, tmp_path):
     keep = np.isin(pool_ids, ids2)  # still unlabeled
     new_L = np.concatenate([L, P[~keep]]).astype(np.float64)
     np.testing.assert_array_equal(np.sort(L2.astype(np.float64), axis=0), np.sort(new_L, axis=0))
-    want = (1 - P2.astype(np.float64) @ new_L.T).min(axis=1)
+    want = (1 - unit(P2) @ unit(new_L).T).min(axis=1)
     rid, _, rows = record_selection(index, 5)  # a selection made now sees the marked images as labeled
     got = {x["id"]: x["novelty"] for x in rows}
     with open_store(index) as st:
@@ -282,7 +282,7 @@ def farthest(idx, skip=()):
         ids, P = st.vectors("unlabeled")
         _, L = st.vectors("labeled")
         shown = st.describe(ids)
-    d = (1 - P.astype(np.float64) @ L.astype(np.float64).T).min(axis=1)
+    d = (1 - unit(P) @ unit(L).T).min(axis=1)
     order = [shown[int(ids[i])][0] for i in np.argsort(-d, kind="stable")]
     return [x for x in order if x not in skip]
 

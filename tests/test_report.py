@@ -82,8 +82,8 @@ def brute(idx, picked):
         lid, L = st.vectors("labeled")
     keep = ~np.isin(lid, picked)  # the labeled set as it was at selection time
     pool = np.concatenate([pid, lid[~keep]])
-    X = np.concatenate([P, L[~keep]]).astype(np.float64)
-    L, lid = L[keep].astype(np.float64), lid[keep]
+    X = unit(np.concatenate([P, L[~keep]]))  # the renormalised rows every path uses
+    L, lid = unit(L[keep]), lid[keep]
     DL = 1 - X @ L.T
     d = DL.min(axis=1, initial=np.inf)
     S = X[[int(np.flatnonzero(pool == i)[0]) for i in picked]]

@@ -339,3 +339,18 @@ def test_import_uncertainty_of_labeled_images(index, tmp_path):
     assert r.exit_code == 0 and "stored 3 uncertainty scores" in r.output and "ignored 2 score(s) of labeled images" in r.output, r.output
     with open_store(idx) as st:
         assert st.db.execute("SELECT COUNT(*) FROM uncertainty").fetchone()[0] == 3
+
+
+def test_select_export_and_neighbors_give_one_distance(index, tmp_path):
+    """One convention everywhere: the cosine distance of the renormalised float16 rows.
+    (export and neighbors once used the rows as stored and differed by up to ~1e-4.)"""
+    idx, _, _ = index
+    sel, exp = tmp_path / "s.csv", tmp_path / "e.csv"
+    assert run("select", "--budget", 10, "--index", idx, "--out", sel).exit_code == 0
+    assert run("export", "--latest", "--index", idx, "--out", exp).exit_code == 0
+    for a, b in zip(read(sel), read(exp)):
+        assert a["id"] == b["id"] and a["nearest_labeled_id"] == b["nearest_labeled_id"]
+        assert float(a["novelty"]) == pytest.approx(float(b["novelty"]), abs=1e-6)
+        r = run("neighbors", a["id"], "--split", "labeled", "--k", 1, "--index", idx, "--json")
+        hit = json.loads(r.output)["neighbors"][0]
+        assert hit["id"] == a["nearest_labeled_id"] and hit["distance"] == pytest.approx(float(a["novelty"]), abs=1e-6)
