@@ -6,7 +6,7 @@ from pathlib import Path
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_INDEX = Path("index")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # a GIF: its first frame
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,8 @@ def write_odd_images(folder: Path) -> dict[str, str]:
     rgb.save(folder / "plain.webp"); out["plain.webp"] = "ok"
     rgb.save(folder / "plain.bmp"); out["plain.bmp"] = "ok"
     rgb.save(folder / "plain.tiff"); out["plain.tiff"] = "ok"
+    frames = [rgb.convert("P"), rgb.rotate(90).convert("P")]
+    frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:], transparency=0); out["animated.gif"] = "ok"
     exif = Image.Exif(); exif[0x0112] = 6  # rotate 90
     rgb.save(folder / "exif_rotated.jpg", exif=exif); out["exif_rotated.jpg"] = "ok"
     good = jpeg_bytes(rgb)

@@ -85,3 +85,17 @@ def test_hash_is_of_the_bytes():
     b = decode(b"abc", None, 10**8)
     c = decode(b"abd", None, 10**8)
     assert a.hash == b.hash != c.hash
+
+
+def test_an_animated_gif_is_its_first_frame():
+    import io
+
+    rng = np.random.default_rng(2)
+    a = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).convert("P")
+    b = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).convert("P")
+    anim, first = io.BytesIO(), io.BytesIO()
+    a.save(anim, format="GIF", save_all=True, append_images=[b])
+    a.save(first, format="GIF")
+    got, want = decode(anim.getvalue(), None, 10 ** 6), decode(first.getvalue(), None, 10 ** 6)
+    assert got.reason is None and got.image.mode == "RGB" and got.image.size == (40, 30)
+    np.testing.assert_array_equal(np.asarray(got.image), np.asarray(want.image))
