@@ -33,17 +33,19 @@ def record(path: str, split: str) -> ImageRecord:
     return ImageRecord(path, split, st.st_size, st.st_mtime)
 
 
-def _walk(root: Path, unlisted: list[str] | None = None) -> Iterator[str]:
+def _walk(root: Path, unlisted: list[str] | None = None, seen: set[tuple[int, int]] | None = None) -> Iterator[str]:
     """Image files under `root`, in sorted order. Symlinked folders are followed (a
     dataset laid out with links is scanned whole); a folder reached twice, through a
-    link or a loop, is scanned once. Folders that cannot be listed are warned about and
+    link or a loop, is scanned once, and so is one that an earlier walk sharing `seen`
+    reached (a link from the unlabeled folder into the labeled one adds no unlabeled
+    copies of labeled images). Folders that cannot be listed are warned about and
     appended to `unlisted`: their images are unknown, not gone."""
     def cannot_list(e: OSError) -> None:
         log.warning("cannot list %s: %s", e.filename, e)
         if unlisted is not None and e.filename:
             unlisted.append(os.path.abspath(e.filename))
 
-    seen: set[tuple[int, int]] = set()
+    seen = set() if seen is None else seen
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=cannot_list):
         try:
             st = os.stat(dirpath)
@@ -100,14 +102,14 @@ def in_part(path: str, part: tuple[int, int] | None) -> bool:
 
 
 def iter_source(src: Path, split: str, part: tuple[int, int] | None = None,
-                unlisted: list[str] | None = None) -> Iterator[ImageRecord]:
+                unlisted: list[str] | None = None, seen: set[tuple[int, int]] | None = None) -> Iterator[ImageRecord]:
     """Records for one SRC (with `part`, only the paths in it: the others are not even
     stat'ed). Raises SourceError when it is missing or holds no image."""
     src = Path(src)
     if not src.exists():
         raise SourceError(f"source {src} does not exist")
     if src.is_dir():
-        paths: Iterator[str] = _walk(src, unlisted)
+        paths: Iterator[str] = _walk(src, unlisted, seen)
     elif src.suffix.lower() in IMAGE_EXTENSIONS:
         paths = iter([str(src)])
     else:
@@ -118,7 +120,7 @@ def iter_source(src: Path, split: str, part: tuple[int, int] | None = None,
         p = os.path.abspath(p)
         if in_part(p, part):
             yield record(p, split)
-    if n == 0:
+    if n == 0 and not (src.is_dir() and seen):  # a folder already walked (it is inside a labeled one) holds none anew
         kind = "directory" if src.is_dir() else "list file"
         raise SourceError(f"{kind} {src} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
 
@@ -126,11 +128,14 @@ def iter_source(src: Path, split: str, part: tuple[int, int] | None = None,
 def scan(labeled: Sequence[Path], unlabeled: Sequence[Path], part: tuple[int, int] | None = None,
          unlisted: list[str] | None = None) -> Iterator[ImageRecord]:
     """Records for every source of both splits (with `part`, of that part only); the
-    folders that could not be listed are appended to `unlisted`."""
+    folders that could not be listed are appended to `unlisted`. Labeled sources go
+    first and every folder is walked once, so a folder reached from both splits (nested,
+    or through a link) is labeled."""
+    seen: set[tuple[int, int]] = set()
     for src in labeled:
-        yield from iter_source(src, "labeled", part, unlisted)
+        yield from iter_source(src, "labeled", part, unlisted, seen)
     for src in unlabeled:
-        yield from iter_source(src, "unlabeled", part, unlisted)
+        yield from iter_source(src, "unlabeled", part, unlisted, seen)
 
 
 def was_listed(path: str, part: tuple[int, int] | None, unlisted: Sequence[str]) -> bool:

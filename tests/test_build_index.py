@@ -397,6 +397,23 @@ def test_symlinked_folders_are_followed_once(tmp_path, sample_dir):
     assert sorted(os.path.basename(p) for p in catalog(idx)) == sorted(f.name for f in unl.glob("*.jpg"))
 
 
+def test_a_link_into_the_labeled_folder_adds_no_unlabeled_copies(tmp_path, sample_dir):
+    lab, unl = small_set(tmp_path, sample_dir, n_lab=3, n_unl=4)
+    (unl / "lab_link").symlink_to(lab, target_is_directory=True)
+    (unl / "nested").mkdir()
+    shutil.copy(next(lab.glob("*.jpg")), unl / "nested" / "own.jpg")  # a real unlabeled image beside it
+    idx = tmp_path / "idx"
+    r = build(idx, ("labeled", lab), ("unlabeled", unl))
+    assert r.exit_code == 0 and "8 images scanned" in r.output, r.output
+    rows = catalog(idx)
+    assert not [p for p in rows if "lab_link" in p]  # the labeled images once, as labeled
+    assert sorted(os.path.basename(p) for p, (split, _, _) in rows.items() if split == "labeled") == \
+        sorted(f.name for f in lab.glob("*.jpg"))
+    assert sum(split == "unlabeled" for split, _, _ in rows.values()) == 5
+    r = build(idx, ("labeled", lab), ("unlabeled", unl))  # a rebuild marks nothing gone
+    assert r.exit_code == 0 and "gone" not in r.output and "8 unchanged" in r.output, r.output
+
+
 def test_a_folder_that_cannot_be_listed_hides_nothing_as_gone(tmp_path):
     from novelty.sources import _walk, was_listed
 
