@@ -333,6 +333,7 @@ def uncertainty(
     top_percent: Annotated[float, typer.Option(help="Segmentation: mean over this % most uncertain pixels.")] = 5.0,
     inject_dropout: Annotated[float, typer.Option("--inject-dropout", help="Add Dropout(P) before the model's head layers (for models without dropout).")] = 0.0,
     image_size: Annotated[Optional[int], typer.Option(help="Resize images to this square size (default preprocess only).")] = None,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", help="The largest model input (H*W) scored (4096*4096): a larger image is recorded as failed, 'too large', and the run goes on. Images kept at their size are checked on the file, before decoding; resized ones (--image-size, or your preprocess) after resizing, and decoding stops at PIL's 89.5 MP bomb limit (or this, if higher).")] = 4096 * 4096,
     workers: Annotated[int, typer.Option(min=0)] = 1,
     share_trunk: Annotated[bool, typer.Option(help="Run the modules that no dropout layer touches (the backbone) once per image instead of once per pass; the scores are the same up to float rounding.")] = True,
     precision: Annotated[Precision, typer.Option(help="Run the passes under torch.autocast: bf16 (GPUs, and CPUs with AVX512-BF16 or AMX) or fp16 (CUDA only). Scores then differ from fp32's by rounding; an interrupted run resumes only at its own precision.")] = Precision.fp32,
@@ -343,7 +344,8 @@ def uncertainty(
 
     cfg = DetectorCfg(spec=detector, kind=kind.value, passes=passes, batch_size=batch_size, seed=seed, device=device.value,
                       aggregation=aggregation, topk=topk, score_thresh=score_thresh, top_percent=top_percent, inject_dropout=inject_dropout,
-                      image_size=image_size, workers=workers, share_trunk=share_trunk, precision=precision.value)
+                      image_size=image_size, workers=workers, share_trunk=share_trunk, precision=precision.value,
+                      max_pixels=max_pixels)
     bar = progress_bar("mc-dropout")
     try:
         s = score_index(index, cfg, progress_factory=bar)
@@ -353,6 +355,9 @@ def uncertainty(
                + (f" ({s.resumed} scored before the run was interrupted)" if s.resumed else ""))
     if s.failed_by_reason:
         typer.echo("  failed: " + ", ".join(f"{k}: {v}" for k, v in s.failed_by_reason.items()))
+    if s.failed_by_reason.get("too large"):
+        typer.echo(f"  too large: over --max-pixels {max_pixels} (or PIL's bomb limit), not scored; "
+                   "use --image-size S or raise --max-pixels")
     if s.with_score == 0:
         err(f"error: no image could be scored in run #{s.run}; `select` ignores a run without scores")
         raise typer.Exit(1)

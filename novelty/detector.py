@@ -4,23 +4,38 @@ unlabeled images with MC dropout and store one score per image in the catalog.
 Scores are committed every `commit_every` images into a run that stays open until the
 end; a killed run is resumed by the same command (same spec, kind, passes, seed,
 aggregation), which scores only the images the open run lacks. `select` reads the
-latest finished run."""
+latest finished run.
+
+An image whose model input would exceed `max_pixels` is recorded as failed ("too
+large"), like an unreadable one, so the run goes on and a resumed run does not meet it
+again: the T passes hold T copies of its activations (one 64 MP image took a tiny
+segmenter past 24 GB). Where the input is the decoded image itself (the default
+preprocess without `image_size`) the file's header is checked before decoding; where
+the preprocess may resize, decoding is bounded by PIL's bomb limit and the tensor it
+makes is checked."""
 from __future__ import annotations
 
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .errors import ConfigError, ModelError
 from .reader import CatalogImages
 from .store import CATALOG, open_store
 
 log = logging.getLogger(__name__)
+
+# the default --max-pixels: 4K frames (8.3 MP), 12 MP phone photos and 16 MP sensors
+# (4608x3456) pass; a 4000x3000 image already takes a tiny segmenter to 6 GB at T = 10
+MAX_PIXELS = 4096 * 4096
+BOMB_PIXELS = 89_478_485  # PIL's decompression-bomb limit: the most ever decoded, unless max_pixels is higher
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,7 @@ class DetectorCfg:
     commit_every: int = 1024
     share_trunk: bool = True  # dropout-free modules once per image (uncertainty/trunk.py); scores equal up to rounding
     precision: str = "fp32"  # fp32 | bf16 | fp16: the passes under torch.autocast (uncertainty/runner.py)
+    max_pixels: int = MAX_PIXELS  # the largest model input (H*W) scored; a larger image is recorded as failed
 
 
 MAX_PASSES = 10_000
@@ -72,12 +88,49 @@ def collate_any(items):
     return [it[0] for it in ok], tensors, failures
 
 
+def _header_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from the file's header, without decoding; None when it cannot be
+    read, and the decode that follows says why."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.size
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+        return None
+
+
+class CappedImages(CatalogImages):
+    """CatalogImages whose tensors have at most `max_pixels` pixels; a larger image is a
+    failure with its reason. `native`: the tensor is the decoded image at its own size,
+    so the header is checked and a too large image is never decoded."""
+
+    def __init__(self, catalog: str, ids: np.ndarray, preprocess: Callable, max_pixels: int, native: bool):
+        super().__init__(catalog, ids, preprocess, None, max(max_pixels, BOMB_PIXELS))
+        self.cap, self.native = max_pixels, native
+
+    def __getitem__(self, i: int):
+        image_id = int(self.ids[i])
+        size = _header_size(self._path(image_id)) if self.native else None
+        if size and size[0] * size[1] > self.cap:
+            return image_id, None, None, (f"too large: {size[0]}x{size[1]} exceeds the {self.cap} pixel limit of uncertainty "
+                                          "(--max-pixels); score it with --image-size S or raise the limit")
+        image_id, tensor, digest, reason = super().__getitem__(i)
+        shape = getattr(tensor, "shape", ())  # [3, H, W]; anything else is the runner's to refuse
+        if len(shape) >= 2 and int(shape[-1]) * int(shape[-2]) > self.cap:
+            return image_id, None, digest, (f"too large: the preprocess made a {shape[-1]}x{shape[-2]} input, over the "
+                                            f"{self.cap} pixel limit of uncertainty (--max-pixels); resize it there or raise the limit")
+        return image_id, tensor, digest, reason
+
+
 def _params(cfg: DetectorCfg) -> dict:
     p = asdict(cfg)
     for k in ("batch_size", "workers", "commit_every", "device", "share_trunk"):
         p.pop(k)  # how, not what: they do not change the scores
     if p["precision"] == "fp32":
         p.pop("precision")  # as before the option existed: a run started then still resumes
+    if p["max_pixels"] == MAX_PIXELS:
+        p.pop("max_pixels")  # likewise
     return p
 
 
@@ -95,12 +148,18 @@ def _open_run(store, params: dict) -> tuple[int, set[int]]:
 def score_index(root: Path, cfg: DetectorCfg, progress_factory: Callable[[int], Callable[[int], None]] | None = None) -> UncertaintySummary:
     import torch
 
-    from .uncertainty import DetectionCfg, SegmentationCfg, UncertaintyCfg, find_dropout, load_model_spec, score_batches
+    from .uncertainty import (DetectionCfg, SegmentationCfg, UncertaintyCfg, default_preprocess, find_dropout, load_model_spec,
+                              score_batches)
 
     if cfg.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     if cfg.image_size is not None and cfg.image_size < 1:
         raise ConfigError(f"--image-size must be >= 1, got {cfg.image_size}")
+    if cfg.max_pixels < 1:
+        raise ConfigError(f"--max-pixels must be >= 1, got {cfg.max_pixels}")
+    if cfg.image_size is not None and cfg.image_size ** 2 > cfg.max_pixels:
+        raise ConfigError(f"--image-size {cfg.image_size} makes inputs of {cfg.image_size ** 2} pixels, "
+                          f"over --max-pixels {cfg.max_pixels}; use a smaller size or raise the limit")
     if cfg.passes > MAX_PASSES:
         raise ConfigError(f"--passes must be at most {MAX_PASSES:,} (MC dropout settles within tens), got {cfg.passes}")
     ucfg = UncertaintyCfg(kind=cfg.kind, passes=cfg.passes, seed=cfg.seed, device=cfg.device, inject_dropout=cfg.inject_dropout,
@@ -129,7 +188,8 @@ def score_index(root: Path, cfg: DetectorCfg, progress_factory: Callable[[int], 
         if s.skipped_no_image:
             log.warning("%d imported vectors have no image file to run the detector on", s.skipped_no_image)
         with store.recording_stop(run):
-            ds = CatalogImages(str(store.root / CATALOG), todo, preprocess, None, 89_478_485)
+            native = isinstance(preprocess, default_preprocess) and preprocess.size is None
+            ds = CappedImages(str(store.root / CATALOG), todo, preprocess, cfg.max_pixels, native)
             loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate_any)
             decode_failures: list[tuple[int, str]] = []
 

@@ -96,8 +96,10 @@ def test_bf16_run_is_its_own_run(index):
     assert d.mean() < 0.1 * np.mean(list(fp32.values()))
     with open_store(index) as st:
         params = [json.loads(p) for (p,) in st.db.execute("SELECT params FROM runs WHERE kind='uncertainty' ORDER BY id")]
-    # fp32 runs keep the params they had before --precision existed, so an interrupted one still resumes
+    # fp32 runs keep the params they had before --precision existed, so an interrupted one still resumes;
+    # likewise the default --max-pixels
     assert "precision" not in params[0] and params[1]["precision"] == "bf16"
+    assert "max_pixels" not in params[0] and "max_pixels" not in params[1]
 
 
 def test_segmentation_kind(index):
@@ -146,12 +148,90 @@ def test_run_that_scores_nothing_fails_and_select_ignores_it(index, sample_dir, 
         (["--detector", SPEC, "--kind", "detection", "--aggregation", "median"], "median"),
         (["--detector", SPEC, "--kind", "detection", "--device", "cpu", "--precision", "fp16"], "fp16 runs on CUDA only"),
         (["--detector", SPEC, "--kind", "detection", "--precision", "fp8"], "fp8"),
+        (["--detector", SPEC, "--kind", "detection", "--max-pixels", "0"], "--max-pixels must be >= 1, got 0"),
+        (["--detector", SPEC, "--kind", "detection", "--max-pixels", "1000"],
+         "--image-size 32 makes inputs of 1024 pixels, over --max-pixels 1000"),
     ],
 )
 def test_bad_uncertainty_arguments(index, args, message):
     r = run("uncertainty", "--index", index, "--image-size", 32, "--workers", 0, *args)
     assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+@pytest.fixture
+def big_index(tmp_path):
+    """Four 32x32 unlabeled images (1,024 px) and one 100x60 (6,000 px), over a cap of 5,000."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, sizes in (("labeled", [(32, 32)] * 2), ("unlabeled", [(32, 32)] * 4 + [(100, 60)])):
+        (tmp_path / split).mkdir()
+        for i, size in enumerate(sizes):
+            a = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(a).save(tmp_path / split / f"{'big' if size[0] == 100 else 'img'}{i}.png")
+    idx = tmp_path / "idx"
+    r = run("build-index", "--index", idx, "--model", TINY, "--pretrained", "none",
+            "--labeled", tmp_path / "labeled", "--unlabeled", tmp_path / "unlabeled")
+    assert r.exit_code == 0, r.output
+    return idx
+
+
+def _reasons(idx) -> dict:
+    """path -> (value, reason) in the latest uncertainty run."""
+    with open_store(idx) as st:
+        q = ("SELECT i.path, u.value, u.reason FROM uncertainty u JOIN images i ON i.id = u.image "
+             "WHERE u.run=(SELECT MAX(id) FROM runs WHERE kind='uncertainty')")
+        return {os.path.basename(p): (v, why) for p, v, why in st.db.execute(q)}
+
+
+def test_image_over_max_pixels_is_failed_once_and_the_run_goes_on(big_index):
+    args = ("uncertainty", "--detector", SPEC, "--kind", "detection", "--passes", 3, "--index", big_index,
+            "--workers", 0, "--max-pixels", 5000)
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    assert "4 images scored, 1 failed" in r.output and "failed: too large: 1" in r.output
+    assert "too large: over --max-pixels 5000" in r.output and "use --image-size S or raise --max-pixels" in r.output
+    got = _reasons(big_index)
+    assert got["big4.png"] == (None, "too large: 100x60 exceeds the 5000 pixel limit of uncertainty (--max-pixels); "
+                                     "score it with --image-size S or raise the limit")
+    assert len(got) == 5 and all(v is not None for name, (v, _) in got.items() if name != "big4.png")
+    with open_store(big_index, writable=True) as st:
+        (run_id, params), = st.db.execute("SELECT id, params FROM runs WHERE kind='uncertainty'").fetchall()
+        assert json.loads(params)["max_pixels"] == 5000  # it changes what is scored: another cap is another run
+        # killed after the commit that held the failure: the resume does not try the image again
+        st.db.execute("UPDATE runs SET finished=NULL WHERE id=?", (run_id,))
+        st.db.execute("DELETE FROM uncertainty WHERE run=? AND value IS NOT NULL", (run_id,))
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    assert f"run #{run_id}: 4 images scored, 0 failed" in r.output and "(1 scored before" in r.output, r.output
+    assert _reasons(big_index) == got
+
+
+def test_max_pixels_applies_to_the_input_the_model_gets(big_index, tmp_path):
+    base = ("uncertainty", "--detector", SPEC, "--kind", "detection", "--passes", 3, "--index", big_index,
+            "--workers", 0, "--max-pixels", 5000)
+    # resized to 32x32 first: the 100x60 image is decoded (under PIL's bomb limit) and scored
+    r = run(*base, "--image-size", 32)
+    assert r.exit_code == 0 and "5 images scored, 0 failed" in r.output, r.output
+    # a factory's own preprocess that keeps the size: its tensor is what is checked
+    f = tmp_path / "as_is.py"
+    f.write_text(textwrap.dedent("""
+        import numpy as np
+        import torch
+
+        from tests._tiny_models import make_detector
+
+        def as_is(img):
+            return torch.from_numpy(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255)
+
+        def build():
+            return make_detector(), as_is
+    """))
+    r = run(*base[:2], f"{f}:build", *base[3:])
+    assert r.exit_code == 0 and "4 images scored, 1 failed" in r.output, r.output
+    assert _reasons(big_index)["big4.png"] == (None, "too large: the preprocess made a 100x60 input, over the 5000 pixel "
+                                                     "limit of uncertainty (--max-pixels); resize it there or raise the limit")
 
 
 def test_preprocess_of_the_wrong_shape_is_named(index, tmp_path):
