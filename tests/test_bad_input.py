@@ -64,6 +64,12 @@ def test_sample_never_writes_among_a_users_own_images(tmp_path):
     for _ in range(2):  # into its own folder again, as a second run of the quickstart does
         r = run("sample", tmp_path / "s", "--n-labeled", 2, "--n-unlabeled", 3)
         assert r.exit_code == 0, r.output
+    r = run("sample", tmp_path / "s", "--n-labeled", 1, "--n-unlabeled", 2)  # smaller: nothing stale stays
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "s" / "labeled").iterdir()) == ["labeled_00000.jpg"]
+    unl = sorted(p.name for p in (tmp_path / "s" / "unlabeled").iterdir())
+    assert [n for n in unl if n.startswith("unlabeled_")] == ["unlabeled_00000.jpg", "unlabeled_00001.jpg"]
+    assert len(unl) == 2 + 1 + 3  # and the exact copy and the 3 broken files
 
 
 def test_an_unlabeled_source_in_a_labeled_folder_is_refused(tmp_path, sample_dir):
