@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import ConfigError, ModelError
-from .reader import CatalogImages
+from .reader import CatalogImages, die_with_parent
 from .store import CATALOG, open_store
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,8 @@ def score_index(root: Path, cfg: DetectorCfg, progress_factory: Callable[[int], 
         with store.recording_stop(run):
             native = isinstance(preprocess, default_preprocess) and preprocess.size is None
             ds = CappedImages(str(store.root / CATALOG), todo, preprocess, cfg.max_pixels, native)
-            loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate_any)
+            loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate_any,
+                                                 worker_init_fn=die_with_parent)
             decode_failures: list[tuple[int, str]] = []
 
             def batches():

@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import sqlite3
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -132,6 +133,24 @@ def default_workers(device: str) -> int:
     return min(16, cores) if device == "cuda" else 1
 
 
+def die_with_parent(_worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: on Linux, the kernel kills this worker when the process
+    that started it dies (kill -9 of a run), instead of leaving an orphan that prints a
+    traceback when its pipe closes. Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the call: nobody will read what this worker makes
+        os._exit(0)
+
+
 def make_loader(catalog: str, ids: np.ndarray, preprocess: Callable, image_size: int, cfg: ReaderCfg, device: str):
     import torch
 
@@ -146,4 +165,5 @@ def make_loader(catalog: str, ids: np.ndarray, preprocess: Callable, image_size:
         pin_memory=device == "cuda",
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
+        worker_init_fn=die_with_parent,
     )

@@ -99,3 +99,26 @@ def test_an_animated_gif_is_its_first_frame():
     got, want = decode(anim.getvalue(), None, 10 ** 6), decode(first.getvalue(), None, 10 ** 6)
     assert got.reason is None and got.image.mode == "RGB" and got.image.size == (40, 30)
     np.testing.assert_array_equal(np.asarray(got.image), np.asarray(want.image))
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_decode_workers_ask_the_kernel_to_die_with_their_run():
+    """die_with_parent (the loaders' worker_init_fn) sets PR_SET_PDEATHSIG to SIGKILL, so
+    kill -9 of a run takes its workers with it at once instead of leaving orphans that
+    print a traceback when they find their pipe closed; read back with PR_GET_PDEATHSIG
+    in a fresh process."""
+    import subprocess
+    import sys
+
+    code = ("import ctypes, signal\n"
+            "from novelty.reader import die_with_parent\n"
+            "libc = ctypes.CDLL(None)\n"
+            "sig = ctypes.c_int(0)\n"
+            "libc.prctl(2, ctypes.byref(sig))\n"  # PR_GET_PDEATHSIG
+            "before = sig.value\n"
+            "die_with_parent(0)\n"
+            "libc.prctl(2, ctypes.byref(sig))\n"
+            "print(before, sig.value, int(signal.SIGKILL))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    before, after, kill = map(int, out)
+    assert before == 0 and after == kill
