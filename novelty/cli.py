@@ -182,6 +182,8 @@ def build_index(
                + (f", {s.kept_labeled} kept labeled (mark-labeled)" if s.kept_labeled else ""))
     if s.gone:
         typer.echo(f"  gone      {s.gone} unlabeled image(s) deleted from their folder since indexed: out of the pool")
+    if s.lost_shards:
+        typer.echo(f"  requeued  {s.requeued} image(s) of {len(s.lost_shards)} missing or damaged shard(s): embedded again")
     reasons = ", ".join(f"{k}: {v}" for k, v in s.failed_by_reason.items())
     typer.echo(f"  failed    {s.failed}" + (f" ({reasons})" if reasons else ""))
     if s.duplicate_groups:

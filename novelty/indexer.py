@@ -19,7 +19,7 @@ from ._compat import bounded_heap
 from .config import BuildCfg
 from .encoder import Encoder, create_encoder, library_versions
 from .reader import make_loader
-from .store import CATALOG, Store, create_store
+from .store import CATALOG, VECTOR_LOST, LostShards, Store, create_store
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ class BuildSummary:
     moved: int = 0
     kept_labeled: int = 0  # marked labeled by mark-labeled, scanned under --unlabeled again: they stay labeled
     gone: int = 0  # unlabeled images deleted from a scanned folder: recorded as failed, out of the pool
+    lost_shards: list = field(default_factory=list)  # shards found missing or damaged, taken out of the catalog
+    requeued: int = 0  # their images, pending again and embedded again by this run (their imported vectors: failed)
     resumed: int = 0
     unchanged: int = 0
     embedded: int = 0
@@ -98,6 +100,22 @@ def embed_shards(
     return embedded, failed, shards
 
 
+def recover_lost_shards(store: Store) -> LostShards:
+    """Check every shard the catalog refers to (headers only) and drop those missing or
+    damaged: their images are embedded again from their files, their imported vectors
+    are recorded as lost. Without this a lost shard would be skipped as unchanged, and
+    would fail every later read of the vectors."""
+    problems = store.shard_problems()
+    if not problems:
+        return LostShards()
+    for name, why in problems.items():
+        log.warning("shard %s is missing or damaged (%s): its images are embedded again from their files", name, why)
+    lost = store.drop_shards(list(problems))
+    if lost.lost:
+        log.warning("%d vector(s) imported under ids were in those shards: recorded as failed (vector lost)", lost.lost)
+    return lost
+
+
 def build_index(
     root: Path,
     labeled: Sequence[Path],
@@ -128,21 +146,25 @@ def _build_index(root, labeled, unlabeled, cfg: BuildCfg, progress_factory) -> B
 
 def _scan_and_embed(store, encoder, labeled, unlabeled, cfg: BuildCfg, progress_factory) -> BuildSummary:
     """Scan the sources into the catalog, embed what is pending, refresh the vectors."""
+    lost = recover_lost_shards(store)
     folders = [os.path.abspath(p) for p in unlabeled if Path(p).is_dir()]  # where a missing image was deleted
     unlisted: list[str] = []  # folders the scan could not list: what they hold is unknown, not gone
     counts = store.sync_sources(sources.scan(labeled, unlabeled, cfg.part, unlisted), retry_failed=cfg.retry_failed,
                                 folders=folders, keep=lambda p: sources.was_listed(p, cfg.part, unlisted))
     pending = store.pending_ids()
     s = BuildSummary(scanned=counts["scanned"], new=counts["new"], changed=counts["changed"], moved=counts["moved"],
-                     kept_labeled=counts["kept_labeled"], gone=counts["gone"])
-    s.resumed = max(0, len(pending) - s.new - s.changed)  # left pending by an interrupted run
-    s.unchanged = s.scanned - s.new - s.changed - s.resumed
+                     kept_labeled=counts["kept_labeled"], gone=counts["gone"], lost_shards=list(lost.names),
+                     requeued=lost.requeued)
+    s.resumed = max(0, len(pending) - s.new - s.changed - s.requeued)  # left pending by an interrupted run
+    s.unchanged = max(0, s.scanned - s.new - s.changed - s.resumed - s.requeued)
     log.info("%d images scanned: %d new, %d changed, %d to embed", s.scanned, s.new, s.changed, len(pending))
     progress = progress_factory(len(pending)) if progress_factory and len(pending) else None
     t1 = time.monotonic()
     s.embedded, failed, s.shards = embed_shards(store, encoder, pending, cfg, progress)
     s.embed_seconds = time.monotonic() - t1
     failed.update(reason_kind(r) for r in counts["failed_at_scan"])  # missing, unreadable
+    if lost.lost:
+        failed[reason_kind(VECTOR_LOST)] += lost.lost
     s.failed_by_reason = dict(failed.most_common())
     s.failed = sum(failed.values())
     s.duplicate_groups, s.duplicate_images = store.duplicate_hashes()

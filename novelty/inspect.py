@@ -267,7 +267,7 @@ def _gather(store: Store, lay: Layout, sel: slice) -> np.ndarray:
     out = np.empty((len(shard), store.dim), np.float32)
     for k in np.unique(shard):
         m = shard == k
-        out[m] = store.shard(lay.names[k])[row[m]]
+        out[m] = store.listed_shard(lay.names[k])[row[m]]
     return unit32(out)
 
 

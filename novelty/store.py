@@ -36,7 +36,11 @@ from .errors import (IndexBusyError, IndexDamagedError, IndexMismatchError, Inde
                      InputError)
 
 log = logging.getLogger(__name__)
-RESTORE = "restore it or build the index again"  # what a damaged catalog, manifest or shard's message advises
+RESTORE = "restore it or build the index again"  # what a damaged catalog or manifest's message advises
+# what a missing or damaged shard's message advises (build-index checks the shards and re-embeds their images)
+SHARD_ADVICE = ("re-run build-index with the same sources to embed its images again; vectors from import-embeddings "
+                "cannot be embedded again: restore the file, or import them into a new index")
+VECTOR_LOST = "vector lost: shard {} was missing or damaged, and a vector imported under an id cannot be embedded again"
 
 CATALOG = "catalog.sqlite"
 MANIFEST = "manifest.json"
@@ -112,6 +116,15 @@ class ImageRecord:
     size: int  # -1 when the file cannot be stat'ed
     mtime: float
     reason: str | None = None  # set when the file is already known to be unreadable
+
+
+@dataclass(frozen=True)
+class LostShards:
+    """Shards the catalog referred to that were missing or damaged, and what became of their images."""
+
+    names: tuple[str, ...] = ()  # taken out of the catalog, their files removed
+    requeued: int = 0  # their images with a path: pending again, to embed again from the files
+    lost: int = 0  # their vectors imported under ids: failed (VECTOR_LOST)
 
 
 @dataclass(frozen=True)
@@ -495,7 +508,70 @@ class Store:
         try:
             return np.load(path, mmap_mode="r")
         except (OSError, ValueError, EOFError) as e:
-            raise IndexDamagedError(f"shard {path} is missing or damaged ({e or 'empty'}); {RESTORE}") from None
+            raise IndexDamagedError(f"shard {path} is missing or damaged ({e or 'empty'}); {SHARD_ADVICE}") from None
+
+    def listed_shard(self, name: str) -> np.ndarray:
+        """shard(name), refused unless it holds float16 [n, d] as the shards table lists
+        it: a file cut to fewer rows would otherwise fail later, as an IndexError."""
+        X = self.shard(name)
+        listed = self.db.execute("SELECT n, dim FROM shards WHERE name=?", (name,)).fetchone()
+        if listed is not None and (not isinstance(X, np.ndarray) or X.dtype != np.float16 or X.shape != tuple(listed)):
+            got = f"{X.dtype} {X.shape}" if isinstance(X, np.ndarray) else "an .npz archive"
+            raise IndexDamagedError(f"shard {self.root / SHARDS / name}.npy is damaged (it holds {got}, the catalog says "
+                                    f"float16 {tuple(listed)}); {SHARD_ADVICE}")
+        return X
+
+    def shard_problems(self) -> dict[str, str]:
+        """Shards the catalog refers to that cannot be read as it describes them -> why.
+
+        A shard is sound when its file loads as float16 [n, dim], n and dim as its row in
+        `shards` says, dim the manifest's, and every catalog row pointing into it is below
+        n. Only the .npy headers are read (memory maps), and one grouped query covers the
+        rows, so a million images in ~250 shards are checked in well under a second."""
+        listed = {name: (n, d) for name, n, d in self.db.execute("SELECT name, n, dim FROM shards")}
+        used = {name: (lo, hi) for name, lo, hi in self.db.execute(
+            "SELECT shard, MIN(row), MAX(row) FROM images WHERE shard IS NOT NULL GROUP BY shard")}
+        problems = {}
+        for name in sorted(listed.keys() | used.keys()):
+            if name not in listed:
+                problems[name] = "the catalog's images point into it, but its shards table does not list it"
+                continue
+            n, d = listed[name]
+            why = _shard_problem(self.root / SHARDS / f"{name}.npy", n, d, self.dim)
+            lo, hi = used.get(name, (0, -1))
+            if why is None and (lo < 0 or hi >= n):
+                why = f"the catalog points at row {hi if hi >= n else lo} of its {n} rows"
+            if why is not None:
+                problems[name] = why
+        return problems
+
+    def drop_shards(self, names: Sequence[str]) -> LostShards:
+        """Take shards out of the catalog, in one transaction, and delete their files.
+
+        Their images with a path go back to pending (shard, row and hash cleared), so
+        build-index embeds them again from the files; their vectors imported under an id
+        become failed (VECTOR_LOST). vectors_version moves on when any image changed, so
+        the FAISS index is rebuilt. A kill after the commit leaves the files as orphans,
+        removed at the next open for writing."""
+        assert self.writable
+        with self.transaction() as db:
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS lost_shards(name TEXT PRIMARY KEY)")
+            db.execute("DELETE FROM lost_shards")
+            db.executemany("INSERT OR IGNORE INTO lost_shards VALUES (?)", ((n,) for n in names))
+            requeued = db.execute(
+                "UPDATE images SET status='pending', reason=NULL, shard=NULL, row=NULL, hash=NULL "
+                "WHERE path IS NOT NULL AND shard IN (SELECT name FROM lost_shards)").rowcount
+            head, tail = VECTOR_LOST.split("{}")
+            lost = db.execute(
+                "UPDATE images SET status='failed', reason=? || shard || ?, shard=NULL, row=NULL, hash=NULL "
+                "WHERE path IS NULL AND shard IN (SELECT name FROM lost_shards)", (head, tail)).rowcount
+            db.execute("DELETE FROM shards WHERE name IN (SELECT name FROM lost_shards)")
+            db.execute("DELETE FROM lost_shards")
+            if requeued or lost:
+                self._bump_version()
+        for name in names:
+            (self.root / SHARDS / f"{name}.npy").unlink(missing_ok=True)
+        return LostShards(tuple(names), requeued, lost)
 
     def embedded(self, split: str | None = None, block: int = 1 << 16) -> Layout:
         """Where the vectors of embedded images are, ordered by id. `split=None` means all.
@@ -542,7 +618,7 @@ class Store:
             sel = np.flatnonzero(shard_idx == k)
             if not len(sel):
                 continue
-            src = self.shard(name)
+            src = self.listed_shard(name)
             r = row[sel]
             # runs where both the output positions and the shard rows are consecutive
             # (the usual case: ids and rows were assigned in the same order) are plain copies
@@ -580,7 +656,7 @@ class Store:
         bounds = np.flatnonzero(np.diff(shard_idx[order])) + 1
         for sel in np.split(order, bounds) if len(order) else []:
             name = lay.names[shard_idx[sel[0]]]
-            yield all_ids[sel], np.asarray(self.shard(name)[row[sel]])
+            yield all_ids[sel], np.asarray(self.listed_shard(name)[row[sel]])
 
     # -------------------------------------------------------------------- lookup
     def resolve(self, keys: Sequence[str]) -> tuple[np.ndarray, list[str]]:
@@ -660,6 +736,29 @@ class Store:
             except Exception:  # a full disk or a lost lock must not hide the error that stopped the run
                 log.debug("could not record why run %d stopped", run_id, exc_info=True)
             raise
+
+
+def _shard_problem(path: Path, n: int, d: int, dim: int | None) -> str | None:
+    """Why the shard file at `path` is not float16 [n, d] with d == dim (when the manifest
+    has one); None when it is.
+    Reads the header only. An error that says nothing about the file's contents (no
+    permission, an I/O error) is raised: the vectors may well be there."""
+    try:
+        X = np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        return "the file is missing"
+    except (ValueError, EOFError) as e:  # a cut header, garbage, an empty file, or data cut short
+        return f"the file is damaged: {e or 'empty'}"
+    except OSError as e:
+        raise IndexDamagedError(f"cannot read shard {path} ({e.strerror or e}); make it readable and run again") from None
+    if not isinstance(X, np.ndarray):  # garbage that happens to read as an .npz archive
+        X.close()
+        return "the file is damaged: not a .npy array"
+    dtype, shape = X.dtype, X.shape
+    del X  # closes the map
+    if dtype != np.float16 or shape != (n, d) or d != (dim or d):
+        return f"the file holds {dtype} {shape}, the catalog says float16 ({n}, {d}) of dim {dim}"
+    return None
 
 
 def stop_reason(e: BaseException) -> str:

@@ -1,6 +1,8 @@
 """Kill build-index with SIGKILL mid-run, resume, and compare with an uninterrupted run:
 the index opens cleanly, nothing is duplicated, nothing is lost, vectors are identical."""
+import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -12,7 +14,8 @@ import numpy as np
 import pytest
 
 from novelty.sample import SampleCfg, make_sample
-from novelty.store import open_store
+from novelty.store import VECTOR_LOST, create_store, open_store
+from tests.conftest import TINY, run
 
 SLOW = str(Path(__file__).parent / "slow-clip.json")  # slow enough to be caught mid-run
 
@@ -101,3 +104,140 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(images, reference, tmp
     with open_store(index) as st:
         names = {n for (n,) in st.db.execute("SELECT name FROM shards")}
     assert {p.stem for p in (index / "shards").iterdir()} == names
+
+
+# ----------------------------------------------------- a shard lost after the run
+# A shard file deleted or damaged later (a disk error, a careless `rm`): build-index
+# checks every shard before it scans, and embeds the images of a lost one again.
+
+def build_tiny(sample_dir, index):
+    return run("build-index", "--index", index, "--labeled", sample_dir / "labeled", "--unlabeled", sample_dir / "unlabeled",
+               "--model", TINY, "--pretrained", "none", "--device", "cpu", "--batch-size", "8", "--shard-size", "16")
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(sample_dir, tmp_path_factory):
+    """An uninterrupted build of sample_dir in 16-image shards, and its snapshot."""
+    index = tmp_path_factory.mktemp("tiny-ref") / "idx"
+    r = build_tiny(sample_dir, index)
+    assert r.exit_code == 0, r.output
+    return index, snapshot(index)
+
+
+def copy_of(reference, tmp_path):
+    index = tmp_path / "idx"
+    shutil.copytree(reference, index)
+    return index
+
+
+def biggest_shard(index) -> tuple[str, int]:
+    """(name, images pointing into it) of the shard most images point into."""
+    with open_store(index) as st:
+        return st.db.execute("SELECT shard, COUNT(*) c FROM images WHERE shard IS NOT NULL "
+                             "GROUP BY shard ORDER BY c DESC, shard LIMIT 1").fetchone()
+
+
+def last_build(index) -> dict:
+    with open_store(index) as st:
+        (summary,) = st.db.execute("SELECT summary FROM runs WHERE kind='build' ORDER BY id DESC LIMIT 1").fetchone()
+        return json.loads(summary)
+
+
+def catalog_state(index) -> tuple[int, set[str], set[str]]:
+    """(vectors_version, shards the catalog lists, shard files on disk)."""
+    with open_store(index) as st:
+        names = {n for (n,) in st.db.execute("SELECT name FROM shards")}
+        return st.vectors_version, names, {p.stem for p in (index / "shards").iterdir()}
+
+
+def damage(path: Path, how: str) -> None:
+    if how == "deleted":
+        path.unlink()
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "garbage":
+        path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "row-short":  # a sound .npy, one row fewer than the catalog points into
+        np.save(path, np.load(path)[:-1])
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["deleted", "truncated", "garbage", "empty", "row-short"])
+def test_a_lost_shard_is_embedded_again(sample_dir, tiny_reference, tmp_path, how):
+    reference, (ref_rows, ref_vecs, ref_ntotal) = tiny_reference
+    index = copy_of(reference, tmp_path)
+    name, n = biggest_shard(index)
+    version, _, _ = catalog_state(index)
+    damage(index / "shards" / f"{name}.npy", how)
+    r = run("select", "--budget", "3", "--index", index, "--out", tmp_path / "before.csv")
+    assert r.exit_code == 3 and "re-run build-index" in r.output, r.output  # the error says what helps
+
+    r = build_tiny(sample_dir, index)
+    assert r.exit_code == 0, r.output
+    assert name in r.output  # the warning names the shard
+    assert f"embedded  {n} " in r.output and f"{len(ref_rows) - n} unchanged" in r.output, r.output
+    assert f"requeued  {n} image(s) of 1 missing or damaged shard(s): embedded again" in r.output, r.output
+    s = last_build(index)
+    assert s["requeued"] == n and s["lost_shards"] == [name] and s["resumed"] == 0 and s["failed"] == 0
+    rows, vecs, ntotal = snapshot(index)
+    assert rows == ref_rows  # same images, statuses and reasons
+    assert vecs.keys() == ref_vecs.keys()
+    for path, v in ref_vecs.items():  # embedded again in other batches: equal up to float16 rounding
+        np.testing.assert_allclose(vecs[path].astype(np.float32), v.astype(np.float32), atol=2e-3, err_msg=path)
+    assert ntotal == ref_ntotal == len(vecs)
+    new_version, listed, files = catalog_state(index)
+    assert new_version > version and name not in listed and listed == files  # the damaged file is gone too
+    r = run("select", "--budget", "3", "--index", index, "--out", tmp_path / "after.csv")
+    assert r.exit_code == 0, r.output
+
+
+def test_imported_vectors_of_a_lost_shard_are_recorded_as_lost(sample_dir, tiny_reference, tmp_path):
+    reference, (ref_rows, ref_vecs, ref_ntotal) = tiny_reference
+    index = copy_of(reference, tmp_path)
+    keys = [f"ext-{k}" for k in range(5)]
+    X = np.random.default_rng(1).normal(size=(5, 32)).astype(np.float32)  # [5, 32]
+    with create_store(index) as st:  # vectors imported under ids, beside the built ones
+        st.add_imported(keys, [X / np.linalg.norm(X, axis=1, keepdims=True)], "unlabeled")
+        (name,) = st.db.execute("SELECT DISTINCT shard FROM images WHERE ext_id IS NOT NULL").fetchone()
+    (index / "shards" / f"{name}.npy").unlink()
+
+    r = build_tiny(sample_dir, index)
+    assert r.exit_code == 0, r.output
+    assert "embedded  0 " in r.output and "vector lost: 5" in r.output, r.output
+    s = last_build(index)
+    assert s["requeued"] == 0 and s["lost_shards"] == [name] and s["failed_by_reason"] == {"vector lost": 5}
+    with open_store(index) as st:
+        lost = st.db.execute("SELECT ext_id, status, reason, shard FROM images WHERE ext_id IS NOT NULL ORDER BY ext_id").fetchall()
+    assert lost == [(k, "failed", VECTOR_LOST.format(name), None) for k in keys]
+    rows, vecs, ntotal = snapshot(index)
+    assert [row for row in rows if row[0] is not None] == ref_rows  # the built images are untouched
+    assert vecs.keys() == ref_vecs.keys()
+    for path, v in ref_vecs.items():
+        np.testing.assert_array_equal(vecs[path], v, err_msg=path)
+    assert ntotal == ref_ntotal
+    r = run("select", "--budget", "3", "--index", index, "--out", tmp_path / "x.csv")
+    assert r.exit_code == 0, r.output
+
+
+def test_an_intact_index_is_left_alone(sample_dir, tiny_reference, tmp_path):
+    reference, (ref_rows, ref_vecs, _) = tiny_reference
+    index = copy_of(reference, tmp_path)
+    before = catalog_state(index)
+    faiss_file = index / "vectors.faiss"
+    stat = (faiss_file.stat().st_ino, faiss_file.stat().st_mtime_ns)
+    with open_store(index) as st:
+        faiss_manifest = st.manifest["faiss"]
+
+    r = build_tiny(sample_dir, index)
+    assert r.exit_code == 0 and "embedded  0 " in r.output, r.output
+    s = last_build(index)
+    assert s["requeued"] == 0 and s["lost_shards"] == []
+    assert catalog_state(index) == before  # no version bump, no shard dropped
+    assert (faiss_file.stat().st_ino, faiss_file.stat().st_mtime_ns) == stat  # not rebuilt
+    with open_store(index) as st:
+        assert st.manifest["faiss"] == faiss_manifest
+    rows, vecs, _ = snapshot(index)
+    assert rows == ref_rows and vecs.keys() == ref_vecs.keys()
