@@ -38,9 +38,11 @@ from .errors import (IndexBusyError, IndexDamagedError, IndexMismatchError, Inde
 log = logging.getLogger(__name__)
 RESTORE = "restore it or build the index again"  # what a damaged catalog or manifest's message advises
 # what a missing or damaged shard's message advises (build-index checks the shards and re-embeds their images)
-SHARD_ADVICE = ("re-run build-index with the same sources to embed its images again; vectors from import-embeddings "
-                "cannot be embedded again: restore the file, or import them into a new index")
-VECTOR_LOST = "vector lost: shard {} was missing or damaged, and a vector imported under an id cannot be embedded again"
+SHARD_ADVICE = ("re-run build-index with the same sources to embed its images again (vectors from import-embeddings "
+                "are then recorded as lost: import them again)")
+VECTOR_LOST = ("vector lost: shard {} was missing or damaged, and a vector imported under an id cannot be embedded "
+               "again; import it again")
+LOST_PREFIX = VECTOR_LOST.split("{}")[0]
 
 CATALOG = "catalog.sqlite"
 MANIFEST = "manifest.json"
@@ -456,7 +458,10 @@ class Store:
         if split not in SPLITS:
             raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         column = "ext_id" if files is None else "path"
-        clash = self.existing_keys(column, keys)
+        held = self.find_keys(column, keys, ("status", "reason"))
+        # a vector a lost shard took (VECTOR_LOST) may be imported again under its id: its row is reused
+        lost = {k for k, (status, reason) in held.items() if status == "failed" and (reason or "").startswith(LOST_PREFIX)}
+        clash = [k for k in held if k not in lost]
         if clash:
             raise InputError(f"{len(clash)} {'id' if files is None else 'path'}(s) already in the index, e.g. {clash[0]!r}")
         written: list[tuple[str, int, int]] = []  # (name, n, dim)
@@ -474,11 +479,14 @@ class Store:
         now = time.time()
         with self.transaction() as db:
             db.executemany("INSERT INTO shards(name, n, dim, created) VALUES (?,?,?,?)", ((w[0], w[1], w[2], now) for w in written))
-            rows = ((name, r) for name, n, _ in written for r in range(n))
+            rows = [(e, split, *(st or (None, None)), name, r, now)
+                    for e, st, (name, r) in zip(keys, stats, ((name, r) for name, n, _ in written for r in range(n)))]
             db.executemany(
                 f"INSERT INTO images({column}, split, size, mtime, status, shard, row, added) VALUES (?,?,?,?,'embedded',?,?,?)",
-                ((e, split, *(st or (None, None)), name, r, now) for e, st, (name, r) in zip(keys, stats, rows)),
-            )
+                (row for row in rows if row[0] not in lost))
+            db.executemany(
+                f"UPDATE images SET split=?, size=?, mtime=?, status='embedded', reason=NULL, shard=?, row=?, hash=NULL "
+                f"WHERE {column}=?", ((*row[1:6], row[0]) for row in rows if row[0] in lost))
             self._bump_version()
             if run_params is not None:
                 return db.execute("INSERT INTO runs(kind, params, started) VALUES ('import',?,?)",
@@ -527,7 +535,7 @@ class Store:
         A shard is sound when its file loads as float16 [n, dim], n and dim as its row in
         `shards` says, dim the manifest's, and every catalog row pointing into it is below
         n. Only the .npy headers are read (memory maps), and one grouped query covers the
-        rows, so a million images in ~250 shards are checked in well under a second."""
+        rows (0.23 s for a synthetic catalog of a million images in 245 shards, warm cache)."""
         listed = {name: (n, d) for name, n, d in self.db.execute("SELECT name, n, dim FROM shards")}
         used = {name: (lo, hi) for name, lo, hi in self.db.execute(
             "SELECT shard, MIN(row), MAX(row) FROM images WHERE shard IS NOT NULL GROUP BY shard")}

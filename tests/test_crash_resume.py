@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from novelty.errors import InputError
 from novelty.sample import SampleCfg, make_sample
 from novelty.store import VECTOR_LOST, create_store, open_store
 from tests.conftest import TINY, run
@@ -220,6 +221,19 @@ def test_imported_vectors_of_a_lost_shard_are_recorded_as_lost(sample_dir, tiny_
     assert ntotal == ref_ntotal
     r = run("select", "--budget", "3", "--index", index, "--out", tmp_path / "x.csv")
     assert r.exit_code == 0, r.output
+    # imported again under their ids, they take their rows back (no new row); once back, an id clashes again
+    U = X / np.linalg.norm(X, axis=1, keepdims=True)
+    with create_store(index) as st:
+        before = st.db.execute("SELECT ext_id, id FROM images WHERE ext_id IS NOT NULL ORDER BY ext_id").fetchall()
+        st.add_imported(keys, [U], "unlabeled")
+        after = st.db.execute("SELECT ext_id, id, status, reason FROM images WHERE ext_id IS NOT NULL ORDER BY ext_id").fetchall()
+        _, got = st.vectors(ids=np.array([i for _, i in before]))
+        with pytest.raises(InputError, match="already in the index"):
+            st.add_imported(keys[:1], [U[:1]], "unlabeled")
+    assert after == [(k, i, "embedded", None) for k, i in before]
+    np.testing.assert_allclose(got.astype(np.float32), U, atol=1e-3)
+    r = run("select", "--budget", "3", "--index", index, "--out", tmp_path / "y.csv")
+    assert r.exit_code == 0 and "of " in r.output, r.output
 
 
 def test_an_intact_index_is_left_alone(sample_dir, tiny_reference, tmp_path):
