@@ -51,10 +51,39 @@ class ReportData:
     radius_source: str  # "run #N" or "computed"
     run: int | None
     counts: dict = field(default_factory=dict)
+    embedding_map: dict | None = None  # a 2-D PCA view of samples of the pool and labeled set and of the picks (pca_map)
 
 
 def _sample(ids: np.ndarray, n: int, seed: int) -> np.ndarray:
     return ids if len(ids) <= n else np.sort(np.random.default_rng(seed).choice(ids, n, replace=False))
+
+
+MAP_POOL, MAP_LABELED = 3000, 1500  # points drawn on the map, at most (the picks: up to MAP_PICKS)
+MAP_PICKS = 2000
+
+
+def pca_map(pool: np.ndarray, labeled: np.ndarray, picks: np.ndarray) -> dict:
+    """Project unit rows on the first two principal axes of pool and labeled together
+    (their mean removed). -> {"pool", "labeled", "picks": [*, 2] float32, "explained": the
+    share of the variance the two axes hold}. Each axis's sign is fixed so that its
+    largest loading is positive: the same data draws the same map."""
+    fit = np.concatenate([pool, labeled]).astype(np.float64)
+    if len(fit) < 2:
+        return {"pool": np.zeros((len(pool), 2)), "labeled": np.zeros((len(labeled), 2)),
+                "picks": np.zeros((len(picks), 2)), "explained": 0.0}
+    mean = fit.mean(axis=0)
+    _, S, Vt = np.linalg.svd(fit - mean, full_matrices=False)
+    axes = Vt[:2]
+    axes *= np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(axis=1)])[:, None]
+    if len(axes) < 2:
+        axes = np.vstack([axes, np.zeros_like(axes)])
+
+    def project(X):
+        return ((X.astype(np.float64) - mean) @ axes.T).astype(np.float32) if len(X) else np.zeros((0, 2), np.float32)
+
+    total = float((S ** 2).sum())
+    return {"pool": project(pool), "labeled": project(labeled), "picks": project(picks),
+            "explained": float((S[:2] ** 2).sum()) / total if total > 0 else 0.0}
 
 
 def covering_curve(store: Store, pool_ids: np.ndarray, picks: np.ndarray, block: int = 4096) -> np.ndarray:
@@ -114,7 +143,13 @@ def collect(store: Store, rows: list[dict], cfg: ReportCfg) -> ReportData:
         radius = covering_curve(store, pool, image)
     counts = {"pool": len(pool), "labeled": len(labeled), "picks": len(image), "pool_sample": len(ps), "labeled_sample": len(ls),
               "repeated": repeated}
-    return ReportData(rows, image, D, I, pool_nov, lab_nov[np.isfinite(lab_nov)], radius, source, run if exact else None, counts)
+    mp, ml = _sample(ps, MAP_POOL, cfg.seed), _sample(ls, MAP_LABELED, cfg.seed)
+    drawn = image[np.isin(image, sel_ids)][:MAP_PICKS]  # the first picks, in rank order
+    emap = pca_map(unit32(store.vectors(ids=mp)[1]) if len(mp) else np.zeros((0, X.shape[1]), np.float32),
+                   unit32(store.vectors(ids=ml)[1]) if len(ml) else np.zeros((0, X.shape[1]), np.float32),
+                   unit32(X[np.searchsorted(sel_ids, drawn)]) if len(drawn) else np.zeros((0, X.shape[1]), np.float32))
+    return ReportData(rows, image, D, I, pool_nov, lab_nov[np.isfinite(lab_nov)], radius, source, run if exact else None, counts,
+                      emap)
 
 
 # ---------------------------------------------------------------------------- drawing
@@ -173,6 +208,29 @@ def svg_curve(title: str, y: np.ndarray, w: int = 270, h: int = 170) -> str:
             f'<text x="{left + pw / 2}" y="{bottom + 24}" class="s" text-anchor="middle">picks</text></svg>')
 
 
+def svg_map(emap: dict, counts: dict, w: int = 460, h: int = 320) -> str:
+    """The PCA map as dots: pool grey, labeled blue, picks red on top."""
+    layers = [("pool", "#b3b6b7", 1.6, counts["pool"]), ("labeled", "#2980b9", 1.8, counts["labeled"]),
+              ("picks", "#c0392b", 2.6, counts["picks"])]
+    pts = np.concatenate([emap[k] for k, *_ in layers]) if any(len(emap[k]) for k, *_ in layers) else np.zeros((1, 2))
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    span = np.where(hi - lo > 0, hi - lo, 1.0)
+    left, top, pw, ph = 10, 40, w - 20, h - 64
+    dots, legend = [], []
+    for n, (key, colour, r, total) in enumerate(layers):
+        xy = emap[key]
+        px = left + (xy[:, 0] - lo[0]) / span[0] * pw
+        py = top + ph - (xy[:, 1] - lo[1]) / span[1] * ph
+        dots.append(f'<g fill="{colour}">' + "".join(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="{r}"/>' for a, b in zip(px, py)) + "</g>")
+        shown = f"{len(xy)} of {total}" if total > len(xy) else f"{len(xy)}"
+        legend.append(f'<circle cx="{left + 4 + n * 115}" cy="{h - 12}" r="4" fill="{colour}"/>'
+                      f'<text x="{left + 12 + n * 115}" y="{h - 8}" class="s">{key} ({shown})</text>')
+    return (f'<svg class="plot" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img">'
+            f'<text x="{left}" y="16" class="t">embedding map (PCA, 2 axes)</text>'
+            f'<text x="{left}" y="30" class="s">the axes hold {100 * emap["explained"]:.0f}% of the variance; '
+            f'near here is not always near in the index</text>{"".join(dots)}{"".join(legend)}</svg>')
+
+
 class Thumbs:
     """Data URIs of small JPEG thumbnails, one decode per image; None when unreadable."""
 
@@ -227,6 +285,8 @@ def render(store: Store, data: ReportData, cfg: ReportCfg, source: Path) -> str:
         svg_histogram("selection", sel_nov, edges, "#c0392b", c["picks"]),
         svg_curve(f"covering radius ({data.radius_source})", data.radius),
     ]
+    if data.embedding_map is not None:
+        plots.append(svg_map(data.embedding_map, c))
     body = []
     for n, row in enumerate(data.rows[:shown_n]):
         i = int(data.image[n])

@@ -59,7 +59,7 @@ def test_report_escapes_names_and_is_self_contained(image_index, tmp_path):
     assert page.count('src="data:image/jpeg;base64,') >= 4 + 4 * 2 - 1  # picks and their neighbours (one may repeat)
     for external in ("http://", "https://", "<script", "<link", "@import", "url("):
         assert external not in page
-    assert page.count("<svg") == 4 and page.count("<tr>") == 5
+    assert page.count("<svg") == 5 and page.count("<tr>") == 5  # 3 histograms, the covering curve, the map
     assert page.index(f">{evil_id}<") < page.index(f">{picks[1]}<")  # file order
 
 
@@ -138,6 +138,33 @@ def test_excluded_images_leave_the_report_pool_but_picks_stay(vec_index, tmp_pat
         after = collect(st, rows, ReportCfg(k=1, sample=10 ** 6))
     assert after.counts["pool"] == before.counts["pool"] - 7 and after.counts["picks"] == 5
     assert len(after.pool_novelty) == len(before.pool_novelty) - 7
+
+
+def test_the_embedding_map_is_numpys_pca_of_the_same_rows(vec_index, tmp_path):
+    rid, picked, rows = record_selection(vec_index, 12, tmp_path / "sel.csv")
+    with open_store(vec_index) as st:
+        data = collect(st, rows, ReportCfg(k=1))
+        pool = np.union1d(st.embedded("unlabeled").ids, picked)
+        lab = st.embedded("labeled").ids
+        lab = lab[~np.isin(lab, picked)]
+        P, L, S = (unit(st.vectors(ids=i)[1]) for i in (pool, lab, np.sort(picked)))
+    S = S[np.argsort(np.argsort(picked))]  # back to rank order
+    fit = np.concatenate([P, L])
+    mean = fit.mean(axis=0)
+    cov = (fit - mean).T @ (fit - mean)
+    w, V = np.linalg.eigh(cov)  # ascending
+    axes = V[:, ::-1][:, :2].T
+    axes *= np.sign(axes[np.arange(2), np.abs(axes).argmax(axis=1)])[:, None]
+    m = data.embedding_map
+    np.testing.assert_allclose(m["pool"], (P - mean) @ axes.T, atol=1e-4)
+    np.testing.assert_allclose(m["labeled"], (L - mean) @ axes.T, atol=1e-4)
+    np.testing.assert_allclose(m["picks"], (S - mean) @ axes.T, atol=1e-4)
+    assert m["explained"] == pytest.approx(w[::-1][:2].sum() / w.sum(), rel=1e-6)
+    page = (tmp_path / "r.html")
+    assert run("report", "--selection", tmp_path / "sel.csv", "--out", page, "--index", vec_index).exit_code == 0
+    svg = page.read_text().split("embedding map")[1].split("</svg>")[0]
+    assert svg.count("<circle") == len(P) + len(L) + len(S) + 3  # every point, and the legend's 3
+    assert f"the axes hold {100 * m['explained']:.0f}% of the variance" in svg
 
 
 def test_report_on_imported_vectors_shows_ids_without_thumbnails(vec_index, tmp_path):
