@@ -3,8 +3,10 @@ imports typer. Library errors (NoveltyError) become one line on stderr and a
 non-zero exit code; nothing here computes."""
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import sqlite3
 import sys
 from enum import Enum
 from pathlib import Path
@@ -78,8 +80,40 @@ def err(msg: str) -> None:
     typer.echo(f"novelty: {msg}", err=True)
 
 
+# what a stopped command leaves, said after Ctrl-C or a failed write; the others write
+# their outputs atomically at the end, so a stop leaves nothing of theirs
+KEPT = {
+    "build_index": "finished shards are kept; re-run the same command to resume",
+    "merge": "parts merged so far are kept; re-run the same command to merge the rest",
+    "uncertainty": "scores committed so far are kept; re-run the same command to resume",
+    "import_embeddings": "nothing was imported",
+    "mark_labeled": "nothing was changed",
+    "exclude": "nothing was changed",
+    "sample": "the sample folder may be partly written; run the command again",
+    "select": "if `info` lists the run, `novelty export --latest` writes its files again",
+}
+CANNOT_WRITE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EFBIG: "file too large for this system's file size limit", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied", errno.EROFS: "read-only file system"}
+EXIT_CANNOT_WRITE = 6
+
+
+def cannot_write(e: BaseException) -> str | None:
+    """The one line for a write the system refused (a full disk, no permission), else None."""
+    if isinstance(e, OSError) and e.errno in CANNOT_WRITE:
+        where = e.filename if isinstance(e.filename, str) else None
+        return CANNOT_WRITE[e.errno] + (f" writing {where}" if where else "")
+    from .store import storage_trouble
+
+    if isinstance(e, sqlite3.OperationalError) and storage_trouble(e):
+        return f"the catalog could not be written ({e}): check free space and permissions"
+    return None
+
+
 def command(fn):
-    """Register a command whose NoveltyErrors become one line and an exit code."""
+    """Register a command whose NoveltyErrors become one line and an exit code; so do
+    Ctrl-C (130) and a write the system refuses (6), each saying what was kept."""
+    kept = KEPT.get(fn.__name__, "nothing was written")
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -89,8 +123,14 @@ def command(fn):
             err(f"error: {e}")
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
-            err("interrupted; finished shards are kept, re-run the same command to resume")
+            err(f"interrupted; {kept}")
             raise typer.Exit(130) from None
+        except (OSError, sqlite3.OperationalError) as e:
+            why = cannot_write(e)
+            if why is None:
+                raise
+            err(f"error: {why}; {kept}")
+            raise typer.Exit(EXIT_CANNOT_WRITE) from None
 
     return app.command()(wrapper)
 
@@ -285,12 +325,12 @@ def select(
     index: IndexOpt = DEFAULT_INDEX,
 ):
     """Pick the images to label next and write them, best first."""
-    from .export import check_label_studio_root, check_out, get_writer, write_selection
+    from .export import check_label_studio_root, check_selection_out, get_writer, write_selection
     from .selection import SelectCfg
     from .selection import select as run
 
     get_writer(out)  # a bad extension, a missing pyarrow or folder fails before any work
-    check_out(out)
+    check_selection_out(out)
     check_label_studio_root(label_studio_root)
     bar = progress_bar("picking", unit="pick")
     try:
@@ -545,13 +585,13 @@ def export(
 ):
     """Write a recorded selection run again. Novelty and nearest-labeled are recomputed against the
     labeled set less the run's own picks; distance_at_pick is not stored and is left empty."""
-    from .export import check_label_studio_root, check_out, get_writer
+    from .export import check_label_studio_root, check_selection_out, get_writer
     from .labeling import export_run
 
     if (run is None) != latest:
         raise ConfigError("give --run N or --latest (one of them)")
     get_writer(out)  # a bad extension or a missing pyarrow fails before any work
-    check_out(out)
+    check_selection_out(out)
     check_label_studio_root(label_studio_root)
     rid, n, ls, outside = export_run(index, run, out, label_studio_root)
     _warn_outside(outside, label_studio_root)

@@ -65,3 +65,10 @@ class InputError(NoveltyError):
     """A data file (vectors, ids, scores, selection) that is malformed."""
 
     exit_code = 2
+
+
+class StorageError(NoveltyError):
+    """The system refused a read or write the index needs (a full disk, an I/O error,
+    no permission): nothing is wrong with the index itself."""
+
+    exit_code = 6

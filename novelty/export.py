@@ -8,6 +8,7 @@ import json
 import math
 import os
 import urllib.parse
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -126,10 +127,31 @@ def get_writer(path: Path) -> Callable[[Path, Rows], None]:
     return _FORMATS[ext]
 
 
-def write_selection(path: Path, rows: Rows, image_root: Path | None = None) -> tuple[Path, int]:
-    """Write the selection, and a Label Studio file beside it (<stem>.label-studio.json).
-    -> (that file, the number of images outside `image_root`)."""
+def sidecar(path: Path) -> Path:
+    """The Label Studio file written beside a selection file."""
     path = Path(path)
-    get_writer(path)(path, rows)
-    ls = path.with_name(path.stem + ".label-studio.json")
-    return ls, write_label_studio(ls, rows, os.path.abspath(image_root) if image_root else None)
+    return path.with_name(path.stem + ".label-studio.json")
+
+
+def check_selection_out(path: Path) -> None:
+    """check_out for a selection file and the Label Studio file beside it."""
+    check_out(path)
+    if sidecar(path).is_dir():
+        raise ConfigError(f"cannot write {sidecar(path)}, the Label Studio file beside {path}: it is a folder")
+
+
+def write_selection(path: Path, rows: Rows, image_root: Path | None = None) -> tuple[Path, int]:
+    """Write the selection, and a Label Studio file beside it (<stem>.label-studio.json),
+    both or neither: each is written whole under a temporary name, then both are renamed.
+    -> (that file, the number of images outside `image_root`)."""
+    path, ls = Path(path), sidecar(path)
+    tmp = [p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.part") for p in (path, ls)]
+    try:
+        get_writer(path)(tmp[0], rows)
+        outside = write_label_studio(tmp[1], rows, os.path.abspath(image_root) if image_root else None)
+        os.replace(tmp[1], ls)
+        os.replace(tmp[0], path)
+    finally:
+        for t in tmp:
+            t.unlink(missing_ok=True)
+    return ls, outside

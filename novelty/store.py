@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import (IndexBusyError, IndexDamagedError, IndexMismatchError, IndexMissingError, IndexReadOnlyError,
-                     InputError)
+                     InputError, StorageError)
 
 log = logging.getLogger(__name__)
 RESTORE = "restore it or build the index again"  # what a damaged catalog or manifest's message advises
@@ -214,6 +214,9 @@ class Store:
                 self.db.execute("SELECT 1 FROM images LIMIT 1").fetchall()
         except sqlite3.DatabaseError as e:
             self.close()
+            if storage_trouble(e):  # the disk or the system, not the file: never advise replacing the index
+                raise StorageError(f"cannot use {self.root / CATALOG} ({e}); check free space and permissions, "
+                                   f"the index was not changed") from None
             raise IndexDamagedError(f"{self.root / CATALOG} is damaged ({e}); {RESTORE}") from None
 
     # ----------------------------------------------------------------- lifecycle
@@ -767,6 +770,16 @@ def _shard_problem(path: Path, n: int, d: int, dim: int | None) -> str | None:
     if dtype != np.float16 or shape != (n, d) or d != (dim or d):
         return f"the file holds {dtype} {shape}, the catalog says float16 ({n}, {d}) of dim {dim}"
     return None
+
+
+STORAGE_TROUBLE = ("disk i/o error", "database or disk is full", "unable to open database file",
+                   "attempt to write a readonly database")
+
+
+def storage_trouble(e: sqlite3.Error) -> bool:
+    """Whether SQLite failed because of the disk or the system (full, I/O, permissions)
+    rather than because the catalog file is damaged."""
+    return isinstance(e, sqlite3.OperationalError) and any(m in str(e).lower() for m in STORAGE_TROUBLE)
 
 
 def stop_reason(e: BaseException) -> str:

@@ -314,3 +314,78 @@ def test_a_read_only_index_is_read_and_refuses_writes_in_one_line(read_only_copy
     one_line_error(run("build-index", "--unlabeled", sample_dir / "unlabeled", "--model", TINY, "--pretrained", "none",
                        "--index", idx.parent / "new"), 3, "cannot create the index")
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_a_folder_where_the_label_studio_file_goes_fails_before_any_work(index, tmp_path):
+    (tmp_path / "c.label-studio.json").mkdir()
+    before = runs(index)
+    one_line_error(run("select", "--budget", 3, "--index", index, "--out", tmp_path / "c.csv"), 2,
+                   "the Label Studio file beside", "it is a folder")
+    assert runs(index) == before and not (tmp_path / "c.csv").exists()
+    assert run("select", "--budget", 3, "--index", index, "--out", tmp_path / "ok.csv").exit_code == 0
+    one_line_error(run("export", "--latest", "--index", index, "--out", tmp_path / "c.csv"), 2, "it is a folder")
+
+
+def _limited(limit: int, *args) -> "subprocess.CompletedProcess":
+    """The CLI in a process whose files may not grow past `limit` bytes (RLIMIT_FSIZE):
+    a real refused write, as on a full disk, without filling one."""
+    import subprocess
+    import sys
+
+    code = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+            "from novelty.cli import app\n"
+            "sys.argv[0] = 'novelty'\n"
+            "app()\n")
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="RLIMIT_FSIZE semantics")
+def test_a_refused_write_is_one_line_exit_6_and_leaves_no_half_outputs(index, tmp_path):
+    assert run("select", "--budget", 200, "--index", index, "--out", tmp_path / "s.csv").exit_code == 0
+    csv_size = (tmp_path / "s.csv").stat().st_size
+    ls_size = (tmp_path / "s.label-studio.json").stat().st_size
+    floor = max(csv_size, 1 << 15)  # the catalog's shared-memory file (-shm) takes 32 KiB
+    assert ls_size > floor + 2000, (csv_size, ls_size)
+    # the selection fits, its Label Studio file does not: neither is written
+    r = _limited((floor + ls_size) // 2, "export", "--latest", "--index", index, "--out", tmp_path / "e.csv")
+    assert r.returncode == 6 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == "novelty: error: file too large for this system's file size limit; nothing was written"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(("e.", ".e."))]
+    # the catalog cannot even be opened: the index is not called damaged, and is fine after
+    r = _limited(100, "select", "--budget", 3, "--index", index, "--out", tmp_path / "t.csv")
+    assert r.returncode == 6 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "check free space and permissions, the index was not changed" in r.stderr and "damaged" not in r.stderr
+    assert run("select", "--budget", 3, "--index", index, "--out", tmp_path / "t.csv").exit_code == 0
+
+
+def test_every_command_named_in_the_stop_messages_exists():
+    from novelty.cli import KEPT, app
+
+    assert set(KEPT) <= {c.callback.__name__ for c in app.registered_commands}
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="signals")
+def test_ctrl_c_says_what_the_command_leaves(tmp_path):
+    """select holds nothing resumable: it must not promise 'finished shards are kept'."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = np.random.default_rng(0)
+    for name, n, split in (("l", 200, "labeled"), ("p", 40000, "unlabeled")):
+        np.save(tmp_path / f"{name}.npy", rng.normal(size=(n, 32)).astype(np.float32))
+        (tmp_path / f"{name}.txt").write_text("\n".join(f"{name}{i}" for i in range(n)))
+        assert run("import-embeddings", tmp_path / f"{name}.npy", "--ids", tmp_path / f"{name}.txt", "--split", split,
+                   "--index", tmp_path / "idx").exit_code == 0
+    proc = subprocess.Popen([sys.executable, "-m", "novelty", "select", "--budget", "40000", "--strategy", "kcenter",
+                             "--index", tmp_path / "idx", "--out", tmp_path / "s.csv"], stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    proc.send_signal(signal.SIGINT)
+    _, said = proc.communicate(timeout=60)
+    last = said.strip().splitlines()[-1].split("\r")[-1]
+    assert proc.returncode == 130 and "Traceback" not in said, said
+    assert last == "novelty: interrupted; if `info` lists the run, `novelty export --latest` writes its files again"
+    assert not (tmp_path / "s.csv").exists()
