@@ -21,7 +21,7 @@ except ImportError:  # older typer runs on click itself
     from click import exceptions as _click_errors
 
 from .config import DEFAULT_INDEX, DEFAULT_MODEL, BuildCfg, EncoderCfg, ReaderCfg
-from .errors import ConfigError, NoveltyError
+from .errors import ConfigError, IndexDamagedError, NoveltyError
 
 
 class _OneLineErrors(typer.core.TyperGroup):
@@ -338,6 +338,8 @@ def select(
                                  approximate=approximate, device=device.value), progress_factory=bar)
     finally:
         bar.close()
+    for w in r.warnings:  # after the bars: a warning printed under an open bar shares its line
+        err(f"warning: {w}")
     ls, outside = write_selection(out, r.rows, label_studio_root)
     _warn_outside(outside, label_studio_root)
     s = r.summary
@@ -426,6 +428,8 @@ def import_uncertainty(
         err(f"warning: ignored {p.labeled} score(s) of labeled images; select ranks only unlabeled ones")
     if p.not_embedded:
         err(f"warning: {p.not_embedded} score(s) are of images not embedded yet; select uses them once build-index embeds them")
+    if p.excluded:
+        err(f"warning: {p.excluded} score(s) are of images exclude keeps out of selection; used if they are included again")
 
 
 # ---------------------------------------------------------- inspect, report, label
@@ -602,7 +606,7 @@ def export(
 def info(index: IndexOpt = DEFAULT_INDEX):
     """What the index holds: model, dim, counts per split, failures, size on disk."""
     from .labeling import excluded_by_reason
-    from .store import open_store
+    from .store import SHARD_ADVICE, open_store
 
     with open_store(index) as store:
         m = store.manifest
@@ -623,9 +627,14 @@ def info(index: IndexOpt = DEFAULT_INDEX):
         groups, images = store.duplicate_hashes()
         if groups:
             typer.echo(f"duplicates {images} byte-identical images in {groups} group(s)")
+        damaged = store.shard_problems()
+        for name, why in damaged.items():
+            typer.echo(f"damaged    shard {name}: {why}")
         typer.echo(f"disk       {fmt_bytes(store.disk_bytes())}")
         for line in history_lines(store):
             typer.echo(line)
+    if damaged:  # everything else was still shown; a script checking the index sees it fail, as other readers do
+        raise IndexDamagedError(f"{len(damaged)} shard(s) missing or damaged; {SHARD_ADVICE}")
 
 
 def history_lines(store) -> list[str]:

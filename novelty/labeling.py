@@ -230,8 +230,10 @@ def exclude(root: Path, list_file: Path | None = None, selection: Path | None = 
     then over the images it may pick); their vectors stay, so neighbors, duplicates and
     report still show them. With `undo`, they are candidates again."""
     check_one_source(list_file, selection)
-    if reason is not None and not reason.strip():
-        raise ConfigError("--reason must not be empty")
+    if reason is not None and undo:
+        raise ConfigError("--reason goes with exclude, not with --undo")
+    if reason is not None and (not reason.strip() or not reason.isprintable()):
+        raise ConfigError("--reason must be one line of printable text")
     with open_store(root, writable=True) as store:
         ids, source = named_ids(store, list_file, selection)
         distinct = np.unique(ids)
@@ -256,12 +258,13 @@ def exclude(root: Path, list_file: Path | None = None, selection: Path | None = 
 
 
 def excluded_by_reason(store: Store) -> dict[str, int]:
-    """Excluded images still unlabeled, by reason ('' for none given), most first."""
+    """Excluded images select would otherwise pick (embedded, unlabeled), by reason ('' for
+    none given), most first: the count select's summary gives."""
     if not len(store.excluded_ids()):
         return {}
     return dict(store.db.execute(
         "SELECT COALESCE(e.reason, ''), COUNT(*) FROM excluded e JOIN images i ON i.id = e.image "
-        "WHERE i.split = 'unlabeled' GROUP BY 1 ORDER BY 2 DESC").fetchall())
+        "WHERE i.split = 'unlabeled' AND i.status = 'embedded' GROUP BY 1 ORDER BY 2 DESC").fetchall())
 
 
 # --------------------------------------------------------------------------- history

@@ -87,6 +87,7 @@ class PoolScores:
     values: np.ndarray  # [k]
     labeled: int  # scores of labeled images, dropped: select never ranks a labeled image
     not_embedded: int  # of those kept, scores of unlabeled images with no vector yet (pending or failed)
+    excluded: int = 0  # of those kept, scores of images `exclude` keeps out of selection (used if included again)
 
 
 def pool_scores(store: Store, path: Path, ids: np.ndarray, values: np.ndarray) -> PoolScores:
@@ -96,13 +97,16 @@ def pool_scores(store: Store, path: Path, ids: np.ndarray, values: np.ndarray) -
     ids = np.asarray(ids, dtype=np.int64)
     labeled = np.isin(ids, np.fromiter((i for (i,) in store.db.execute("SELECT id FROM images WHERE split='labeled'")),
                                        np.int64))
-    in_pool = np.isin(ids, store.embedded("unlabeled").ids)
+    in_pool = np.isin(ids, store.pool_ids()[0])
+    excluded = np.isin(ids, store.excluded_ids()) & ~labeled
+    not_embedded = ~labeled & ~in_pool & ~excluded
     if not in_pool.any():
-        why = f"{int(labeled.sum())} labeled, {int((~labeled).sum())} unlabeled but not embedded"
-        raise InputError(f"none of the {len(ids)} id(s) in {path} is an unlabeled embedded image ({why}); "
-                         f"select ranks only those, so nothing was imported")
+        why = (f"{int(labeled.sum())} labeled, {int(not_embedded.sum())} unlabeled but not embedded"
+               + (f", {int(excluded.sum())} excluded" if excluded.any() else ""))
+        raise InputError(f"none of the {len(ids)} id(s) in {path} is an image select may pick, unlabeled, embedded "
+                         f"and not excluded ({why}); so nothing was imported")
     keep = ~labeled
-    return PoolScores(ids[keep], np.asarray(values)[keep], int(labeled.sum()), int((keep & ~in_pool).sum()))
+    return PoolScores(ids[keep], np.asarray(values)[keep], int(labeled.sum()), int(not_embedded.sum()), int(excluded.sum()))
 
 
 def save_selection(store: Store, params: dict, summary: dict, image_ids, priority, radius_trace=None) -> int:

@@ -48,7 +48,8 @@ def pool_uncertainty(store, pool_ids: np.ndarray, warnings: list[str]) -> tuple[
     hit = (pos < len(latest.ids)) & (latest.ids[np.minimum(pos, len(latest.ids) - 1)] == pool_ids)
     u[hit] = latest.values[pos[hit]]
     if not hit.any():
-        warnings.append(f"uncertainty run #{latest.run} scores no unlabeled image; ignoring it")
+        warnings.append(f"uncertainty run #{latest.run} scores no image of the pool (unlabeled, embedded, not excluded); "
+                        f"ignoring it")
         return None, None
     return u, {"run": latest.run, **latest.params}
 
@@ -179,5 +180,5 @@ def select(root: Path, cfg: SelectCfg, progress_factory: Callable[..., Callable[
         params = {**asdict(cfg), "strategy": name, "budget": budget}
         run = records.save_selection(store, params, summary, pool_ids[picks], sel.priority, sel.radius_trace)
         for w in warnings:
-            log.warning("warning: %s", w)  # the CLI's stderr line too
+            log.info("warning: %s", w)  # the CLI prints SelectResult.warnings itself, once its bars are closed
         return SelectResult(rows, summary, run, warnings)

@@ -649,15 +649,20 @@ class Store:
         rows = self.db.execute("SELECT image FROM excluded ORDER BY image").fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
-    def pool(self) -> tuple[np.ndarray, np.ndarray, int]:
-        """The unlabeled vectors select may pick: embedded and not excluded.
-        -> (ids, float16 [n, d], how many embedded unlabeled images are excluded)."""
-        skip = self.excluded_ids()
-        if not len(skip):
-            return (*self.vectors("unlabeled"), 0)
+    def pool_ids(self) -> tuple[np.ndarray, int]:
+        """The catalog ids select may pick: embedded, unlabeled, not excluded (sorted).
+        -> (ids, how many embedded unlabeled images are excluded)."""
         ids = self.embedded("unlabeled").ids
-        keep = ~np.isin(ids, skip)
-        return (*self.vectors("unlabeled", ids=ids[keep]), int((~keep).sum()))
+        keep = ~np.isin(ids, self.excluded_ids())
+        return ids[keep], int((~keep).sum())
+
+    def pool(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """The unlabeled vectors select may pick (pool_ids).
+        -> (ids, float16 [n, d], how many embedded unlabeled images are excluded)."""
+        if not len(self.excluded_ids()):
+            return (*self.vectors("unlabeled"), 0)
+        ids, excluded = self.pool_ids()
+        return (*self.vectors("unlabeled", ids=ids), excluded)
 
     def iter_blocks(self, split: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (ids [b], float16 vectors [b, d]) shard by shard, never all at once."""

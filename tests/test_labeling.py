@@ -327,8 +327,11 @@ def test_excluding_the_whole_pool_is_said_and_bad_input_changes_nothing(index, t
     (tmp_path / "bad.txt").write_text("p001\nzzz\n")
     r = run("exclude", tmp_path / "bad.txt", "--index", index)
     assert r.exit_code == 2 and "1 of 2 id(s) are not in the index: 'zzz'" in r.output, r.output
-    r = run("exclude", tmp_path / "bad.txt", "--reason", " ", "--index", index)
-    assert r.exit_code == 2 and "--reason must not be empty" in r.output
+    for args, said in ((["--reason", " "], "--reason must be one line of printable text"),
+                       (["--reason", "a\nb"], "--reason must be one line of printable text"),
+                       (["--reason", "x", "--undo"], "--reason goes with exclude, not with --undo")):
+        r = run("exclude", tmp_path / "bad.txt", *args, "--index", index)
+        assert r.exit_code == 2 and said in r.output and len(r.output.strip().splitlines()) == 1, r.output
     with open_store(index) as st:
         assert not len(st.excluded_ids()) and not st.db.execute("SELECT COUNT(*) FROM runs WHERE kind='exclude'").fetchone()[0]
     (tmp_path / "all.txt").write_text("\n".join(f"p{i:03d}" for i in range(100)))
@@ -349,3 +352,19 @@ def test_an_index_from_before_exclude_reads_and_gains_the_table_when_written(ind
     (tmp_path / "x.txt").write_text("p000\n")
     assert run("exclude", tmp_path / "x.txt", "--index", index).exit_code == 0
     assert "excluded   1 unlabeled image(s) kept out of selection (no reason given: 1)" in run("info", "--index", index).output
+
+
+def test_info_counts_the_excluded_images_select_would_pick(tmp_path, sample_dir):
+    """Only embedded unlabeled images count, as in select's summary: excluding a broken
+    file (failed) changes neither number."""
+    idx = tmp_path / "idx"
+    assert run("build-index", "--index", idx, "--model", TINY, "--pretrained", "none",
+               "--labeled", sample_dir / "labeled", "--unlabeled", sample_dir / "unlabeled").exit_code == 0
+    with open_store(idx) as st:
+        failed = st.db.execute("SELECT path FROM images WHERE status='failed' LIMIT 1").fetchone()[0]
+        good = st.db.execute("SELECT path FROM images WHERE status='embedded' AND split='unlabeled' LIMIT 2").fetchall()
+    (tmp_path / "x.txt").write_text("\n".join([failed, *(p for (p,) in good)]))
+    assert run("exclude", tmp_path / "x.txt", "--reason", "t", "--index", idx).exit_code == 0
+    assert "excluded   2 unlabeled image(s) kept out of selection (t: 2)" in run("info", "--index", idx).output
+    r = run("select", "--budget", 3, "--index", idx, "--out", tmp_path / "s.csv")
+    assert r.exit_code == 0 and "(2 excluded)" in r.output, r.output

@@ -341,6 +341,23 @@ def test_import_uncertainty_of_labeled_images(index, tmp_path):
         assert st.db.execute("SELECT COUNT(*) FROM uncertainty").fetchone()[0] == 3
 
 
+def test_scores_only_of_excluded_images_are_refused_and_counted_when_mixed(index, tmp_path):
+    idx, _, _ = index
+    (tmp_path / "x.txt").write_text("p000\np001\np002\n")
+    assert run("exclude", tmp_path / "x.txt", "--index", idx).exit_code == 0
+    write_scores(tmp_path / "ex.csv", ["p000", "p001", "p002"], [1, 2, 3])
+    r = run("import-uncertainty", tmp_path / "ex.csv", "--index", idx)
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "none of the 3 id(s)" in r.output and "not excluded (0 labeled, 0 unlabeled but not embedded, 3 excluded)" in r.output
+    write_scores(tmp_path / "mix.csv", ["p000", "p003", "p004"], [1, 2, 3])
+    r = run("import-uncertainty", tmp_path / "mix.csv", "--index", idx)
+    assert r.exit_code == 0 and "stored 3 uncertainty scores" in r.output, r.output
+    assert "1 score(s) are of images exclude keeps out of selection" in r.output
+    r = run("select", "--budget", 2, "--strategy", "hybrid", "--index", idx, "--out", tmp_path / "h.csv")
+    assert r.exit_code == 0 and "(3 excluded)" in r.output, r.output
+    assert not {x["id"] for x in read(tmp_path / "h.csv")} & {"p000", "p001", "p002"}
+
+
 def test_select_export_and_neighbors_give_one_distance(index, tmp_path):
     """One convention everywhere: the cosine distance of the renormalised float16 rows.
     (export and neighbors once used the rows as stored and differed by up to ~1e-4.)"""
