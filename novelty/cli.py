@@ -245,9 +245,14 @@ def merge(
         bar.close()
     for p in s.parts:
         held = f" (part {', '.join(p.held)})" if p.held else ""
-        typer.echo(f"  {p.path}{held}: {p.added} added, {p.present} already in"
-                   + (f", {p.replaced} replaced a failed row or an older copy" if p.replaced else "")
-                   + (f", {p.moved} moved to labeled" if p.moved else "") + f"; {p.shards} shard(s) copied")
+        if p.unchanged:
+            typer.echo(f"  {p.path}{held}: unchanged since merged into this index: nothing to take")
+        else:
+            typer.echo(f"  {p.path}{held}: {p.added} added, {p.present} already in"
+                       + (f", {p.replaced} replaced a failed row or an older copy" if p.replaced else "")
+                       + (f", {p.moved} moved to labeled" if p.moved else "")
+                       + (f", {p.excluded} excluded as in the part" if p.excluded else "")
+                       + f"; {p.shards} shard(s) copied")
         if p.pending:
             err(f"warning: {p.pending} image(s) of {p.path} are not embedded yet and were left out: finish its build-index and merge again")
         if p.clashes:
@@ -271,15 +276,17 @@ def import_embeddings(
     paths: Annotated[bool, typer.Option("--paths", help="The ids are image paths (relative ones read against the list's folder, as build-index reads a list): stored as paths, so uncertainty, report and mark-labeled by path open the images.")] = False,
     index: IndexOpt = DEFAULT_INDEX,
     model: Annotated[str, typer.Option(help="A name for the model that made these vectors.")] = "imported",
+    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip ids (paths, with --paths) already embedded in the index instead of refusing them: re-import a whole file after a lost shard, or a growing dump.")] = False,
 ):
     """Add vectors computed elsewhere (e.g. the detector's backbone). Rows are L2-normalised."""
     from .importer import import_embeddings as run
 
-    r = run(index, vectors_file, ids, split.value, model, paths=paths)
+    r = run(index, vectors_file, ids, split.value, model, paths=paths, skip_existing=skip_existing)
     if r.missing:
         err(f"warning: {len(r.missing)} of {r.n} paths are not image files now (gone, unreadable or a folder), "
             f"e.g. {r.missing[0]}; uncertainty and report will record them as failed")
-    typer.echo(f"imported {r.n} vectors into {index} as {split.value}" + (" under their image paths" if paths else ""))
+    typer.echo(f"imported {r.n} vectors into {index} as {split.value}" + (" under their image paths" if paths else "")
+               + (f"; skipped {r.skipped} already in the index" if skip_existing else ""))
 
 
 @command

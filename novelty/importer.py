@@ -2,7 +2,9 @@
 enter the index under their own ids, or under the paths of their images (`paths=True`),
 so that `uncertainty`, `report` and `mark-labeled` by path work on them as on
 `build-index`'s images. Rows are checked (finite, non-zero) and L2-normalised block by
-block; the import is all or nothing."""
+block; the import is all or nothing. Such an index cannot embed anything again, so a
+missing or damaged shard loses its vectors (VECTOR_LOST) at the next import, and
+`skip_existing` imports the same whole file again for just those (and any new rows)."""
 from __future__ import annotations
 
 import logging
@@ -15,7 +17,7 @@ import numpy as np
 
 from .errors import IndexBusyError, InputError, NoveltyError
 from .sources import list_path, record
-from .store import create_store
+from .store import LOST_PREFIX, LostShards, Store, create_store
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +65,31 @@ def normalised_blocks(X: np.ndarray, block: int = BLOCK) -> Iterator[np.ndarray]
         yield B / norms
 
 
+def kept_blocks(blocks: Iterator[np.ndarray], keep: np.ndarray, block: int = BLOCK) -> Iterator[np.ndarray]:
+    """The rows of `blocks` where `keep` ([n] bool, over all their rows) is True,
+    regrouped into blocks of up to `block` rows (a shard each)."""
+    parts: list[np.ndarray] = []
+    held = start = 0
+    for B in blocks:  # [b, d]
+        B, start = B[keep[start:start + len(B)]], start + len(B)
+        while len(B):
+            part, B = B[:block - held], B[block - held:]
+            parts.append(part)
+            held += len(part)
+            if held == block:
+                yield np.concatenate(parts)
+                parts, held = [], 0
+    assert start == len(keep)
+    if held:
+        yield np.concatenate(parts)
+
+
 @dataclass
 class Imported:
     n: int
     missing: list[str] = field(default_factory=list)  # paths=True: paths that are not a regular file now
+    skipped: int = 0  # skip_existing: keys already embedded in the index
+    lost: LostShards = field(default_factory=LostShards)  # missing or damaged shards found first
 
 
 def image_paths(keys: list[str], source: Path, split: str) -> tuple[list[str], list[tuple[int, float] | None], list[str]]:
@@ -94,8 +117,42 @@ def image_paths(keys: list[str], source: Path, split: str) -> tuple[list[str], l
     return paths, stats, missing
 
 
+def drop_lost_shards(store: Store) -> LostShards:
+    """Drop the missing or damaged shards of an index made by import-embeddings. Nothing
+    in it can be embedded again, so every row of such a shard, under an id or a path,
+    becomes failed (VECTOR_LOST) until its vector is imported again."""
+    problems = store.shard_problems()
+    if not problems:
+        return LostShards()
+    for name, why in problems.items():
+        log.warning("shard %s is missing or damaged (%s)", name, why)
+    lost = store.drop_shards(list(problems), reembed=False)
+    log.warning("%d imported vector(s) were in those %d shard(s): recorded as failed (vector lost); import the same "
+                "files again with --skip-existing to put them back", lost.lost, len(problems))
+    return lost
+
+
+def skipped_keys(store: Store, column: str, keys: list[str], skip_existing: bool) -> set[str]:
+    """Those of `keys` already embedded in the index, which `skip_existing` skips and an
+    import without it refuses. A key held as lost (VECTOR_LOST) is imported again into its
+    row; one held as pending, or failed for another reason (no import makes those), is
+    neither skipped nor imported: the import is refused, saying why."""
+    noun = "id" if column == "ext_id" else "path"
+    held = store.find_keys(column, keys, ("status", "reason"))
+    odd = [(k, st, why) for k, (st, why) in held.items() if st != "embedded" and not (why or "").startswith(LOST_PREFIX)]
+    if odd:
+        k, st, why = odd[0]
+        raise InputError(f"{len(odd)} {noun}(s) are in the index but {st} ({why or 'no reason'}), e.g. {k!r}, "
+                         f"so neither skipped nor imported again; nothing was imported")
+    there = {k for k, (st, _) in held.items() if st == "embedded"}
+    if there and not skip_existing:
+        raise InputError(f"{len(there)} {noun}(s) already in the index, e.g. {min(there)!r}; nothing was imported "
+                         f"(--skip-existing imports only the others)")
+    return there
+
+
 def import_embeddings(root: Path, vectors_file: Path, ids_file: Path, split: str, model: str = "imported",
-                      paths: bool = False) -> Imported:
+                      paths: bool = False, skip_existing: bool = False) -> Imported:
     X = load_vectors(vectors_file)
     ids = read_ids(ids_file)
     if len(ids) != len(X):
@@ -108,24 +165,41 @@ def import_embeddings(root: Path, vectors_file: Path, ids_file: Path, split: str
     fresh = not Path(root).exists()
     try:
         with create_store(root) as store:
-            store.check_encoder({"kind": "imported", "model": model, "pretrained": None}, int(X.shape[1]))
-            # one image, one row: a path may not also be an imported id (as given or absolute), nor the reverse
-            other = store.existing_keys("ext_id", sorted(set(given) | set(ids))) if paths else store.existing_keys("path", ids)
-            if other:
-                raise InputError(f"{len(other)} of these are already in the index as {'imported ids' if paths else 'image paths'}, "
-                                 f"e.g. {other[0]!r}; nothing was imported")
-            # all or nothing, with its history line: a refused import leaves neither
-            run = store.add_imported(ids, normalised_blocks(X), split, files, run_params={
-                "vectors": str(Path(vectors_file).resolve()), "ids": str(Path(ids_file).resolve()),
-                "split": split, "model": model, "paths": paths})
             from . import vectors
 
-            vectors.build(store)
-            store.finish_run(run, {"imported": len(ids), "missing_files": len(missing)})
+            store.check_encoder({"kind": "imported", "model": model, "pretrained": None}, int(X.shape[1]))
+            lost = drop_lost_shards(store)  # committed whatever the import below comes to
+            try:
+                # one image, one row: a path may not also be an imported id (as given or absolute), nor the reverse
+                other = store.existing_keys("ext_id", sorted(set(given) | set(ids))) if paths else store.existing_keys("path", ids)
+                if other:
+                    raise InputError(f"{len(other)} of these are already in the index as "
+                                     f"{'imported ids' if paths else 'image paths'}, e.g. {other[0]!r}; nothing was imported")
+                skip = skipped_keys(store, "path" if paths else "ext_id", ids, skip_existing)
+                keep = np.array([k not in skip for k in ids], dtype=bool)  # [n]
+                keys = [k for k, kept in zip(ids, keep) if kept]
+                if files is not None:
+                    files = [st for st, kept in zip(files, keep) if kept]
+                    missing = [m for m in missing if m not in skip]
+                if keys:  # all or nothing, with its history line: a refused import leaves neither
+                    run = store.add_imported(keys, kept_blocks(normalised_blocks(X), keep), split, files, run_params={
+                        "vectors": str(Path(vectors_file).resolve()), "ids": str(Path(ids_file).resolve()),
+                        "split": split, "model": model, "paths": paths, "skip_existing": skip_existing})
+            except NoveltyError:
+                if lost.names:  # the repair stands: searches need not fall back to reading the shards
+                    vectors.build(store)
+                raise
+            if keys or lost.names:
+                vectors.build(store)
+            if keys:
+                summary = {"imported": len(keys), "skipped": len(skip), "missing_files": len(missing)}
+                if lost.names:
+                    summary.update(lost_shards=list(lost.names), vectors_lost=lost.lost)
+                store.finish_run(run, summary)
     except IndexBusyError:
         raise  # another writer's index, whether it existed a moment ago or not: never ours to remove
     except NoveltyError:
         if fresh:  # a refused first import leaves no index behind (its dim would bind the next import)
             shutil.rmtree(root, ignore_errors=True)
         raise
-    return Imported(len(ids), missing)
+    return Imported(len(keys), missing, len(skip), lost)

@@ -37,11 +37,12 @@ from .errors import (IndexBusyError, IndexDamagedError, IndexMismatchError, Inde
 
 log = logging.getLogger(__name__)
 RESTORE = "restore it or build the index again"  # what a damaged catalog or manifest's message advises
-# what a missing or damaged shard's message advises (build-index checks the shards and re-embeds their images)
-SHARD_ADVICE = ("re-run build-index with the same sources to embed its images again (vectors from import-embeddings "
-                "are then recorded as lost: import them again)")
-VECTOR_LOST = ("vector lost: shard {} was missing or damaged, and a vector imported under an id cannot be embedded "
-               "again; import it again")
+# what a missing or damaged shard's message advises: build-index re-embeds the images of a lost shard from
+# their files; import-embeddings records imported vectors as lost, and --skip-existing imports only those again
+SHARD_ADVICE = ("re-run build-index with the same sources, or for vectors from import-embeddings re-run it with the "
+                "same files and --skip-existing")
+VECTOR_LOST = ("vector lost: shard {} was missing or damaged, and an imported vector cannot be embedded again; import "
+               "it again (import-embeddings --skip-existing takes the whole file)")
 LOST_PREFIX = VECTOR_LOST.split("{}")[0]
 
 CATALOG = "catalog.sqlite"
@@ -462,7 +463,7 @@ class Store:
             raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         column = "ext_id" if files is None else "path"
         held = self.find_keys(column, keys, ("status", "reason"))
-        # a vector a lost shard took (VECTOR_LOST) may be imported again under its id: its row is reused
+        # a vector a lost shard took (VECTOR_LOST) may be imported again under its key: its row is reused
         lost = {k for k, (status, reason) in held.items() if status == "failed" and (reason or "").startswith(LOST_PREFIX)}
         clash = [k for k in held if k not in lost]
         if clash:
@@ -487,8 +488,9 @@ class Store:
             db.executemany(
                 f"INSERT INTO images({column}, split, size, mtime, status, shard, row, added) VALUES (?,?,?,?,'embedded',?,?,?)",
                 (row for row in rows if row[0] not in lost))
-            db.executemany(
-                f"UPDATE images SET split=?, size=?, mtime=?, status='embedded', reason=NULL, shard=?, row=?, hash=NULL "
+            db.executemany(  # a row mark-labeled moved keeps its split, as in sync_sources
+                f"UPDATE images SET split=CASE WHEN labeled_at IS NULL THEN ? ELSE split END, size=?, mtime=?, "
+                f"status='embedded', reason=NULL, shard=?, row=?, hash=NULL "
                 f"WHERE {column}=?", ((*row[1:6], row[0]) for row in rows if row[0] in lost))
             self._bump_version()
             if run_params is not None:
@@ -556,26 +558,30 @@ class Store:
                 problems[name] = why
         return problems
 
-    def drop_shards(self, names: Sequence[str]) -> LostShards:
+    def drop_shards(self, names: Sequence[str], reembed: bool = True) -> LostShards:
         """Take shards out of the catalog, in one transaction, and delete their files.
 
         Their images with a path go back to pending (shard, row and hash cleared), so
         build-index embeds them again from the files; their vectors imported under an id
-        become failed (VECTOR_LOST). vectors_version moves on when any image changed, so
-        the FAISS index is rebuilt. A kill after the commit leaves the files as orphans,
-        removed at the next open for writing."""
+        become failed (VECTOR_LOST). With `reembed=False` (an index made by
+        import-embeddings, which embeds nothing) every row of those shards, with a path
+        or not, becomes failed (VECTOR_LOST). vectors_version moves on when any image
+        changed, so the FAISS index is rebuilt. A kill after the commit leaves the files
+        as orphans, removed at the next open for writing."""
         assert self.writable
         with self.transaction() as db:
             db.execute("CREATE TEMP TABLE IF NOT EXISTS lost_shards(name TEXT PRIMARY KEY)")
             db.execute("DELETE FROM lost_shards")
             db.executemany("INSERT OR IGNORE INTO lost_shards VALUES (?)", ((n,) for n in names))
-            requeued = db.execute(
-                "UPDATE images SET status='pending', reason=NULL, shard=NULL, row=NULL, hash=NULL "
-                "WHERE path IS NOT NULL AND shard IN (SELECT name FROM lost_shards)").rowcount
+            requeued = 0
+            if reembed:
+                requeued = db.execute(
+                    "UPDATE images SET status='pending', reason=NULL, shard=NULL, row=NULL, hash=NULL "
+                    "WHERE path IS NOT NULL AND shard IN (SELECT name FROM lost_shards)").rowcount
             head, tail = VECTOR_LOST.split("{}")
-            lost = db.execute(
+            lost = db.execute(  # the rows left pointing into them
                 "UPDATE images SET status='failed', reason=? || shard || ?, shard=NULL, row=NULL, hash=NULL "
-                "WHERE path IS NULL AND shard IN (SELECT name FROM lost_shards)", (head, tail)).rowcount
+                "WHERE shard IN (SELECT name FROM lost_shards)", (head, tail)).rowcount
             db.execute("DELETE FROM shards WHERE name IN (SELECT name FROM lost_shards)")
             db.execute("DELETE FROM lost_shards")
             if requeued or lost:

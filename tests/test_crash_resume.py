@@ -255,3 +255,161 @@ def test_an_intact_index_is_left_alone(sample_dir, tiny_reference, tmp_path):
         assert st.manifest["faiss"] == faiss_manifest
     rows, vecs, _ = snapshot(index)
     assert rows == ref_rows and vecs.keys() == ref_vecs.keys()
+
+
+# ------------------------------------------- a shard lost from an import-made index
+# An index made only by import-embeddings embeds nothing again: the import repairs the
+# lost shard (its vectors are recorded as lost) and --skip-existing imports the same
+# files again for just those rows.
+
+def import_files(tmp_path, paths: bool, sample_dir) -> dict[str, tuple[Path, Path, list[str]]]:
+    """split -> (vectors.npy, ids.txt, keys as the catalog stores them): ids, or the
+    absolute paths of the sample's files (written relative to the list's folder)."""
+    rng = np.random.default_rng(7)
+    out = {}
+    for split in ("labeled", "unlabeled"):
+        if paths:
+            files = sorted(p for p in (sample_dir / split).iterdir() if p.is_file())
+            lines, keys = [os.path.relpath(p, tmp_path) for p in files], [str(p) for p in files]
+        else:
+            lines = keys = [f"{split[:3]}{i}" for i in range(20 if split == "labeled" else 50)]
+        np.save(tmp_path / f"{split}.npy", rng.normal(size=(len(keys), 24)).astype(np.float32))
+        (tmp_path / f"{split}.txt").write_text("\n".join(lines))
+        out[split] = (tmp_path / f"{split}.npy", tmp_path / f"{split}.txt", keys)
+    return out
+
+
+def imported_vectors(index) -> dict[str, np.ndarray]:
+    """key (ext_id or path) -> its float16 vector, for every embedded row."""
+    with open_store(index) as st:
+        ids, X = st.vectors()
+        keys = dict(st.db.execute("SELECT id, COALESCE(ext_id, path) FROM images"))
+    return {keys[i]: x for i, x in zip(ids.tolist(), X)}
+
+
+def catalog_rows(index) -> list[tuple]:
+    with open_store(index) as st:
+        return st.db.execute("SELECT id, COALESCE(ext_id, path), split, status, reason FROM images ORDER BY id").fetchall()
+
+
+def import_cli(files, split, index, *extra):
+    npy, txt, _ = files[split]
+    return run("import-embeddings", npy, "--ids", txt, "--split", split, "--index", index, *extra)
+
+
+@pytest.mark.parametrize("paths,how", [(False, "deleted"), (True, "truncated")])
+def test_an_import_made_index_recovers_from_a_lost_shard(sample_dir, tmp_path, paths, how):
+    files = import_files(tmp_path, paths, sample_dir)
+    keys = files["unlabeled"][2]
+    flag = ["--paths"] if paths else []
+    index = tmp_path / "idx"
+    assert import_cli(files, "labeled", index, *flag).exit_code == 0
+    # the unlabeled file grows: its first 30 rows, then the whole file with --skip-existing
+    head_npy, head_txt = tmp_path / "head.npy", tmp_path / "head.txt"
+    np.save(head_npy, np.load(files["unlabeled"][0])[:30])
+    head_txt.write_text("\n".join(files["unlabeled"][1].read_text().splitlines()[:30]))
+    r = run("import-embeddings", head_npy, "--ids", head_txt, "--split", "unlabeled", "--index", index, *flag)
+    assert r.exit_code == 0, r.output
+    r = import_cli(files, "unlabeled", index, *flag, "--skip-existing")
+    assert r.exit_code == 0 and f"imported {len(keys) - 30} vectors" in r.output and "skipped 30 already" in r.output, r.output
+    ref_vecs, ref_rows = imported_vectors(index), catalog_rows(index)
+    assert len(ref_vecs) == len(ref_rows) == len(files["labeled"][2]) + len(keys)
+    with open_store(index) as st:  # the shard of the first 30 unlabeled rows
+        (name,) = st.db.execute("SELECT shard FROM images WHERE COALESCE(ext_id, path)=?", (keys[0],)).fetchone()
+    damage(index / "shards" / f"{name}.npy", how)
+
+    r = run("select", "--budget", "3", "--index", index, "--out", tmp_path / "before.csv")
+    assert r.exit_code == 3 and "re-run build-index" in r.output and "--skip-existing" in r.output, r.output
+
+    # without --skip-existing: the lost shard is repaired, the import refused in one line
+    version, _, _ = catalog_state(index)
+    r = import_cli(files, "unlabeled", index, *flag)
+    assert r.exit_code == 2 and name in r.output and "30 imported vector(s)" in r.output, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("novelty: error")]
+    assert len(errors) == 1 and "already in the index" in errors[0] and "--skip-existing" in errors[0], r.output
+    lost_rows = [(i, k, s, "failed", VECTOR_LOST.format(name)) if k in keys[:30] else (i, k, s, st, why)
+                 for i, k, s, st, why in ref_rows]
+    assert catalog_rows(index) == lost_rows  # nothing imported
+    after_repair = catalog_state(index)
+    assert after_repair[0] == version + 1 and name not in after_repair[1] and after_repair[1] == after_repair[2]
+    r = run("select", "--budget", "3", "--index", index, "--out", tmp_path / "between.csv")
+    assert r.exit_code == 0 and "older than the catalog" not in r.output, r.output  # FAISS was rebuilt
+    r = import_cli(files, "unlabeled", index, *flag)  # refused again, and now it changes nothing at all
+    assert r.exit_code == 2 and name not in r.output, r.output
+    assert catalog_rows(index) == lost_rows and catalog_state(index) == after_repair
+
+    # with --skip-existing: the 30 lost vectors go back into their rows, the 20 others are skipped
+    r = import_cli(files, "unlabeled", index, *flag, "--skip-existing")
+    assert r.exit_code == 0, r.output
+    assert f"imported 30 vectors into {index} as unlabeled" in r.output and f"skipped {len(keys) - 30} already" in r.output
+    assert catalog_rows(index) == ref_rows  # same rows, same catalog ids, all embedded again
+    vecs = imported_vectors(index)
+    assert vecs.keys() == ref_vecs.keys()
+    for k, v in ref_vecs.items():  # the same float32 rows, normalised and stored as float16 again
+        np.testing.assert_array_equal(vecs[k], v, err_msg=k)
+    with open_store(index) as st:
+        assert st.manifest["faiss"]["ntotal"] == len(ref_vecs)
+        (params, summary), = st.db.execute("SELECT params, summary FROM runs WHERE kind='import' ORDER BY id DESC LIMIT 1")
+    assert json.loads(params)["skip_existing"] is True and json.loads(params)["paths"] is paths
+    assert json.loads(summary)["imported"] == 30 and json.loads(summary)["skipped"] == len(keys) - 30
+    r = run("select", "--budget", "3", "--index", index, "--out", tmp_path / "after.csv")
+    assert r.exit_code == 0, r.output
+    r = run("info", "--index", index)
+    assert r.exit_code == 0 and "vector lost" not in r.output, r.output
+
+    # --skip-existing on an intact index: nothing imported, nothing changed (no shard, no version, no run)
+    before, faiss_stat = catalog_state(index), (index / "vectors.faiss").stat().st_mtime_ns
+    with open_store(index) as st:
+        runs = st.db.execute("SELECT COUNT(*) FROM runs").fetchone()
+    r = import_cli(files, "unlabeled", index, *flag, "--skip-existing")
+    assert r.exit_code == 0 and "imported 0 vectors" in r.output and f"skipped {len(keys)} already" in r.output, r.output
+    assert catalog_state(index) == before and catalog_rows(index) == ref_rows
+    assert (index / "vectors.faiss").stat().st_mtime_ns == faiss_stat
+    with open_store(index) as st:
+        assert st.db.execute("SELECT COUNT(*) FROM runs").fetchone() == runs
+
+
+def test_a_lost_row_that_mark_labeled_moved_stays_labeled(tmp_path):
+    from novelty.importer import import_embeddings
+
+    keys = [f"ext{i}" for i in range(6)]
+    np.save(tmp_path / "u.npy", np.random.default_rng(2).normal(size=(6, 8)).astype(np.float32))
+    (tmp_path / "u.txt").write_text("\n".join(keys))
+    (tmp_path / "done.txt").write_text("ext1\n")
+    index = tmp_path / "idx"
+    import_embeddings(index, tmp_path / "u.npy", tmp_path / "u.txt", "unlabeled")
+    assert run("mark-labeled", tmp_path / "done.txt", "--index", index).exit_code == 0
+    (shard,) = [p for p in (index / "shards").iterdir()]
+    shard.unlink()
+    r = import_embeddings(index, tmp_path / "u.npy", tmp_path / "u.txt", "unlabeled", skip_existing=True)
+    assert (r.n, r.skipped, r.lost.lost) == (6, 0, 6)
+    with open_store(index) as st:
+        splits = dict(st.db.execute("SELECT ext_id, split FROM images WHERE status='embedded'"))
+    assert splits == {k: "labeled" if k == "ext1" else "unlabeled" for k in keys}
+
+
+def test_skip_existing_refuses_a_key_failed_for_another_reason(tmp_path):
+    from novelty.importer import import_embeddings
+
+    np.save(tmp_path / "u.npy", np.random.default_rng(3).normal(size=(3, 8)).astype(np.float32))
+    (tmp_path / "u.txt").write_text("a\nb\nc\n")
+    index = tmp_path / "idx"
+    import_embeddings(index, tmp_path / "u.npy", tmp_path / "u.txt", "unlabeled")
+    with create_store(index) as st, st.transaction() as db:
+        db.execute("UPDATE images SET status='failed', reason='unreadable: odd', shard=NULL, row=NULL WHERE ext_id='b'")
+    before = catalog_rows(index)
+    with pytest.raises(InputError, match=r"1 id\(s\) are in the index but failed \(unreadable: odd\), e.g. 'b'"):
+        import_embeddings(index, tmp_path / "u.npy", tmp_path / "u.txt", "unlabeled", skip_existing=True)
+    assert catalog_rows(index) == before
+
+
+def test_kept_blocks_match_a_mask_of_the_whole_array():
+    from novelty.importer import kept_blocks
+
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(103, 5)).astype(np.float32)  # [103, 5]
+    for p in (0.0, 0.3, 0.9, 1.0):
+        keep = rng.random(len(X)) < p
+        got = list(kept_blocks((X[s:s + 17] for s in range(0, len(X), 17)), keep, block=10))
+        assert all(len(b) == 10 for b in got[:-1]) and all(0 < len(b) <= 10 for b in got)
+        np.testing.assert_array_equal(np.concatenate(got) if got else X[:0], X[keep])

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+from novelty.merge import merge_indexes
 from novelty.sources import in_part, parse_part
 from novelty.store import open_store
 from tests.conftest import TINY, TINY_WIDE, run
@@ -70,17 +71,24 @@ def test_merged_parts_equal_one_build_of_everything(parts, tmp_path):
         assert vectors.is_current(st)
     r = run("select", "--budget", 5, "--index", out, "--out", tmp_path / "sel.csv")
     assert r.exit_code == 0, r.output
-    # merging again adds nothing; the history has one line per merged part
-    r = run("merge", parts / "p1", parts / "p2", parts / "p3", "--index", out)
-    assert r.exit_code == 0 and r.output.count(" 0 added") == 3, r.output
+    # merging again takes nothing: the parts are unchanged since, so the history keeps one line per part
+    assert run("merge", parts / "p1", parts / "p2", parts / "p3", "--index", out).exit_code == 0
+    s = merge_indexes(out, [parts / "p1", parts / "p2", parts / "p3"])
+    assert [(p.unchanged, p.added, p.shards) for p in s.parts] == [(True, 0, 0)] * 3
     assert catalog(out).keys() == merged.keys()
     info = run("info", "--index", out).output
-    assert info.count("  merge  ") == 6 and "(part 2/3)" in info and "interrupted" not in info
+    assert info.count("  merge  ") == 3 and "(part 2/3)" in info and "interrupted" not in info
 
 
 def test_a_missing_part_is_named(parts, tmp_path):
     r = run("merge", parts / "p1", parts / "p3", "--index", tmp_path / "all")
     assert r.exit_code == 0 and "warning: part(s) 2/3 are not merged yet" in r.output, r.output
+
+
+def merged_parts(idx) -> set[str]:
+    """The parts whose fingerprint the index records."""
+    with open_store(idx) as st:
+        return {k.removeprefix("merged:") for (k,) in st.db.execute("SELECT key FROM meta WHERE key LIKE 'merged:%'")}
 
 
 def test_a_killed_merge_resumes(parts, tmp_path, monkeypatch):
@@ -97,15 +105,15 @@ def test_a_killed_merge_resumes(parts, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Store, "write_shard_file", dies_on_the_second_shard)
     with pytest.raises(KeyboardInterrupt):
-        from novelty.merge import merge_indexes
-
         merge_indexes(out, [parts / "p1", parts / "p2", parts / "p3"])
     monkeypatch.setattr(Store, "write_shard_file", real)
     after_kill = catalog(out)
     assert set(after_kill) == set(catalog(parts / "p1"))  # part 1 in, part 2 not at all
-    r = run("merge", parts / "p1", parts / "p2", parts / "p3", "--index", out)
-    assert r.exit_code == 0, r.output
+    assert merged_parts(out) == {str((parts / "p1").resolve())}  # only a committed part has its fingerprint
+    s = merge_indexes(out, [parts / "p1", parts / "p2", parts / "p3"])
+    assert [p.unchanged for p in s.parts] == [True, False, False]
     assert set(catalog(out)) == set(catalog(parts / "whole"))
+    assert merged_parts(out) == {str((parts / f"p{k}").resolve()) for k in (1, 2, 3)}
     with open_store(out) as st:  # every shard file is one the catalog knows
         known = {n for (n,) in st.db.execute("SELECT name FROM shards")}
     assert {f.stem for f in (out / "shards").glob("*.npy")} == known
@@ -197,9 +205,10 @@ def test_a_rebuilt_part_brings_its_newer_vectors(tmp_path, sample_dir):
     assert r.exit_code == 0 and "1 replaced" in r.output and " 0 added" in r.output, r.output
     np.testing.assert_array_equal(catalog(out)[changed][4], catalog(tmp_path / "p1")[changed][4])
     assert catalog(out)[changed][3] == catalog(tmp_path / "p1")[changed][3] == catalog(tmp_path / "p2")[other[-1]][3]  # the new bytes
-    # merging the older copy back changes nothing: the newer one stays
-    r = run("merge", tmp_path / "p1", "--index", out)
-    assert " 0 added" in r.output and "replaced" not in r.output, r.output
+    # merging both again takes nothing: neither changed since, and the newer vector stays
+    s = merge_indexes(out, [tmp_path / "p1", tmp_path / "p2"])
+    assert [(p.unchanged, p.added, p.replaced) for p in s.parts] == [(True, 0, 0)] * 2
+    np.testing.assert_array_equal(catalog(out)[changed][4], catalog(tmp_path / "p1")[changed][4])
 
 
 def test_merged_indexes_merge_again_and_say_what_is_missing(parts, tmp_path):
@@ -382,3 +391,131 @@ def test_a_score_follows_the_vector_it_was_computed_with(tmp_path, sample_dir):
     assert r.exit_code == 0, r.output
     assert scores_by_path(out)[changed] == scores_by_path(tmp_path / "new")[changed]
     np.testing.assert_array_equal(catalog(out)[changed][4], catalog(tmp_path / "new")[changed][4])
+
+
+# ------------------------------------------------------------------ exclusions, and merging again
+def copies(parts, tmp_path, *ks) -> list:
+    out = []
+    for k in ks:
+        shutil.copytree(parts / f"p{k}", tmp_path / f"p{k}")
+        out.append(tmp_path / f"p{k}")
+    return out
+
+
+def unlabeled(idx, n: int) -> list[str]:
+    with open_store(idx) as st:
+        return [p for (p,) in st.db.execute("SELECT path FROM images WHERE split='unlabeled' AND status='embedded' "
+                                            "ORDER BY id LIMIT ?", (n,))]
+
+
+def listing(path, keys) -> str:
+    path.write_text("".join(f"{k}\n" for k in keys))
+    return path
+
+
+def excluded(idx) -> dict[str, str | None]:
+    """path -> reason, of the images `novelty exclude` (or a merge) keeps out of select."""
+    with open_store(idx) as st:
+        return dict(st.db.execute("SELECT i.path, e.reason FROM excluded e JOIN images i ON i.id = e.image"))
+
+
+def test_a_parts_exclusions_are_carried_over_and_select_leaves_them_out(parts, tmp_path):
+    p1, p2 = copies(parts, tmp_path, 1, 2)
+    skip = unlabeled(p1, 3)
+    assert run("exclude", listing(tmp_path / "skip.txt", skip), "--reason", "blank", "--index", p1).exit_code == 0
+    with open_store(p2, writable=True) as st, st.transaction() as db:
+        db.execute("DROP TABLE excluded")  # an index from before `novelty exclude`
+    m = tmp_path / "m"
+    s = merge_indexes(m, [p1, p2])
+    assert [p.excluded for p in s.parts] == [3, 0]
+    assert excluded(m) == {p: "blank" for p in skip}
+    with open_store(m) as st:  # named by the merge run that brought them
+        assert st.db.execute("SELECT DISTINCT r.kind FROM excluded e JOIN runs r ON r.id = e.run").fetchall() == [("merge",)]
+        pool = {p for (p,) in st.db.execute("SELECT path FROM images WHERE split='unlabeled' AND status='embedded'")}
+    r = run("select", "--budget", 300, "--index", m, "--out", tmp_path / "sel.csv")
+    assert r.exit_code == 0, r.output
+    with open_store(m) as st:
+        picked = {p for (p,) in st.db.execute("SELECT i.path FROM picks p JOIN images i ON i.id = p.image "
+                                              "WHERE p.run = (SELECT MAX(id) FROM runs WHERE kind='select')")}
+    assert picked == pool - set(skip)
+    # excluded later in the part: carried by the next merge; one the target excluded itself keeps its reason
+    more = unlabeled(p1, 5)[3:]
+    assert run("exclude", listing(tmp_path / "more.txt", more), "--reason", "private", "--index", p1).exit_code == 0
+    assert run("exclude", listing(tmp_path / "mine.txt", more[:1]), "--reason", "mine", "--index", m).exit_code == 0
+    s = merge_indexes(m, [p1, p2])
+    assert [(p.unchanged, p.excluded) for p in s.parts] == [(False, 1), (True, 0)]
+    assert excluded(m) == {**{p: "blank" for p in skip}, more[0]: "mine", more[1]: "private"}
+
+
+def test_merging_unchanged_parts_again_keeps_what_was_done_in_the_target(parts, tmp_path):
+    p1, p2 = copies(parts, tmp_path, 1, 2)
+    marked, skip = unlabeled(p1, 2), unlabeled(p2, 1)
+    assert run("mark-labeled", listing(tmp_path / "mk.txt", marked), "--index", p1).exit_code == 0
+    assert run("exclude", listing(tmp_path / "skip.txt", skip), "--index", p2).exit_code == 0
+    m = tmp_path / "m"
+    assert run("merge", p1, p2, "--index", m).exit_code == 0
+    assert [catalog(m)[p][0] for p in marked] == ["labeled"] * 2 and set(excluded(m)) == set(skip)
+    # undone in the merged index
+    assert run("mark-labeled", tmp_path / "mk.txt", "--undo", "--index", m).exit_code == 0
+    assert run("exclude", tmp_path / "skip.txt", "--undo", "--index", m).exit_code == 0
+    before = catalog(m)
+    r = run("merge", p1, p2, "--index", m)  # the same command again, as users do to resume or add parts
+    assert r.exit_code == 0, r.output
+    s = merge_indexes(m, [p1, p2])
+    assert all(p.unchanged and p.added == p.moved == p.excluded == p.shards == 0 for p in s.parts), s.parts
+    assert [p.held for p in s.parts] == [["1/3"], ["2/3"]] and s.missing_parts == ["3/3"]
+    after = catalog(m)
+    assert [after[p][0] for p in marked] == ["unlabeled"] * 2 and excluded(m) == {}
+    assert {k: v[:4] for k, v in after.items()} == {k: v[:4] for k, v in before.items()}
+    info = run("info", "--index", m).output
+    assert info.count("  merge  ") == 2, info
+
+
+def test_a_part_changed_since_it_was_merged_is_merged_again(parts, tmp_path):
+    p1, p2 = copies(parts, tmp_path, 1, 2)
+    marked = unlabeled(p1, 2)
+    assert run("mark-labeled", listing(tmp_path / "a.txt", marked[:1]), "--index", p1).exit_code == 0
+    m = tmp_path / "m"
+    assert run("merge", p1, p2, "--index", m).exit_code == 0
+    assert run("mark-labeled", tmp_path / "a.txt", "--undo", "--index", m).exit_code == 0
+    assert run("mark-labeled", listing(tmp_path / "b.txt", marked[1:]), "--index", p1).exit_code == 0  # the part changed
+    s = merge_indexes(m, [p1, p2])
+    assert [(p.unchanged, p.moved) for p in s.parts] == [(False, 2), (True, 0)]
+    # merged again by the usual rules: a label the part still carries wins
+    assert [catalog(m)[p][0] for p in marked] == ["labeled"] * 2
+    assert merge_indexes(m, [p1, p2]).parts[0].unchanged
+
+
+def test_a_part_built_again_with_a_new_image_is_merged_again(tmp_path, sample_dir):
+    src = tmp_path / "src"
+    shutil.copytree(sample_dir, src)
+    build(tmp_path / "p1", src, "--part", "1/2")
+    build(tmp_path / "p2", src, "--part", "2/2")
+    out = tmp_path / "all"
+    assert run("merge", tmp_path / "p1", tmp_path / "p2", "--index", out).exit_code == 0
+    first = unlabeled(tmp_path / "p1", 1)[0]  # a copy of an image that embeds
+    new = next(p for p in (src / "unlabeled" / f"new_{i}.jpg" for i in range(100)) if in_part(str(p), (1, 2)))
+    shutil.copyfile(first, new)
+    assert "1 new" in build(tmp_path / "p1", src, "--part", "1/2").output
+    s = merge_indexes(out, [tmp_path / "p1", tmp_path / "p2"])
+    assert [(p.unchanged, p.added) for p in s.parts] == [(False, 1), (True, 0)]
+    assert catalog(out)[str(new)][1] == "embedded"
+    assert set(catalog(out)) == set(catalog(tmp_path / "p1")) | set(catalog(tmp_path / "p2"))
+
+
+def test_the_fingerprint_follows_any_change_merge_would_read(parts, tmp_path):
+    from novelty.merge import _read_part
+
+    (p1,) = copies(parts, tmp_path, 1)
+
+    def fingerprint() -> str:
+        with open_store(p1) as st:
+            return _read_part(st).fingerprint
+
+    fp = fingerprint()
+    with open_store(p1, writable=True):  # opened for writing, nothing written
+        pass
+    assert fingerprint() == fp
+    with open_store(p1, writable=True) as st, st.transaction() as db:  # no run records this change
+        db.execute("UPDATE images SET mtime = mtime + 1 WHERE id = (SELECT MIN(id) FROM images)")
+    assert fingerprint() != fp
