@@ -326,7 +326,7 @@ def test_a_folder_where_the_label_studio_file_goes_fails_before_any_work(index, 
     one_line_error(run("export", "--latest", "--index", index, "--out", tmp_path / "c.csv"), 2, "it is a folder")
 
 
-def _limited(limit: int, *args) -> "subprocess.CompletedProcess":
+def _limited(limit: int, *args):
     """The CLI in a process whose files may not grow past `limit` bytes (RLIMIT_FSIZE):
     a real refused write, as on a full disk, without filling one."""
     import subprocess

@@ -3,7 +3,6 @@ catalog -> `select` defaults to hybrid and uses them."""
 import csv
 import json
 import os
-import sqlite3
 import textwrap
 
 import numpy as np

@@ -69,7 +69,7 @@ def test_page_matches_the_csv_and_numpy(group_index, tmp_path):
     where = {n: i for i, n in enumerate(names)}
     Xn = unit(X)  # the page renormalises the float16 rows
     got = sections(html.read_text())
-    assert len(got) == 3 and f"page             3 of 4 group(s) as thumbnails" in r.output
+    assert len(got) == 3 and "page             3 of 4 group(s) as thumbnails" in r.output
     for (number, size, n_lab, n_unl, farthest), shown, more in got:
         members = by_group[number]
         lab = [m["id"] for m in members if m["split"] == "labeled"]

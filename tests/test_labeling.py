@@ -87,7 +87,7 @@ def test_mark_selection_labeled_is_atomic_idempotent_and_in_history(index, tmp_p
     assert counts(index) == {"labeled": 40, "unlabeled": 90}
     r = run("info", "--index", index)
     assert r.exit_code == 0
-    assert f"select  novelty 10 picks — 10 marked labeled on" in r.output
+    assert "select  novelty 10 picks — 10 marked labeled on" in r.output
     assert f"mark-labeled  10 moved to labeled (picks of #{rid})" in r.output
     assert "mark-labeled  0 moved to labeled (picks of" in r.output and "10 already labeled" in r.output
 
