@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import re
 import sqlite3
 import sys
 from enum import Enum
@@ -103,6 +104,8 @@ def cannot_write(e: BaseException) -> str | None:
     if isinstance(e, OSError) and e.errno in CANNOT_WRITE:
         where = e.filename if isinstance(e.filename, str) else None
         return CANNOT_WRITE[e.errno] + (f" writing {where}" if where else "")
+    if isinstance(e, OSError) and e.errno is None and re.fullmatch(r"\d+ requested and \d+ written", str(e)):
+        return f"a file was cut short ({e}): the disk is full or a file size limit was hit"  # numpy's short write
     from .store import storage_trouble
 
     if isinstance(e, sqlite3.OperationalError) and storage_trouble(e):
@@ -243,6 +246,9 @@ def merge(
         s = merge_indexes(index, parts, progress_factory=bar)
     finally:
         bar.close()
+    if s.lost.names:
+        err(f"warning: {len(s.lost.names)} shard(s) of {index} were missing or damaged: their {s.lost.lost} vector(s) "
+            f"are taken again from the parts that hold them (every part is read again)")
     for p in s.parts:
         held = f" (part {', '.join(p.held)})" if p.held else ""
         if p.unchanged:
@@ -252,6 +258,7 @@ def merge(
                        + (f", {p.replaced} replaced a failed row or an older copy" if p.replaced else "")
                        + (f", {p.moved} moved to labeled" if p.moved else "")
                        + (f", {p.excluded} excluded as in the part" if p.excluded else "")
+                       + (f", {p.gone} deleted from their folder: out of the pool" if p.gone else "")
                        + f"; {p.shards} shard(s) copied")
         if p.pending:
             err(f"warning: {p.pending} image(s) of {p.path} are not embedded yet and were left out: finish its build-index and merge again")

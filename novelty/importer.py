@@ -198,8 +198,8 @@ def import_embeddings(root: Path, vectors_file: Path, ids_file: Path, split: str
                 store.finish_run(run, summary)
     except IndexBusyError:
         raise  # another writer's index, whether it existed a moment ago or not: never ours to remove
-    except NoveltyError:
-        if fresh:  # a refused first import leaves no index behind (its dim would bind the next import)
+    except BaseException:  # refused, stopped (Ctrl-C) or failed: a first import leaves no index behind
+        if fresh:  # (its dim would bind the next import, its orphan shards fill the disk)
             shutil.rmtree(root, ignore_errors=True)
         raise
     return Imported(len(keys), missing, len(skip), lost)

@@ -12,7 +12,9 @@ Row by row, a part's image joins the target unless the target already holds its 
 (or imported id). Then the embedded one of the two wins over a failed one; of two
 embedded copies of a file, the one seen with the newer mtime (a part rebuilt after the
 file changed); labeled wins over unlabeled, as it does when one build-index run sees a
-path under both splits; otherwise the target's row stays. Pending rows (a part whose
+path under both splits; an unlabeled image the part's scan found deleted from its folder
+is failed in the target too (it leaves the pool, as in one build); otherwise the
+target's row stays. Pending rows (a part whose
 build-index did not finish) are left out and named: finish that build and merge again.
 A part's shards are checked against its catalog before anything is copied.
 
@@ -21,7 +23,9 @@ an exclusion already in the target keeps its reason; one undone in a part since 
 undone in the target, run exclude --undo there).
 
 With its rows, the target records a fingerprint of the part's catalog (meta key
-`merged:<absolute path of the part>`): its images, shards, runs and exclusions. A part
+`merged:<absolute path of the part>`, so a part moved since counts as new): its images,
+shards, runs and exclusions. A target that lost vectors with a shard (found and recorded
+first, as import-embeddings does) takes every part again. A part
 whose fingerprint has not changed since is taken no further, so re-running the same
 command (to resume, or to add parts) never undoes what was done in the target since
 (mark-labeled --undo, exclude --undo, a failed row). A part changed in any way since
@@ -47,7 +51,9 @@ from pathlib import Path
 from . import records, vectors
 from ._mergescores import combine_scores
 from .errors import ConfigError, IndexBusyError, IndexDamagedError, IndexMismatchError, InputError
-from .store import CATALOG, RESTORE, Store, _describe, create_store, same_encoder, open_store
+from .importer import drop_lost_shards
+from .store import (CATALOG, GONE, LOST_PREFIX, RESTORE, LostShards, Store, _describe, create_store, open_store,
+                    same_encoder)
 
 _COLS = "path, ext_id, split, size, mtime, hash, status, reason, shard, row, added, labeled_at"
 
@@ -63,6 +69,7 @@ class PartSummary:
     pending: int = 0  # not embedded yet in the part: left out
     clashes: int = 0  # the target holds the image under the other kind of key (imported id / path): left out
     shards: int = 0  # shard files copied
+    gone: int = 0  # unlabeled images the part found deleted from their folder: out of the target's pool too
     excluded: int = 0  # images `novelty exclude` named in the part, now excluded in the target too
     unchanged: bool = False  # nothing in the part changed since it was last merged into the target: nothing taken
     held: list[str] = field(default_factory=list)  # the "K/N" parts of build-index --part this part holds
@@ -75,6 +82,7 @@ class MergeSummary:
     unlabeled: int = 0
     failed: int = 0
     missing_parts: list[str] = field(default_factory=list)  # "K/N" never merged into the target
+    lost: LostShards = field(default_factory=LostShards)  # the target's missing or damaged shards, found first
     uncertainty_run: int | None = None  # the parts' uncertainty scores, combined into one run of the target
     uncertainty_scores: int = 0
     uncertainty_note: str | None = None  # why the parts' scores were not combined
@@ -129,10 +137,14 @@ def merge_indexes(root: Path, parts: Sequence[Path],
             out.check_encoder(enc0, dim0)
             if "versions" in manifests[0] and "versions" not in out.manifest:
                 out.update_manifest(versions=manifests[0]["versions"])
+            s.lost = drop_lost_shards(out)
+            # a target holding vectors lost with a shard takes every part again: an unchanged part may hold them
+            retake = s.lost.lost > 0 or out.db.execute(
+                "SELECT 1 FROM images WHERE status='failed' AND reason LIKE ? LIMIT 1", (LOST_PREFIX + "%",)).fetchone()
             progress = progress_factory(len(parts)) if progress_factory else None
             carried = []
             for p in parts:
-                ps, scores = _merge_part(out, Path(p), dim0)
+                ps, scores = _merge_part(out, Path(p), dim0, retake=bool(retake))
                 s.parts.append(ps)
                 carried.append((ps.path, scores))
                 if progress:
@@ -189,6 +201,7 @@ class _Plan:
     add: list[tuple] = field(default_factory=list)  # the part's rows new to the target
     replace: list[tuple[int, tuple]] = field(default_factory=list)  # (target id, the part's row)
     move: list[int] = field(default_factory=list)  # target ids to move to labeled
+    gone: list[int] = field(default_factory=list)  # target ids of unlabeled images the part found deleted
     need: dict[str, int] = field(default_factory=dict)  # shard -> the highest row of it taken
     taken: set[str] = field(default_factory=set)  # keys of the rows added or replaced
     same: set[str] = field(default_factory=set)  # keys whose vector in the target is already this part's (the same file)
@@ -280,6 +293,8 @@ def _plan(out: Store, part: Path, p: _Part) -> _Plan:
             plan.need[shard] = max(plan.need.get(shard, -1), row)
         if old is not None and split == "labeled" and old[2] == "unlabeled":
             plan.move.append(old[0])
+        if old is not None and status == "failed" and r[7] == GONE and old[1] == "embedded" and old[2] == "unlabeled":
+            plan.gone.append(old[0])  # deleted from its folder, as the part's scan found: it leaves the pool here too
     return plan
 
 
@@ -320,18 +335,20 @@ def _commit_part(out: Store, ps: PartSummary, p: _Part, plan: _Plan, copy: list[
                        "size=?, mtime=? WHERE id=?", ((r[8], r[9], r[5], r[3], r[4], i) for i, r in plan.replace))
         db.executemany("UPDATE images SET split='labeled', labeled_at=COALESCE(labeled_at, ?) WHERE id=?",
                        ((now, i) for i in plan.move))
-        if plan.need:
+        db.executemany("UPDATE images SET status='failed', reason=?, size=-1, mtime=NULL, shard=NULL, row=NULL, hash=NULL "
+                       "WHERE id=?", ((GONE, i) for i in plan.gone))
+        if plan.need or plan.gone:
             out._bump_version()
         run = db.execute("INSERT INTO runs(kind, params, started) VALUES ('merge',?,?)",
                          (json.dumps({"from": ps.path, "held": [h.split("/") for h in ps.held]}), now)).lastrowid
         ps.excluded = _carry_exclusions(out, p.excluded, run)
         summary = {k: getattr(ps, k) for k in ("path", "held", "rows", "added", "present", "replaced", "moved", "pending",
-                                               "clashes", "shards", "excluded")}
+                                               "clashes", "shards", "excluded", "gone")}
         db.execute("UPDATE runs SET summary=?, finished=? WHERE id=?", (json.dumps(summary), time.time(), run))
         db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (merged_key(ps.path), p.fingerprint))
 
 
-def _merge_part(out: Store, part: Path, dim: int) -> tuple[PartSummary, tuple[dict, dict] | None]:
+def _merge_part(out: Store, part: Path, dim: int, retake: bool = False) -> tuple[PartSummary, tuple[dict, dict] | None]:
     """-> the part's summary, and its latest uncertainty run's (params, {path or id: score})
     if it has one, for the images whose vector in the target is the part's. A part whose
     fingerprint is the one recorded when it was last merged into this target is compared
@@ -342,9 +359,10 @@ def _merge_part(out: Store, part: Path, dim: int) -> tuple[PartSummary, tuple[di
         ps = PartSummary(str(part.resolve()), len(p.rows), pending=plan.pending, clashes=plan.clashes)
         if not ps.pending:  # an unfinished part does not count as held: the warning names it
             ps.held = [f"{k}/{n}" for k, n in sorted(p.held)]
-        ps.unchanged = out.meta_get(merged_key(ps.path)) == p.fingerprint
+        ps.unchanged = not retake and out.meta_get(merged_key(ps.path)) == p.fingerprint
         if not ps.unchanged:
             ps.added, ps.present, ps.replaced, ps.moved = len(plan.add), plan.present, len(plan.replace), len(plan.move)
+            ps.gone = len(plan.gone)
             copy = _copy_shards(out, src, part, p, plan.need, dim)
             ps.shards = len(copy)
     if not ps.unchanged:

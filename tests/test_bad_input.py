@@ -389,3 +389,15 @@ def test_ctrl_c_says_what_the_command_leaves(tmp_path):
     assert proc.returncode == 130 and "Traceback" not in said, said
     assert last == "novelty: interrupted; if `info` lists the run, `novelty export --latest` writes its files again"
     assert not (tmp_path / "s.csv").exists()
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="RLIMIT_FSIZE semantics")
+def test_a_first_import_stopped_by_a_refused_write_leaves_no_index(tmp_path):
+    """Not only a refused import: a first import the system stops leaves no index either,
+    which would bind the next import to its dim and keep its orphan shards."""
+    np.save(tmp_path / "v.npy", np.random.default_rng(0).normal(size=(4000, 32)).astype(np.float32))
+    (tmp_path / "ids.txt").write_text("\n".join(f"x{i}" for i in range(4000)))
+    r = _limited(100_000, "import-embeddings", tmp_path / "v.npy", "--ids", tmp_path / "ids.txt", "--split", "unlabeled",
+                 "--index", tmp_path / "idx")
+    assert r.returncode == 6 and "Traceback" not in r.stderr and "nothing was imported" in r.stderr, r.stderr
+    assert not (tmp_path / "idx").exists()

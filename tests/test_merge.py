@@ -9,7 +9,7 @@ import pytest
 
 from novelty.merge import merge_indexes
 from novelty.sources import in_part, parse_part
-from novelty.store import open_store
+from novelty.store import GONE, open_store
 from tests.conftest import TINY, TINY_WIDE, run
 
 ENC = ("--model", TINY, "--pretrained", "none", "--device", "cpu", "--workers", 0)
@@ -519,3 +519,41 @@ def test_the_fingerprint_follows_any_change_merge_would_read(parts, tmp_path):
     with open_store(p1, writable=True) as st, st.transaction() as db:  # no run records this change
         db.execute("UPDATE images SET mtime = mtime + 1 WHERE id = (SELECT MIN(id) FROM images)")
     assert fingerprint() != fp
+
+
+def test_a_target_that_lost_a_shard_takes_its_vectors_again_from_unchanged_parts(parts, tmp_path):
+    out = tmp_path / "t"
+    assert run("merge", parts / "p1", parts / "p2", parts / "p3", "--index", out).exit_code == 0
+    before = catalog(out)
+    victim = max((out / "shards").glob("*.npy"), key=lambda f: f.stat().st_size)
+    victim.unlink()
+    assert run("select", "--budget", 3, "--index", out, "--out", tmp_path / "x.csv").exit_code == 3
+    r = run("merge", parts / "p1", parts / "p2", parts / "p3", "--index", out)
+    assert r.exit_code == 0 and "were missing or damaged" in r.output and "unchanged since merged" not in r.output, r.output
+    after = catalog(out)
+    assert after.keys() == before.keys()
+    for path, row in before.items():
+        assert after[path][:4] == row[:4], path  # embedded again, nothing left "vector lost"
+        if row[4] is not None:
+            np.testing.assert_array_equal(after[path][4], row[4])
+    assert run("select", "--budget", 3, "--index", out, "--out", tmp_path / "x.csv").exit_code == 0
+    r = run("merge", parts / "p1", parts / "p2", parts / "p3", "--index", out)  # whole again: skipped again
+    assert r.exit_code == 0 and r.output.count("unchanged since merged") == 3, r.output
+
+
+def test_an_image_a_part_found_deleted_leaves_the_merged_pool(tmp_path, sample_dir):
+    src = tmp_path / "src"
+    shutil.copytree(sample_dir, src)
+    build(tmp_path / "p1", src, "--part", "1/2")
+    build(tmp_path / "p2", src, "--part", "2/2")
+    out = tmp_path / "all"
+    assert run("merge", tmp_path / "p1", tmp_path / "p2", "--index", out).exit_code == 0
+    victim = unlabeled(tmp_path / "p1", 1)[0]
+    os.remove(victim)
+    assert "gone      1" in build(tmp_path / "p1", src, "--part", "1/2").output
+    r = run("merge", tmp_path / "p1", tmp_path / "p2", "--index", out)
+    assert r.exit_code == 0 and "1 deleted from their folder: out of the pool" in r.output, r.output
+    assert catalog(out)[str(victim)][1:3] == ("failed", GONE)
+    assert catalog(out)[str(victim)][1:3] == catalog(tmp_path / "p1")[str(victim)][1:3]  # as one build would have it
+    with open_store(out) as st:
+        assert str(victim) not in {p for _, p, _ in st.describe(st.pool_ids()[0]).values()}
