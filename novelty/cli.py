@@ -91,7 +91,7 @@ KEPT = {
     "mark_labeled": "nothing was changed",
     "exclude": "nothing was changed",
     "sample": "the sample folder may be partly written; run the command again",
-    "select": "if `info` lists the run, `novelty export --latest` writes its files again",
+    "select": "if `info` lists the run (its files not written), `novelty export --latest` writes them",
 }
 CANNOT_WRITE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                 errno.EFBIG: "file too large for this system's file size limit", errno.EACCES: "permission denied",
@@ -354,7 +354,13 @@ def select(
         bar.close()
     for w in r.warnings:  # after the bars: a warning printed under an open bar shares its line
         err(f"warning: {w}")
-    ls, outside = write_selection(out, r.rows, label_studio_root)
+    try:
+        ls, outside = write_selection(out, r.rows, label_studio_root)
+    except BaseException:
+        from .records import note_files_not_written
+
+        note_files_not_written(index, r.run)  # info then says so; `export --run` writes them once there is space
+        raise
     _warn_outside(outside, label_studio_root)
     s = r.summary
     kept_out = f" ({s['excluded']} excluded)" if s.get("excluded") else ""
@@ -627,7 +633,10 @@ def info(index: IndexOpt = DEFAULT_INDEX):
         c = store.counts()
         enc = m.get("encoder", {})
         typer.echo(f"index      {index.resolve()}")
-        typer.echo(f"model      {enc.get('kind', '-')} {enc.get('model', '-')} (weights: {enc.get('pretrained', '-')})")
+        if enc.get("kind") == "imported":
+            typer.echo(f"model      vectors from import-embeddings (model {enc.get('model', '-')!r})")
+        else:
+            typer.echo(f"model      {enc.get('kind', '-')} {enc.get('model', '-')} (weights: {enc.get('pretrained', '-')})")
         typer.echo(f"dim        {m.get('dim', '-')}")
         for split in ("labeled", "unlabeled"):
             parts = {st: n for (sp, st), n in c["by_split_status"].items() if sp == split}

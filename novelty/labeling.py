@@ -285,7 +285,9 @@ def run_notes(store: Store, run_ids: list[int]) -> dict[int, str]:
             n = s["picks"] if "picks" in s else store.db.execute("SELECT COUNT(*) FROM picks WHERE run=?", (rid,)).fetchone()[0]
             marked, when = store.db.execute("SELECT COUNT(*), MAX(i.labeled_at) FROM picks p JOIN images i ON i.id = p.image "
                                             "WHERE p.run=? AND i.labeled_by=?", (rid, rid)).fetchone()
-            notes[rid] = f"{s.get('strategy', '?')} {n} picks" + (f" — {marked} marked labeled on {_day(when)}" if marked else "")
+            notes[rid] = (f"{s.get('strategy', '?')} {n} picks" + (f" — {marked} marked labeled on {_day(when)}" if marked else "")
+                          + (" (its files were not written: export --run to write them)" if s.get("files_written") is False
+                             else ""))
         elif kind == "mark-labeled":
             notes[rid] = (f"{s.get('moved', 0)} moved to labeled" + (f" (picks of #{s['labeled_by']})" if s.get("labeled_by") else "")
                           + (f", {s['already']} already labeled" if s.get("already") else ""))

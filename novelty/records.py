@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -12,7 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .store import Store
+from .store import Store, open_store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -120,3 +123,16 @@ def save_selection(store: Store, params: dict, summary: dict, image_ids, priorit
                        ((run, r + 1, int(i), None if not np.isfinite(p) else float(p), rad)
                         for r, (i, p, rad) in enumerate(zip(image_ids, priority, radius_trace))))
     return run
+
+
+def note_files_not_written(root: Path, run: int) -> None:
+    """Mark a recorded select run whose output files could not be written (a full disk),
+    so `info` does not show it as a selection someone has; best effort, since the disk
+    that refused the files may refuse this too."""
+    try:
+        with open_store(root, writable=True) as store, store.transaction() as db:
+            (summary,) = db.execute("SELECT summary FROM runs WHERE id=?", (run,)).fetchone()
+            db.execute("UPDATE runs SET summary=? WHERE id=?", (json.dumps({**json.loads(summary or "{}"),
+                                                                             "files_written": False}), run))
+    except Exception:  # noqa: BLE001 - the error that stopped the write is the one to report
+        log.debug("could not mark run %d as not written", run, exc_info=True)

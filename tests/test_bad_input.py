@@ -353,6 +353,10 @@ def test_a_refused_write_is_one_line_exit_6_and_leaves_no_half_outputs(index, tm
     assert r.returncode == 6 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip() == "novelty: error: file too large for this system's file size limit; nothing was written"
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(("e.", ".e."))]
+    # a select whose files cannot be written: its run is marked so, and export writes them later
+    r = _limited((floor + ls_size) // 2, "select", "--budget", 200, "--index", index, "--out", tmp_path / "f.csv")
+    assert r.returncode == 6 and "Traceback" not in r.stderr and not (tmp_path / "f.csv").exists(), r.stderr
+    assert "its files were not written: export --run to write them" in run("info", "--index", index).output
     # the catalog cannot even be opened: the index is not called damaged, and is fine after
     r = _limited(100, "select", "--budget", 3, "--index", index, "--out", tmp_path / "t.csv")
     assert r.returncode == 6 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -387,7 +391,7 @@ def test_ctrl_c_says_what_the_command_leaves(tmp_path):
     _, said = proc.communicate(timeout=60)
     last = said.strip().splitlines()[-1].split("\r")[-1]
     assert proc.returncode == 130 and "Traceback" not in said, said
-    assert last == "novelty: interrupted; if `info` lists the run, `novelty export --latest` writes its files again"
+    assert last == "novelty: interrupted; if `info` lists the run (its files not written), `novelty export --latest` writes them"
     assert not (tmp_path / "s.csv").exists()
 
 

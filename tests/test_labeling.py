@@ -302,6 +302,7 @@ def test_excluded_images_are_never_selected_until_included_again(index, tmp_path
     assert r.exit_code == 0 and not set(top) & {x["id"] for x in read(out)}
     info = run("info", "--index", index).output
     assert "excluded   4 unlabeled image(s) kept out of selection (blank: 4)" in info, info
+    assert "model      vectors from import-embeddings (model 'imported')" in info, info
     assert "exclude  4 excluded" in info and "exclude  0 excluded, 4 already were" in info, info
     # back in the pool
     r = run("exclude", tmp_path / "skip.txt", "--undo", "--index", index)
