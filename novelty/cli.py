@@ -294,6 +294,10 @@ def import_embeddings(
             f"e.g. {r.missing[0]}; uncertainty and report will record them as failed")
     typer.echo(f"imported {r.n} vectors into {index} as {split.value}" + (" under their image paths" if paths else "")
                + (f"; skipped {r.skipped} already in the index" if skip_existing else ""))
+    if r.other_vector or r.other_split:
+        err(f"warning: of the {r.skipped} skipped, {r.other_vector} have another vector in the file than in the index and "
+            f"{r.other_split} are indexed as the other split; they were kept as indexed (a regenerated dump belongs "
+            f"in a new index; mark-labeled moves images between splits)")
 
 
 @command

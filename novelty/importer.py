@@ -89,6 +89,8 @@ class Imported:
     n: int
     missing: list[str] = field(default_factory=list)  # paths=True: paths that are not a regular file now
     skipped: int = 0  # skip_existing: keys already embedded in the index
+    other_vector: int = 0  # of those, keys whose vector in the file is not the one indexed (kept as indexed)
+    other_split: int = 0  # of those, keys indexed under the other split (kept there)
     lost: LostShards = field(default_factory=LostShards)  # missing or damaged shards found first
 
 
@@ -151,6 +153,24 @@ def skipped_keys(store: Store, column: str, keys: list[str], skip_existing: bool
     return there
 
 
+def skipped_differences(store: Store, column: str, keys: list[str], X: np.ndarray, skip: set[str], split: str,
+                        block: int = 1 << 18) -> tuple[int, int]:
+    """Of the skipped keys, how many the index holds with another vector than the file's
+    row (beyond float16 rounding) or under another split: a regenerated dump whose
+    changes --skip-existing would otherwise drop without a word. Block-wise."""
+    pos = np.array([i for i, k in enumerate(keys) if k in skip], dtype=np.int64)
+    held = store.find_keys(column, [keys[i] for i in pos], ("id", "split"))
+    other_split = sum(held[keys[i]][1] != split for i in pos)
+    other_vector = 0
+    for s in range(0, len(pos), block):
+        rows = pos[s:s + block]
+        _, V = store.vectors(ids=np.array([held[keys[i]][0] for i in rows], dtype=np.int64))  # in the order asked
+        F = np.asarray(X[rows], dtype=np.float32)
+        F /= np.linalg.norm(F, axis=1, keepdims=True)
+        other_vector += int((np.abs(V.astype(np.float32) - F).max(axis=1) > 2e-3).sum())
+    return other_vector, int(other_split)
+
+
 def import_embeddings(root: Path, vectors_file: Path, ids_file: Path, split: str, model: str = "imported",
                       paths: bool = False, skip_existing: bool = False) -> Imported:
     X = load_vectors(vectors_file)
@@ -176,6 +196,7 @@ def import_embeddings(root: Path, vectors_file: Path, ids_file: Path, split: str
                     raise InputError(f"{len(other)} of these are already in the index as "
                                      f"{'imported ids' if paths else 'image paths'}, e.g. {other[0]!r}; nothing was imported")
                 skip = skipped_keys(store, "path" if paths else "ext_id", ids, skip_existing)
+                differ = skipped_differences(store, "path" if paths else "ext_id", ids, X, skip, split) if skip else (0, 0)
                 keep = np.array([k not in skip for k in ids], dtype=bool)  # [n]
                 keys = [k for k, kept in zip(ids, keep) if kept]
                 if files is not None:
@@ -202,4 +223,4 @@ def import_embeddings(root: Path, vectors_file: Path, ids_file: Path, split: str
         if fresh:  # (its dim would bind the next import, its orphan shards fill the disk)
             shutil.rmtree(root, ignore_errors=True)
         raise
-    return Imported(len(keys), missing, len(skip), lost)
+    return Imported(len(keys), missing, len(skip), other_vector=differ[0], other_split=differ[1], lost=lost)

@@ -469,3 +469,28 @@ def test_info_shows_a_damaged_shard_and_fails_like_other_readers(tmp_path, sampl
     assert build(idx, ("labeled", lab), ("unlabeled", unl), extra=["--shard-size", 4, "--batch-size", 4]).exit_code == 0
     r = run("info", "--index", idx)
     assert r.exit_code == 0 and "damaged    shard" not in r.output, r.output
+
+
+def test_skip_existing_says_when_skipped_rows_differ_from_the_index(tmp_path):
+    rng = np.random.default_rng(4)
+    V = rng.normal(size=(50, 16)).astype(np.float32)
+    np.save(tmp_path / "v.npy", V)
+    (tmp_path / "ids.txt").write_text("\n".join(f"k{i}" for i in range(50)))
+    idx = tmp_path / "idx"
+
+    def imp(vectors, split="unlabeled"):
+        return run("import-embeddings", vectors, "--ids", tmp_path / "ids.txt", "--split", split, "--index", idx,
+                   "--skip-existing")
+
+    assert imp(tmp_path / "v.npy").exit_code == 0
+    r = imp(tmp_path / "v.npy")  # the same file again: nothing to say
+    assert r.exit_code == 0 and "skipped 50 already in the index" in r.output and "warning" not in r.output, r.output
+    W = V.copy()
+    W[5] = -W[5]
+    W[7] *= 3.0  # the same direction: the same unit vector, no difference
+    np.save(tmp_path / "w.npy", W)
+    r = imp(tmp_path / "w.npy")
+    assert r.exit_code == 0 and "of the 50 skipped, 1 have another vector in the file" in r.output, r.output
+    r = imp(tmp_path / "v.npy", split="labeled")
+    assert r.exit_code == 0 and "0 have another vector in the file than in the index and 50 are indexed as the other split" \
+        in r.output, r.output
