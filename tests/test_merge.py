@@ -187,13 +187,20 @@ def test_bad_merges_change_nothing(parts, tmp_path, sample_dir):
     assert set(catalog(out)) == set(catalog(parts / "p1"))
 
 
-def test_a_rebuilt_part_brings_its_newer_vectors(tmp_path, sample_dir):
+def two_parts_merged(tmp_path, sample_dir):
+    """A copy of the sample images (to change), built as parts 1/2 and 2/2 into tmp_path/p1
+    and p2, merged into tmp_path/all. -> (the copy, the merged index)."""
     src = tmp_path / "src"
     shutil.copytree(sample_dir, src)
     build(tmp_path / "p1", src, "--part", "1/2")
     build(tmp_path / "p2", src, "--part", "2/2")
     out = tmp_path / "all"
     assert run("merge", tmp_path / "p1", tmp_path / "p2", "--index", out).exit_code == 0
+    return src, out
+
+
+def test_a_rebuilt_part_brings_its_newer_vectors(tmp_path, sample_dir):
+    src, out = two_parts_merged(tmp_path, sample_dir)
     mine = sorted(p for p in catalog(tmp_path / "p1") if "/unlabeled/unlabeled_" in p and p.endswith(".jpg"))
     other = sorted(p for p in catalog(tmp_path / "p2") if "/unlabeled/unlabeled_" in p and p.endswith(".jpg"))
     changed = mine[0]
@@ -487,12 +494,7 @@ def test_a_part_changed_since_it_was_merged_is_merged_again(parts, tmp_path):
 
 
 def test_a_part_built_again_with_a_new_image_is_merged_again(tmp_path, sample_dir):
-    src = tmp_path / "src"
-    shutil.copytree(sample_dir, src)
-    build(tmp_path / "p1", src, "--part", "1/2")
-    build(tmp_path / "p2", src, "--part", "2/2")
-    out = tmp_path / "all"
-    assert run("merge", tmp_path / "p1", tmp_path / "p2", "--index", out).exit_code == 0
+    src, out = two_parts_merged(tmp_path, sample_dir)
     first = unlabeled(tmp_path / "p1", 1)[0]  # a copy of an image that embeds
     new = next(p for p in (src / "unlabeled" / f"new_{i}.jpg" for i in range(100)) if in_part(str(p), (1, 2)))
     shutil.copyfile(first, new)
@@ -542,12 +544,7 @@ def test_a_target_that_lost_a_shard_takes_its_vectors_again_from_unchanged_parts
 
 
 def test_an_image_a_part_found_deleted_leaves_the_merged_pool(tmp_path, sample_dir):
-    src = tmp_path / "src"
-    shutil.copytree(sample_dir, src)
-    build(tmp_path / "p1", src, "--part", "1/2")
-    build(tmp_path / "p2", src, "--part", "2/2")
-    out = tmp_path / "all"
-    assert run("merge", tmp_path / "p1", tmp_path / "p2", "--index", out).exit_code == 0
+    src, out = two_parts_merged(tmp_path, sample_dir)
     victim = unlabeled(tmp_path / "p1", 1)[0]
     os.remove(victim)
     assert "gone      1" in build(tmp_path / "p1", src, "--part", "1/2").output
