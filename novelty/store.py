@@ -770,6 +770,8 @@ def _shard_problem(path: Path, n: int, d: int, dim: int | None) -> str | None:
     except FileNotFoundError:
         return "the file is missing"
     except (ValueError, EOFError) as e:  # a cut header, garbage, an empty file, or data cut short
+        if "mmap length is greater than file size" in str(e):  # numpy's words for a file cut after its header
+            return "the file is damaged: it is shorter than its header says (cut short)"
         return f"the file is damaged: {e or 'empty'}"
     except OSError as e:
         raise IndexDamagedError(f"cannot read shard {path} ({e.strerror or e}); make it readable and run again") from None

@@ -460,12 +460,14 @@ def test_info_shows_a_damaged_shard_and_fails_like_other_readers(tmp_path, sampl
     lab, unl = small_set(tmp_path, sample_dir, n_lab=4, n_unl=10)
     idx = tmp_path / "idx"
     assert build(idx, ("labeled", lab), ("unlabeled", unl), extra=["--shard-size", 4, "--batch-size", 4]).exit_code == 0
-    victim = sorted((idx / "shards").glob("*.npy"))[1]
+    victim, cut = sorted((idx / "shards").glob("*.npy"))[1:3]
     victim.unlink()
+    cut.write_bytes(cut.read_bytes()[:cut.stat().st_size // 2])
     r = run("info", "--index", idx)
     assert r.exit_code == 3 and "model      open_clip tiny-clip" in r.output, r.output  # the rest is still shown
     assert f"damaged    shard {victim.stem}: the file is missing" in r.output
-    assert r.output.strip().splitlines()[-1].startswith("novelty: error: 1 shard(s) missing or damaged; re-run build-index")
+    assert f"damaged    shard {cut.stem}: the file is damaged: it is shorter than its header says (cut short)" in r.output
+    assert r.output.strip().splitlines()[-1].startswith("novelty: error: 2 shard(s) missing or damaged; re-run build-index")
     assert build(idx, ("labeled", lab), ("unlabeled", unl), extra=["--shard-size", 4, "--batch-size", 4]).exit_code == 0
     r = run("info", "--index", idx)
     assert r.exit_code == 0 and "damaged    shard" not in r.output, r.output
