@@ -180,5 +180,5 @@ def select(root: Path, cfg: SelectCfg, progress_factory: Callable[..., Callable[
         params = {**asdict(cfg), "strategy": name, "budget": budget}
         run = records.save_selection(store, params, summary, pool_ids[picks], sel.priority, sel.radius_trace)
         for w in warnings:
-            log.info("warning: %s", w)  # the CLI prints SelectResult.warnings itself, once its bars are closed
+            log.debug("warning: %s", w)  # the CLI prints SelectResult.warnings itself, once its bars are closed
         return SelectResult(rows, summary, run, warnings)
