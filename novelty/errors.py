@@ -72,3 +72,12 @@ class StorageError(NoveltyError):
     no permission): nothing is wrong with the index itself."""
 
     exit_code = 6
+
+
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """An exception as one line, 'Type: first line of its message', the message cut to
+    `limit` characters when given."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    if limit is not None and len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import (IndexBusyError, IndexDamagedError, IndexMismatchError, IndexMissingError, IndexReadOnlyError,
-                     InputError, StorageError)
+                     InputError, StorageError, first_line)
 
 log = logging.getLogger(__name__)
 RESTORE = "restore it or build the index again"  # what a damaged catalog or manifest's message advises
@@ -750,7 +750,7 @@ class Store:
         try:
             yield
         except BaseException as e:
-            reason = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else stop_reason(e)
+            reason = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else first_line(e, limit=160)
             try:
                 with self.transaction() as db:
                     db.execute("UPDATE runs SET summary=? WHERE id=? AND finished IS NULL",
@@ -793,13 +793,6 @@ def storage_trouble(e: sqlite3.Error) -> bool:
     """Whether SQLite failed because of the disk or the system (full, I/O, permissions)
     rather than because the catalog file is damaged."""
     return isinstance(e, sqlite3.OperationalError) and any(m in str(e).lower() for m in STORAGE_TROUBLE)
-
-
-def stop_reason(e: BaseException) -> str:
-    """An exception as one short line."""
-    text = (str(e).strip().splitlines() or [""])[0]
-    text = text if len(text) <= 160 else text[:157] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def same_encoder(a: dict, b: dict) -> bool:

@@ -52,14 +52,9 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 
 log = logging.getLogger(__name__)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 @contextmanager
@@ -88,7 +83,7 @@ def _import_file(spec: str, path: Path):
         loader_spec.loader.exec_module(module)
     except Exception as e:
         del sys.modules[name]
-        raise ModelError(f"model spec {spec!r}: importing {path} failed: {_first_line(e)}") from e
+        raise ModelError(f"model spec {spec!r}: importing {path} failed: {first_line(e)}") from e
     return module
 
 
@@ -98,9 +93,9 @@ def _import_module(spec: str, name: str):
     except ModuleNotFoundError as e:
         if e.name and (name == e.name or name.startswith(e.name + ".")):
             raise ModelError(f"model spec {spec!r}: no module named {e.name!r}") from e
-        raise ModelError(f"model spec {spec!r}: importing {name} failed: {_first_line(e)}") from e
+        raise ModelError(f"model spec {spec!r}: importing {name} failed: {first_line(e)}") from e
     except Exception as e:
-        raise ModelError(f"model spec {spec!r}: importing {name} failed: {_first_line(e)}") from e
+        raise ModelError(f"model spec {spec!r}: importing {name} failed: {first_line(e)}") from e
 
 
 def _import_torchvision() -> None:
@@ -114,7 +109,7 @@ def _import_torchvision() -> None:
     try:
         import_torchvision()
     except Exception as e:
-        log.debug("torchvision did not import (%s); a model spec that needs it will fail", _first_line(e))
+        log.debug("torchvision did not import (%s); a model spec that needs it will fail", first_line(e))
 
 
 def load_model_spec(spec: str, size: int | tuple[int, int] | None = None) -> tuple:
@@ -140,7 +135,7 @@ def load_model_spec(spec: str, size: int | tuple[int, int] | None = None) -> tup
         try:
             made = factory()
         except Exception as e:
-            raise ModelError(f"model spec {spec!r}: the factory raised {_first_line(e)}") from e
+            raise ModelError(f"model spec {spec!r}: the factory raised {first_line(e)}") from e
     if isinstance(made, nn.Module):
         return made, default_preprocess(size)
     if isinstance(made, (tuple, list)) and len(made) == 2 and isinstance(made[0], nn.Module) and callable(made[1]):
