@@ -119,21 +119,6 @@ def image_paths(keys: list[str], source: Path, split: str) -> tuple[list[str], l
     return paths, stats, missing
 
 
-def drop_lost_shards(store: Store) -> LostShards:
-    """Drop the missing or damaged shards of an index made by import-embeddings. Nothing
-    in it can be embedded again, so every row of such a shard, under an id or a path,
-    becomes failed (VECTOR_LOST) until its vector is imported again."""
-    problems = store.shard_problems()
-    if not problems:
-        return LostShards()
-    for name, why in problems.items():
-        log.warning("shard %s is missing or damaged (%s)", name, why)
-    lost = store.drop_shards(list(problems), reembed=False)
-    log.warning("%d imported vector(s) were in those %d shard(s): recorded as failed (vector lost); import the same "
-                "files again with --skip-existing to put them back", lost.lost, len(problems))
-    return lost
-
-
 def skipped_keys(store: Store, column: str, keys: list[str], skip_existing: bool) -> set[str]:
     """Those of `keys` already embedded in the index, which `skip_existing` skips and an
     import without it refuses. A key held as lost (VECTOR_LOST) is imported again into its
@@ -188,7 +173,7 @@ def import_embeddings(root: Path, vectors_file: Path, ids_file: Path, split: str
             from . import vectors
 
             store.check_encoder({"kind": "imported", "model": model, "pretrained": None}, int(X.shape[1]))
-            lost = drop_lost_shards(store)  # committed whatever the import below comes to
+            lost = store.repair_shards(reembed=False)  # committed whatever the import below comes to
             try:
                 # one image, one row: a path may not also be an imported id (as given or absolute), nor the reverse
                 other = store.existing_keys("ext_id", sorted(set(given) | set(ids))) if paths else store.existing_keys("path", ids)

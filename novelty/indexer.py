@@ -19,7 +19,7 @@ from ._compat import bounded_heap
 from .config import BuildCfg
 from .encoder import Encoder, create_encoder, library_versions
 from .reader import make_loader
-from .store import CATALOG, VECTOR_LOST, LostShards, Store, create_store
+from .store import CATALOG, VECTOR_LOST, Store, create_store
 
 log = logging.getLogger(__name__)
 
@@ -100,22 +100,6 @@ def embed_shards(
     return embedded, failed, shards
 
 
-def recover_lost_shards(store: Store) -> LostShards:
-    """Check every shard the catalog refers to (headers only) and drop those missing or
-    damaged: their images are embedded again from their files, their imported vectors
-    are recorded as lost. Without this a lost shard would be skipped as unchanged, and
-    would fail every later read of the vectors."""
-    problems = store.shard_problems()
-    if not problems:
-        return LostShards()
-    for name, why in problems.items():
-        log.warning("shard %s is missing or damaged (%s): its images are embedded again from their files", name, why)
-    lost = store.drop_shards(list(problems))
-    if lost.lost:
-        log.warning("%d vector(s) imported under ids were in those shards: recorded as failed (vector lost)", lost.lost)
-    return lost
-
-
 def build_index(
     root: Path,
     labeled: Sequence[Path],
@@ -146,7 +130,7 @@ def _build_index(root, labeled, unlabeled, cfg: BuildCfg, progress_factory) -> B
 
 def _scan_and_embed(store, encoder, labeled, unlabeled, cfg: BuildCfg, progress_factory) -> BuildSummary:
     """Scan the sources into the catalog, embed what is pending, refresh the vectors."""
-    lost = recover_lost_shards(store)
+    lost = store.repair_shards(reembed=True)
     folders = [os.path.abspath(p) for p in unlabeled if Path(p).is_dir()]  # where a missing image was deleted
     unlisted: list[str] = []  # folders the scan could not list: what they hold is unknown, not gone
     counts = store.sync_sources(sources.scan(labeled, unlabeled, cfg.part, unlisted), retry_failed=cfg.retry_failed,

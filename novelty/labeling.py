@@ -260,7 +260,7 @@ def exclude(root: Path, list_file: Path | None = None, selection: Path | None = 
 def excluded_by_reason(store: Store) -> dict[str, int]:
     """Excluded images select would otherwise pick (embedded, unlabeled), by reason ('' for
     none given), most first: the count select's summary gives."""
-    if not len(store.excluded_ids()):
+    if not store.has_table("excluded"):
         return {}
     return dict(store.db.execute(
         "SELECT COALESCE(e.reason, ''), COUNT(*) FROM excluded e JOIN images i ON i.id = e.image "

@@ -51,9 +51,8 @@ from pathlib import Path
 from . import records, vectors
 from ._mergescores import combine_scores
 from .errors import ConfigError, IndexBusyError, IndexDamagedError, IndexMismatchError, InputError
-from .importer import drop_lost_shards
 from .store import (CATALOG, GONE, LOST_PREFIX, RESTORE, LostShards, Store, _describe, create_store, open_store,
-                    same_encoder)
+                    record_gone, same_encoder)
 
 _COLS = "path, ext_id, split, size, mtime, hash, status, reason, shard, row, added, labeled_at"
 
@@ -137,7 +136,7 @@ def merge_indexes(root: Path, parts: Sequence[Path],
             out.check_encoder(enc0, dim0)
             if "versions" in manifests[0] and "versions" not in out.manifest:
                 out.update_manifest(versions=manifests[0]["versions"])
-            s.lost = drop_lost_shards(out)
+            s.lost = out.repair_shards(reembed=False)
             # a target holding vectors lost with a shard takes every part again: an unchanged part may hold them
             retake = s.lost.lost > 0 or out.db.execute(
                 "SELECT 1 FROM images WHERE status='failed' AND reason LIKE ? LIMIT 1", (LOST_PREFIX + "%",)).fetchone()
@@ -226,10 +225,6 @@ def _fingerprint(*tables: Sequence[tuple]) -> str:
     return h.hexdigest()
 
 
-def _has_table(db, name: str) -> bool:
-    return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
-
-
 def _read_part(src: Store) -> _Part:
     """Everything merge takes from a part, and its fingerprint, read in one transaction, so
     that the fingerprint describes exactly what was merged. The fingerprint covers every
@@ -242,7 +237,7 @@ def _read_part(src: Store) -> _Part:
         shards = db.execute("SELECT name, n, dim, created FROM shards ORDER BY name").fetchall()
         runs = db.execute("SELECT id, kind, finished FROM runs ORDER BY id").fetchall()
         excluded = db.execute("SELECT i.path, i.ext_id, e.reason, e.at FROM excluded e JOIN images i ON i.id = e.image "
-                              "ORDER BY e.image").fetchall() if _has_table(db, "excluded") else []
+                              "ORDER BY e.image").fetchall() if src.has_table("excluded") else []
         latest = records.latest_uncertainty(src)
         held = held_parts(src)
         version = src.vectors_version
@@ -335,8 +330,7 @@ def _commit_part(out: Store, ps: PartSummary, p: _Part, plan: _Plan, copy: list[
                        "size=?, mtime=? WHERE id=?", ((r[8], r[9], r[5], r[3], r[4], i) for i, r in plan.replace))
         db.executemany("UPDATE images SET split='labeled', labeled_at=COALESCE(labeled_at, ?) WHERE id=?",
                        ((now, i) for i in plan.move))
-        db.executemany("UPDATE images SET status='failed', reason=?, size=-1, mtime=NULL, shard=NULL, row=NULL, hash=NULL "
-                       "WHERE id=?", ((GONE, i) for i in plan.gone))
+        record_gone(db, plan.gone)
         if plan.need or plan.gone:
             out._bump_version()
         run = db.execute("INSERT INTO runs(kind, params, started) VALUES ('merge',?,?)",

@@ -170,6 +170,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 GONE = "not found: deleted from its folder since it was indexed"
 
 
+def record_gone(db, ids: Iterable[int]) -> None:
+    """Record images as deleted from their folder (GONE): failed, with no vector. Inside
+    the caller's transaction, which moves vectors_version on."""
+    db.executemany("UPDATE images SET status = 'failed', reason = ?, size = -1, mtime = NULL, shard = NULL, "
+                   "row = NULL, hash = NULL WHERE id = ?", ((GONE, int(i)) for i in ids))
+
+
 def text_key(name: str) -> str:
     """A file name as the catalog stores it: SQLite holds UTF-8 text, so the bytes of a
     name that is not valid UTF-8 (os functions hand them over as surrogates) are written
@@ -387,8 +394,7 @@ class Store:
                     "AND substr(path, 1, ?) = ? AND NOT EXISTS (SELECT 1 FROM scan s WHERE s.path = i.path)",
                     (len(prefix), prefix)) if keep is None or keep(p)]
             gone = sorted(set(gone))
-            db.executemany("UPDATE images SET status = 'failed', reason = ?, size = -1, mtime = NULL, shard = NULL, "
-                           "row = NULL, hash = NULL WHERE id = ?", ((GONE, i) for i in gone))
+            record_gone(db, gone)
             counts["gone"] = len(gone)
             if changed or gone:
                 self._bump_version()
@@ -558,6 +564,24 @@ class Store:
                 problems[name] = why
         return problems
 
+    def repair_shards(self, reembed: bool) -> LostShards:
+        """Find the missing or damaged shards (shard_problems) and drop them (drop_shards),
+        warning about each: build-index (`reembed`) embeds their images again from their
+        files; an index made by import-embeddings, or a merge target, records their
+        vectors as lost. Without this a lost shard would be skipped as unchanged, and would
+        fail every later read of the vectors."""
+        problems = self.shard_problems()
+        if not problems:
+            return LostShards()
+        again = ": its images are embedded again from their files" if reembed else ""
+        for name, why in problems.items():
+            log.warning("shard %s is missing or damaged (%s)%s", name, why, again)
+        lost = self.drop_shards(list(problems), reembed)
+        if lost.lost:
+            log.warning("%d imported vector(s) were in those %d shard(s): recorded as failed (vector lost); import the "
+                        "same files again with --skip-existing to put them back", lost.lost, len(problems))
+        return lost
+
     def drop_shards(self, names: Sequence[str], reembed: bool = True) -> LostShards:
         """Take shards out of the catalog, in one transaction, and delete their files.
 
@@ -648,9 +672,14 @@ class Store:
                 out[sel[a]:sel[a] + (b - a)] = src[r[a]:r[a] + (b - a)]
         return all_ids, out
 
+    def has_table(self, name: str) -> bool:
+        """Whether the catalog has table `name` (one opened read-only by an older version
+        may lack the newer tables: the schema is added only when opened for writing)."""
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
+
     def excluded_ids(self) -> np.ndarray:
         """Catalog ids `novelty exclude` named, sorted (an index from before the table: none)."""
-        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='excluded'").fetchone():
+        if not self.has_table("excluded"):
             return np.zeros(0, np.int64)
         rows = self.db.execute("SELECT image FROM excluded ORDER BY image").fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
