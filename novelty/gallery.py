@@ -116,8 +116,7 @@ def render_gallery(store: Store, views: list[GroupView], summary: dict, sizes: n
         figs = []
         for j, (i, d) in enumerate(zip(v.shown.tolist(), v.dist)):
             shown, path, split = meta[i]
-            fig = figure(thumbs, shown, path, ("first" if j == 0 else f"d = {d:.4f}") + ("<br>labeled" if split == "labeled" else ""))
-            figs.append(fig.replace("<figure ", '<figure class="lab" ', 1) if split == "labeled" else fig)
+            figs.append(figure(thumbs, shown, path, "first" if j == 0 else f"d = {d:.4f}", labeled=split == "labeled"))
         more = v.size - len(v.shown)
         tail = f'<div class="more">and {more} more (all members are in the CSV)</div>' if more else ""
         body.append(f'<section class="grp"><h2>group {v.number} <span>· {v.size} images · {v.labeled} labeled · '
@@ -151,13 +150,10 @@ def render_neighbors(result: NeighborsResult, root: Path, thumb: int = 96) -> st
     if q["kind"] == "text":
         query = f'<div class="prompt">&ldquo;{esc(q["text"])}&rdquo;</div>'
     else:
-        query = figure(thumbs, q.get("id") or Path(q["path"]).name, q.get("path"), esc(q["kind"]) + ("<br>labeled" if q.get("split") == "labeled" else ""))
-        if q.get("split") == "labeled":
-            query = query.replace("<figure ", '<figure class="lab" ', 1)
-    figs = []
-    for n in result.neighbors:
-        fig = figure(thumbs, n.id, n.path, f"#{n.rank} · d = {n.distance:.4f}" + ("<br>labeled" if n.split == "labeled" else ""))
-        figs.append(fig.replace("<figure ", '<figure class="lab" ', 1) if n.split == "labeled" else fig)
+        query = figure(thumbs, q.get("id") or Path(q["path"]).name, q.get("path"), esc(q["kind"]),
+                       labeled=q.get("split") == "labeled")
+    figs = [figure(thumbs, n.id, n.path, f"#{n.rank} · d = {n.distance:.4f}", labeled=n.split == "labeled")
+            for n in result.neighbors]
     described = "  ".join(str(q[f]) for f in ("id", "path", "text", "split") if q.get(f))
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>novelty neighbors</title>'
             f'<style>{CSS}{_GALLERY_CSS}.prompt{{font-size:18px;padding:8px 0}}</style></head><body><h1>Nearest images</h1>'

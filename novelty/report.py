@@ -117,19 +117,19 @@ def collect(store: Store, rows: list[dict], cfg: ReportCfg) -> ReportData:
         rows, image = [rows[i] for i in keep], image[keep]
     lab_all = store.embedded("labeled").ids
     labeled = lab_all[~np.isin(lab_all, image)]
-    unlabeled = store.embedded("unlabeled").ids
-    unlabeled = unlabeled[~np.isin(unlabeled, store.excluded_ids())]  # select's pool leaves them out
-    pool = np.union1d(unlabeled, image[np.isin(image, store.embedded().ids)])
+    pool = np.union1d(store.pool_ids()[0], image[np.isin(image, store.embedded().ids)])  # select's pool, and the picks
     sel_ids, X = store.vectors(ids=np.unique(image))
     D, I, _ = knn_blocks(store, X, max(cfg.k, 1), "labeled", exclude=image)  # the first column is the pick's novelty
     order = np.searchsorted(sel_ids, image)
     D, I = D[order], I[order]
-    ps = _sample(pool, cfg.sample, cfg.seed)
-    pool_nov = knn_blocks(store, store.vectors(ids=ps)[1], 1, "labeled", exclude=image)[0][:, 0] if len(ps) else np.empty(0)
+    ps = _sample(pool, cfg.sample, cfg.seed)  # sorted ids, as _sample gives them
+    P = store.vectors(ids=ps)[1]  # [s, d], also drawn from for the map
+    pool_nov = knn_blocks(store, P, 1, "labeled", exclude=image)[0][:, 0] if len(ps) else np.empty(0)
     ls = _sample(labeled, cfg.sample, cfg.seed)
+    L = store.vectors(ids=ls)[1]
     lab_nov = np.empty(0)
     if len(ls):
-        Dl, Il, _ = knn_blocks(store, store.vectors(ids=ls)[1], 2, "labeled", exclude=image)
+        Dl, Il, _ = knn_blocks(store, L, 2, "labeled", exclude=image)
         lab_nov = np.where(Il[:, 0] == ls, Dl[:, 1], Dl[:, 0])
     run, exact = match_select_run(store, image)
     radius, source = None, "computed"
@@ -145,9 +145,8 @@ def collect(store: Store, rows: list[dict], cfg: ReportCfg) -> ReportData:
               "repeated": repeated}
     mp, ml = _sample(ps, MAP_POOL, cfg.seed), _sample(ls, MAP_LABELED, cfg.seed)
     drawn = image[np.isin(image, sel_ids)][:MAP_PICKS]  # the first picks, in rank order
-    emap = pca_map(unit32(store.vectors(ids=mp)[1]) if len(mp) else np.zeros((0, X.shape[1]), np.float32),
-                   unit32(store.vectors(ids=ml)[1]) if len(ml) else np.zeros((0, X.shape[1]), np.float32),
-                   unit32(X[np.searchsorted(sel_ids, drawn)]) if len(drawn) else np.zeros((0, X.shape[1]), np.float32))
+    emap = pca_map(unit32(P[np.searchsorted(ps, mp)]), unit32(L[np.searchsorted(ls, ml)]),
+                   unit32(X[np.searchsorted(sel_ids, drawn)]))  # the samples' rows, read once above
     return ReportData(rows, image, D, I, pool_nov, lab_nov[np.isfinite(lab_nov)], radius, source, run if exact else None, counts,
                       emap)
 
@@ -255,10 +254,13 @@ class Thumbs:
         return self.cache[path]
 
 
-def figure(thumbs: Thumbs, shown: str, path: str | None, caption: str) -> str:
+def figure(thumbs: Thumbs, shown: str, path: str | None, caption: str, labeled: bool = False) -> str:
+    """A thumbnail with its id and `caption` (HTML); `labeled` adds the class "lab" (the
+    gallery pages frame labeled images) and says so under the caption."""
     uri, reason = thumbs(path)
     img = f'<img src="{uri}" alt="{esc(shown)}">' if uri else f'<div class="noimg">{esc(reason or "no image")}</div>'
-    return f'<figure title="{esc(path or shown)}">{img}<figcaption>{esc(shown)}<br>{caption}</figcaption></figure>'
+    cls, caption = (' class="lab"', caption + "<br>labeled") if labeled else ("", caption)
+    return f'<figure{cls} title="{esc(path or shown)}">{img}<figcaption>{esc(shown)}<br>{caption}</figcaption></figure>'
 
 
 CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222}h1{font-size:20px;margin:0 0 4px}
