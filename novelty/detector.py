@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .config import ReaderCfg
 from .errors import ConfigError, ModelError
 from .reader import CatalogImages, die_with_parent
 from .store import CATALOG, open_store
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 # the default --max-pixels: 4K frames (8.3 MP), 12 MP phone photos and 16 MP sensors
 # (4608x3456) pass; a 4000x3000 image already takes a tiny segmenter to 6 GB at T = 10
 MAX_PIXELS = 4096 * 4096
-BOMB_PIXELS = 89_478_485  # PIL's decompression-bomb limit: the most ever decoded, unless max_pixels is higher
+BOMB_PIXELS = ReaderCfg().max_pixels  # PIL's decompression-bomb limit: the most ever decoded, unless max_pixels is higher
 
 
 @dataclass(frozen=True)

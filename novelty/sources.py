@@ -104,7 +104,8 @@ def in_part(path: str, part: tuple[int, int] | None) -> bool:
 def iter_source(src: Path, split: str, part: tuple[int, int] | None = None,
                 unlisted: list[str] | None = None, seen: set[tuple[int, int]] | None = None) -> Iterator[ImageRecord]:
     """Records for one SRC (with `part`, only the paths in it: the others are not even
-    stat'ed). Raises SourceError when it is missing or holds no image."""
+    stat'ed). Raises SourceError when it is missing; check_sources, run before any
+    scan, refuses one that holds no image."""
     src = Path(src)
     if not src.exists():
         raise SourceError(f"source {src} does not exist")
@@ -114,15 +115,10 @@ def iter_source(src: Path, split: str, part: tuple[int, int] | None = None,
         paths = iter([str(src)])
     else:
         paths = _read_list(src)
-    n = 0
     for p in paths:
-        n += 1
         p = os.path.abspath(p)
         if in_part(p, part):
             yield record(p, split)
-    if n == 0 and not (src.is_dir() and seen):  # a folder already walked (it is inside a labeled one) holds none anew
-        kind = "directory" if src.is_dir() else "list file"
-        raise SourceError(f"{kind} {src} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
 
 
 def scan(labeled: Sequence[Path], unlabeled: Sequence[Path], part: tuple[int, int] | None = None,
