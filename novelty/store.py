@@ -643,12 +643,19 @@ class Store:
         Returns (ids, X) ordered by id. With `ids`, only those (they must be embedded).
         """
         lay = self.embedded(split)
-        all_ids, shard_idx, row = lay.ids, lay.shard, lay.row
+        pos = None
         if ids is not None:
+            all_ids = lay.ids
             pos = np.searchsorted(all_ids, ids)
             ok = (pos < len(all_ids)) & (all_ids[np.minimum(pos, len(all_ids) - 1)] == ids) if len(all_ids) else np.zeros(len(ids), bool)
             if not np.all(ok):
                 raise InputError(f"id {int(np.asarray(ids)[~ok][0])} has no vector")
+        return self._gather(lay, pos)
+
+    def _gather(self, lay: Layout, pos: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, float16 [n, d]) of the layout's rows at positions `pos` (None: all), one shard at a time."""
+        all_ids, shard_idx, row = lay.ids, lay.shard, lay.row
+        if pos is not None:
             all_ids, shard_idx, row = all_ids[pos], shard_idx[pos], row[pos]
         d = self.dim or 0
         if len(all_ids) and not d:
@@ -684,20 +691,23 @@ class Store:
         rows = self.db.execute("SELECT image FROM excluded ORDER BY image").fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
+    def _pool_layout(self) -> tuple[Layout, np.ndarray]:
+        """The embedded unlabeled images' layout, and which of them select may pick (not excluded)."""
+        lay = self.embedded("unlabeled")
+        return lay, ~np.isin(lay.ids, self.excluded_ids())
+
     def pool_ids(self) -> tuple[np.ndarray, int]:
         """The catalog ids select may pick: embedded, unlabeled, not excluded (sorted).
         -> (ids, how many embedded unlabeled images are excluded)."""
-        ids = self.embedded("unlabeled").ids
-        keep = ~np.isin(ids, self.excluded_ids())
-        return ids[keep], int((~keep).sum())
+        lay, keep = self._pool_layout()
+        return lay.ids[keep], int((~keep).sum())
 
     def pool(self) -> tuple[np.ndarray, np.ndarray, int]:
-        """The unlabeled vectors select may pick (pool_ids).
+        """The unlabeled vectors select may pick (pool_ids), from one read of the layout.
         -> (ids, float16 [n, d], how many embedded unlabeled images are excluded)."""
-        if not len(self.excluded_ids()):
-            return (*self.vectors("unlabeled"), 0)
-        ids, excluded = self.pool_ids()
-        return (*self.vectors("unlabeled", ids=ids), excluded)
+        lay, keep = self._pool_layout()
+        excluded = int((~keep).sum())
+        return (*self._gather(lay, np.flatnonzero(keep) if excluded else None), excluded)
 
     def iter_blocks(self, split: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (ids [b], float16 vectors [b, d]) shard by shard, never all at once."""
