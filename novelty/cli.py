@@ -665,22 +665,18 @@ def info(index: IndexOpt = DEFAULT_INDEX):
 
 
 def history_lines(store) -> list[str]:
-    rows = store.db.execute("SELECT id, kind, started, finished, summary FROM runs ORDER BY id DESC LIMIT 10").fetchall()
+    rows = store.db.execute("SELECT id, kind, started FROM runs ORDER BY id DESC LIMIT 10").fetchall()
     if not rows:
         return []
-    import json
     import time
 
     from .labeling import run_notes
 
     notes = run_notes(store, [r[0] for r in rows])
     out = ["history"]
-    for rid, kind, started, finished, summary in reversed(rows):
+    for rid, kind, started in reversed(rows):
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(started))
         note = f"  {notes[rid]}" if notes.get(rid) else ""
-        if not finished:
-            stopped = json.loads(summary).get("stopped") if summary else None
-            note += f"  (stopped: {stopped})" if stopped else "  (not finished: killed, or still running)"
         out.append(f"  #{rid:<4} {when}  {kind}{note}")
     return out
 

@@ -273,13 +273,15 @@ def _day(t: float | None) -> str:
 
 
 def run_notes(store: Store, run_ids: list[int]) -> dict[int, str]:
-    """One line per run for `info`: what it did, and for a selection what became of its picks."""
+    """One line per run for `info`: what it did, for a selection what became of its picks,
+    and for a run that did not finish why it stopped (an error or Ctrl-C recorded it) or
+    that it was killed, or is still running."""
     notes: dict[int, str] = {}
     for rid in run_ids:
-        row = store.db.execute("SELECT kind, summary FROM runs WHERE id=?", (int(rid),)).fetchone()
+        row = store.db.execute("SELECT kind, summary, finished FROM runs WHERE id=?", (int(rid),)).fetchone()
         if row is None:
             continue
-        kind, s = row[0], json.loads(row[1]) if row[1] else {}
+        kind, s, finished = row[0], json.loads(row[1]) if row[1] else {}, row[2]
         s = s if isinstance(s, dict) else {}
         if kind == "select":
             n = s["picks"] if "picks" in s else store.db.execute("SELECT COUNT(*) FROM picks WHERE run=?", (rid,)).fetchone()[0]
@@ -304,6 +306,9 @@ def run_notes(store: Store, run_ids: list[int]) -> dict[int, str]:
             notes[rid] = f"{s['added']} added from {s.get('path')}" + (f" (part {', '.join(s['held'])})" if s.get("held") else "")
         elif kind == "uncertainty" and "scored" in s:
             notes[rid] = f"{s['scored']} scored"
+        if not finished:
+            tail = f"(stopped: {s['stopped']})" if s.get("stopped") else "(not finished: killed, or still running)"
+            notes[rid] = f"{notes[rid]}  {tail}" if notes.get(rid) else tail
     return notes
 
 
