@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,16 @@ def sample_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sample")
     make_sample(root, SampleCfg(n_labeled=24, n_unlabeled=72, size=96))
     return root
+
+
+def copy_samples(dest: Path, sample_dir: Path, n_lab: int = 4, n_unl: int = 10) -> tuple[Path, Path]:
+    """The first good sample images copied into dest/labeled and dest/unlabeled.
+    -> (those two folders)."""
+    for split, n in (("labeled", n_lab), ("unlabeled", n_unl)):
+        (dest / split).mkdir()
+        for f in sorted((sample_dir / split).glob(f"{split}_*.jpg"))[:n]:
+            shutil.copy(f, dest / split / f.name)
+    return dest / "labeled", dest / "unlabeled"
 
 
 def jpeg_bytes(img: Image.Image, **kw) -> bytes:

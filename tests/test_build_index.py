@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from novelty.store import open_store
-from tests.conftest import TINY, TINY_WIDE, run
+from tests.conftest import TINY, TINY_WIDE, copy_samples, run
 
 
 
@@ -292,15 +292,6 @@ def test_a_file_name_that_is_not_utf8_is_recorded_failed_and_the_run_goes_on(tmp
     assert r.exit_code == 2 and "has no vector (failed)" in r.output and len(r.output.strip().splitlines()) == 1, r.output
 
 
-def small_set(tmp_path, sample_dir, n_lab=4, n_unl=10):
-    """A few good sample images copied into labeled/ and unlabeled/ folders of their own."""
-    for split, n in (("labeled", n_lab), ("unlabeled", n_unl)):
-        (tmp_path / split).mkdir()
-        for f in sorted((sample_dir / split).glob(f"{split}_*.jpg"))[:n]:
-            shutil.copy(f, tmp_path / split / f.name)
-    return tmp_path / "labeled", tmp_path / "unlabeled"
-
-
 def catalog(idx):
     with open_store(idx) as st:
         return {p: (split, status, reason) for p, split, status, reason in
@@ -308,7 +299,7 @@ def catalog(idx):
 
 
 def test_rebuilding_keeps_what_mark_labeled_moved(tmp_path, sample_dir):
-    lab, unl = small_set(tmp_path, sample_dir)
+    lab, unl = copy_samples(tmp_path, sample_dir)
     idx = tmp_path / "idx"
     assert build(idx, ("labeled", lab), ("unlabeled", unl)).exit_code == 0
     r = run("select", "--budget", 3, "--index", idx, "--out", tmp_path / "sel.csv")
@@ -323,7 +314,7 @@ def test_rebuilding_keeps_what_mark_labeled_moved(tmp_path, sample_dir):
 
 
 def test_an_image_deleted_from_a_scanned_folder_leaves_the_pool_and_comes_back(tmp_path, sample_dir):
-    lab, unl = small_set(tmp_path, sample_dir)
+    lab, unl = copy_samples(tmp_path, sample_dir)
     idx = tmp_path / "idx"
     assert build(idx, ("labeled", lab), ("unlabeled", unl)).exit_code == 0
     gone, gone_lab = sorted(unl.glob("*.jpg"))[3], sorted(lab.glob("*.jpg"))[0]
@@ -346,7 +337,7 @@ def test_an_image_deleted_from_a_scanned_folder_leaves_the_pool_and_comes_back(t
 
 
 def test_a_part_never_marks_the_other_parts_images_gone(tmp_path, sample_dir):
-    _, unl = small_set(tmp_path, sample_dir, n_lab=0, n_unl=12)
+    _, unl = copy_samples(tmp_path, sample_dir, n_lab=0, n_unl=12)
     from novelty.sources import in_part
 
     idx = tmp_path / "part1"
@@ -385,7 +376,7 @@ def test_a_source_without_images_is_refused_before_an_index_exists(tmp_path, kin
 
 
 def test_symlinked_folders_are_followed_once(tmp_path, sample_dir):
-    _, unl = small_set(tmp_path, sample_dir, n_lab=0, n_unl=4)
+    _, unl = copy_samples(tmp_path, sample_dir, n_lab=0, n_unl=4)
     src = tmp_path / "src"
     src.mkdir()
     (src / "a").symlink_to(unl, target_is_directory=True)
@@ -398,7 +389,7 @@ def test_symlinked_folders_are_followed_once(tmp_path, sample_dir):
 
 
 def test_a_link_into_the_labeled_folder_adds_no_unlabeled_copies(tmp_path, sample_dir):
-    lab, unl = small_set(tmp_path, sample_dir, n_lab=3, n_unl=4)
+    lab, unl = copy_samples(tmp_path, sample_dir, n_lab=3, n_unl=4)
     (unl / "lab_link").symlink_to(lab, target_is_directory=True)
     (unl / "nested").mkdir()
     shutil.copy(next(lab.glob("*.jpg")), unl / "nested" / "own.jpg")  # a real unlabeled image beside it
@@ -457,7 +448,7 @@ def test_a_stopped_build_says_why_in_info_and_resumes(tmp_path, sample_dir):
 
 
 def test_info_shows_a_damaged_shard_and_fails_like_other_readers(tmp_path, sample_dir):
-    lab, unl = small_set(tmp_path, sample_dir, n_lab=4, n_unl=10)
+    lab, unl = copy_samples(tmp_path, sample_dir, n_lab=4, n_unl=10)
     idx = tmp_path / "idx"
     assert build(idx, ("labeled", lab), ("unlabeled", unl), extra=["--shard-size", 4, "--batch-size", 4]).exit_code == 0
     victim, cut = sorted((idx / "shards").glob("*.npy"))[1:3]

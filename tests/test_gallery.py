@@ -12,7 +12,7 @@ import pytest
 from novelty import inspect
 from novelty.gallery import GalleryCfg, collect_groups, size_table
 from novelty.store import open_store
-from tests.conftest import TINY, run, screenshot, unit
+from tests.conftest import TINY, copy_samples, run, screenshot, unit
 from tests.test_inspect import import_split
 from tests.test_report import EVIL, EVIL_DIR
 
@@ -127,10 +127,7 @@ def image_index(tmp_path_factory, sample_dir):
     """4 labeled and 8 unlabeled sample images, plus byte copies: one of a labeled image
     under a hostile name, one of an unlabeled image that is deleted after indexing."""
     tmp = tmp_path_factory.mktemp("gal")
-    for split, n in (("labeled", 4), ("unlabeled", 8)):
-        (tmp / split).mkdir()
-        for f in sorted((sample_dir / split).glob(f"{split}_*.jpg"))[:n]:
-            shutil.copy(f, tmp / split / f.name)
+    copy_samples(tmp, sample_dir, 4, 8)
     (tmp / "unlabeled" / EVIL_DIR).mkdir()
     shutil.copy(sorted((tmp / "labeled").glob("*.jpg"))[0], tmp / "unlabeled" / EVIL_DIR / "b>.png")
     gone = tmp / "unlabeled" / "gone.jpg"

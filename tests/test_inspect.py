@@ -9,7 +9,7 @@ import pytest
 
 from novelty import inspect
 from novelty.store import open_store
-from tests.conftest import TINY, TINY_WIDE, run, unit
+from tests.conftest import TINY, TINY_WIDE, copy_samples, run, unit
 
 
 
@@ -86,10 +86,7 @@ def test_neighbors_bad_input(vec_index, args, message, code):
 def image_index(tmp_path_factory, sample_dir):
     """A tiny-clip index of 8 labeled and 12 unlabeled sample images."""
     tmp = tmp_path_factory.mktemp("img")
-    for split, n in (("labeled", 8), ("unlabeled", 12)):
-        (tmp / split).mkdir()
-        for f in sorted((sample_dir / split).glob(f"{split}_*.jpg"))[:n]:
-            shutil.copy(f, tmp / split / f.name)
+    copy_samples(tmp, sample_dir, 8, 12)
     idx = tmp / "idx"
     r = run("build-index", "--index", idx, "--model", TINY, "--pretrained", "none", "--device", "cpu",
             "--labeled", tmp / "labeled", "--unlabeled", tmp / "unlabeled")

@@ -8,7 +8,7 @@ import pytest
 
 from novelty.report import ReportCfg, collect
 from novelty.store import open_store
-from tests.conftest import TINY, run, screenshot, unit
+from tests.conftest import TINY, copy_samples, run, screenshot, unit
 from tests.test_labeling import record_selection
 
 EVIL_DIR = '"><b onmouseover=x>bold<'  # with the file inside: .../"><b onmouseover=x>bold</b>.png
@@ -26,10 +26,7 @@ def write_csv(path, rows):
 def image_index(tmp_path_factory, sample_dir):
     """6 labeled and 10 unlabeled sample images, one of them under a hostile name."""
     tmp = tmp_path_factory.mktemp("rep")
-    for split, n in (("labeled", 6), ("unlabeled", 10)):
-        (tmp / split).mkdir()
-        for f in sorted((sample_dir / split).glob(f"{split}_*.jpg"))[:n]:
-            shutil.copy(f, tmp / split / f.name)
+    copy_samples(tmp, sample_dir, 6, 10)
     (tmp / "unlabeled" / EVIL_DIR).mkdir()
     shutil.copy(sorted((sample_dir / "unlabeled").glob("*.jpg"))[20], tmp / "unlabeled" / EVIL_DIR / "b>.png")
     idx = tmp / "idx"
