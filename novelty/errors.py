@@ -81,3 +81,9 @@ def first_line(e: BaseException, limit: int | None = None) -> str:
     if limit is not None and len(text) > limit:
         text = text[:limit - 3] + "..."
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def reason_kind(reason: str) -> str:
+    """A recorded failure reason's kind, the part before its first colon: 'decode error',
+    'too large', 'missing', ... (`info` and the run summaries count failures by it)."""
+    return reason.split(":", 1)[0]

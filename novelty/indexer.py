@@ -18,6 +18,7 @@ from . import sources, vectors
 from ._compat import bounded_heap
 from .config import BuildCfg
 from .encoder import Encoder, create_encoder, library_versions
+from .errors import reason_kind
 from .reader import make_loader
 from .store import CATALOG, VECTOR_LOST, Store, create_store
 
@@ -50,10 +51,6 @@ class BuildSummary:
     @property
     def rate(self) -> float:
         return (self.embedded + self.failed) / self.embed_seconds if self.embed_seconds > 0 else 0.0
-
-
-def reason_kind(reason: str) -> str:
-    return reason.split(":", 1)[0]
 
 
 def embed_shards(
