@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from .config import ReaderCfg
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, reason_kind
 from .reader import CatalogImages, die_with_parent
 from .store import CATALOG, open_store
 
@@ -141,6 +141,7 @@ def _open_run(store, params: dict) -> tuple[int, set[int]]:
     row = store.db.execute("SELECT id FROM runs WHERE kind='uncertainty' AND finished IS NULL AND params=? "
                            "ORDER BY id DESC LIMIT 1", (text,)).fetchone()
     if row:
+        store.claim_run(row[0])
         done = {i for (i,) in store.db.execute("SELECT image FROM uncertainty WHERE run=?", (row[0],))}
         return row[0], done
     return store.start_run("uncertainty", params), set()
@@ -209,11 +210,9 @@ def score_index(root: Path, cfg: DetectorCfg, progress_factory: Callable[[int], 
                     db.executemany("INSERT OR REPLACE INTO uncertainty(run, image, value, reason) VALUES (?,?,?,?)",
                                    [(run, int(r.key), r.score, r.error) for r in pending]
                                    + [(run, int(i), None, reason) for i, reason in decode_failures])
-                for r in pending:
-                    if r.score is None:
-                        s.failed_by_reason[r.error.split(":")[0]] = s.failed_by_reason.get(r.error.split(":")[0], 0) + 1
-                for _, reason in decode_failures:
-                    s.failed_by_reason[reason.split(":")[0]] = s.failed_by_reason.get(reason.split(":")[0], 0) + 1
+                for reason in [r.error for r in pending if r.score is None] + [reason for _, reason in decode_failures]:
+                    kind = reason_kind(reason)
+                    s.failed_by_reason[kind] = s.failed_by_reason.get(kind, 0) + 1
                 s.scored += sum(r.score is not None for r in pending)
                 s.failed += sum(r.score is None for r in pending) + len(decode_failures)
                 pending.clear(), decode_failures.clear()

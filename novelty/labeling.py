@@ -14,6 +14,7 @@ import csv
 import json
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,9 +275,11 @@ def _day(t: float | None) -> str:
 
 def run_notes(store: Store, run_ids: list[int]) -> dict[int, str]:
     """One line per run for `info`: what it did, for a selection what became of its picks,
-    and for a run that did not finish why it stopped (an error or Ctrl-C recorded it) or
-    that it was killed, or is still running."""
+    and for a run that did not finish why it stopped (an error or Ctrl-C recorded it),
+    that it is running now, or that it was killed."""
     notes: dict[int, str] = {}
+    writer = store.writer()
+    running = (writer, _running_run(store, writer))
     for rid in run_ids:
         row = store.db.execute("SELECT kind, summary, finished FROM runs WHERE id=?", (int(rid),)).fetchone()
         if row is None:
@@ -307,9 +310,34 @@ def run_notes(store: Store, run_ids: list[int]) -> dict[int, str]:
         elif kind == "uncertainty" and "scored" in s:
             notes[rid] = f"{s['scored']} scored"
         if not finished:
-            tail = f"(stopped: {s['stopped']})" if s.get("stopped") else "(not finished: killed, or still running)"
+            tail = f"(stopped: {s['stopped']})" if s.get("stopped") else _unfinished(s, rid, running)
             notes[rid] = f"{notes[rid]}  {tail}" if notes.get(rid) else tail
     return notes
+
+
+def _running_run(store: Store, pid: int | None) -> int | None:
+    """The run that `pid`, the write lock's holder, is running, if it is on this host."""
+    if not pid:
+        return None
+    host = socket.gethostname()
+    for rid, summary in store.db.execute("SELECT id, summary FROM runs WHERE finished IS NULL ORDER BY id DESC"):
+        s = json.loads(summary) if summary else {}
+        if isinstance(s, dict) and s.get("pid") == pid and s.get("host") == host:
+            return int(rid)  # the newest one: an older run of a reused pid was killed
+    return None
+
+
+def _unfinished(s: dict, rid: int, running: tuple[int | None, int | None]) -> str:
+    """Why a run has not finished, when it recorded no reason: the write lock's holder
+    runs it now, or it was killed (the lock is free, or another process holds it)."""
+    writer, run = running
+    if run == rid:
+        return f"(running now: pid {writer})"
+    if writer is not None and "pid" not in s:  # a run from before runs named their process
+        return "(not finished: killed, or still running)"
+    if writer is not None and s.get("host") != socket.gethostname():
+        return f"(not finished: killed, or still running on {s.get('host')})"
+    return "(not finished: killed)"
 
 
 # ---------------------------------------------------------------------------- export

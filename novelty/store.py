@@ -23,7 +23,9 @@ import fcntl
 import json
 import logging
 import os
+import socket
 import sqlite3
+import struct
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -500,8 +502,8 @@ class Store:
                 f"WHERE {column}=?", ((*row[1:6], row[0]) for row in rows if row[0] in lost))
             self._bump_version()
             if run_params is not None:
-                return db.execute("INSERT INTO runs(kind, params, started) VALUES ('import',?,?)",
-                                  (json.dumps(run_params, sort_keys=True), now)).lastrowid
+                return db.execute("INSERT INTO runs(kind, params, summary, started) VALUES ('import',?,?,?)",
+                                  (json.dumps(run_params, sort_keys=True), _owner(), now)).lastrowid
         return None
 
     def find_keys(self, column: str, keys: Sequence[str], fields: Sequence[str] = ()) -> dict[str, tuple]:
@@ -637,12 +639,15 @@ class Store:
         remap = np.array([names.index(n) for n in lookup], np.int64)
         return Layout(ids_a, remap[shard_a] if len(shard_a) else empty, np.concatenate(row) if row else empty, names)
 
-    def vectors(self, split: str | None = None, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def vectors(self, split: str | None = None, ids: np.ndarray | None = None,
+                layout: Layout | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Gather embedded vectors into one float16 array [n, d], one shard at a time.
 
-        Returns (ids, X) ordered by id. With `ids`, only those (they must be embedded).
+        Returns (ids, X) ordered by id. With `ids`, only those (they must be embedded),
+        in the order given. A caller that gathers block after block passes the
+        `layout` it read once with `embedded(split)`.
         """
-        lay = self.embedded(split)
+        lay = self.embedded(split) if layout is None else layout
         pos = None
         if ids is not None:
             all_ids = lay.ids
@@ -775,8 +780,33 @@ class Store:
     def start_run(self, kind: str, params: dict) -> int:
         with self.transaction() as db:
             return db.execute(
-                "INSERT INTO runs(kind, params, started) VALUES (?,?,?)", (kind, json.dumps(params, sort_keys=True), time.time())
+                "INSERT INTO runs(kind, params, summary, started) VALUES (?,?,?,?)",
+                (kind, json.dumps(params, sort_keys=True), _owner(), time.time())
             ).lastrowid
+
+    def claim_run(self, run_id: int) -> None:
+        """Mark an unfinished run as this process's, when it resumes one: `info` then says
+        it is running, not how it stopped before."""
+        with self.transaction() as db:
+            db.execute("UPDATE runs SET summary=? WHERE id=? AND finished IS NULL", (_owner(), run_id))
+
+    def writer(self) -> int | None:
+        """The pid of the process that holds this index's write lock now (0 when the
+        system does not say, as a network file system may not), None when nobody writes.
+        The kernel is asked (F_GETLK) without taking the lock, so a writer starting at
+        the same moment is never turned away."""
+        try:
+            fd = os.open(self.root / ".lock", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None  # no lock file: nothing ever wrote here, or it cannot be read
+        try:
+            query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+            l_type, *_, pid = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, query))
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return None if l_type == fcntl.F_UNLCK else max(int(pid), 0)
 
     def finish_run(self, run_id: int, summary: dict) -> None:
         with self.transaction() as db:
@@ -797,6 +827,16 @@ class Store:
             except Exception:  # a full disk or a lost lock must not hide the error that stopped the run
                 log.debug("could not record why run %d stopped", run_id, exc_info=True)
             raise
+
+
+# struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid (native alignment pads it to 32 bytes)
+_FLOCK = "hhqqi4x"
+
+
+def _owner() -> str:
+    """An unfinished run's summary until it finishes or stops: which process runs it, so
+    `info` can tell a run still going from a killed one (see Store.writer)."""
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
 
 
 def _shard_problem(path: Path, n: int, d: int, dim: int | None) -> str | None:

@@ -107,6 +107,29 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(images, reference, tmp
     assert {p.stem for p in (index / "shards").iterdir()} == names
 
 
+def test_info_tells_a_running_build_from_a_killed_one(images, tmp_path):
+    """While build-index runs, `info` names its process; once it is killed, `info` says so,
+    and a resumed run that finishes leaves the killed one marked as killed."""
+    index = tmp_path / "idx"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(command(images, index), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and shards_committed(index) < 1:
+            time.sleep(0.01)
+        assert proc.poll() is None, "build-index finished before info could look at it"
+        r = run("info", "--index", index)
+        assert r.exit_code == 0 and f"build  (running now: pid {proc.pid})" in r.output, r.output
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    r = run("info", "--index", index)
+    assert r.exit_code == 0 and "build  (not finished: killed)" in r.output and "running now" not in r.output, r.output
+    run_to_end(images, index)
+    r = run("info", "--index", index)
+    assert r.output.count("(not finished: killed)") == 1 and "running now" not in r.output, r.output
+
+
 # ----------------------------------------------------- a shard lost after the run
 # A shard file deleted or damaged later (a disk error, a careless `rm`): build-index
 # checks every shard before it scans, and embeds the images of a lost one again.
