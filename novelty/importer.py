@@ -147,9 +147,10 @@ def skipped_differences(store: Store, column: str, keys: list[str], X: np.ndarra
     held = store.find_keys(column, [keys[i] for i in pos], ("id", "split"))
     other_split = sum(held[keys[i]][1] != split for i in pos)
     other_vector = 0
+    layout = store.embedded()  # read once, not once per block
     for s in range(0, len(pos), block):
         rows = pos[s:s + block]
-        _, V = store.vectors(ids=np.array([held[keys[i]][0] for i in rows], dtype=np.int64))  # in the order asked
+        _, V = store.vectors(ids=np.array([held[keys[i]][0] for i in rows], dtype=np.int64), layout=layout)  # in the order asked
         F = np.asarray(X[rows], dtype=np.float32)
         F /= np.linalg.norm(F, axis=1, keepdims=True)
         other_vector += int((np.abs(V.astype(np.float32) - F).max(axis=1) > 2e-3).sum())

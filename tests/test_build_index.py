@@ -487,3 +487,15 @@ def test_skip_existing_says_when_skipped_rows_differ_from_the_index(tmp_path):
     r = imp(tmp_path / "v.npy", split="labeled")
     assert r.exit_code == 0 and "0 have another vector in the file than in the index and 50 are indexed as the other split" \
         in r.output, r.output
+
+    # block by block, the counts are those of one block, and of a row-by-row comparison
+    from novelty.importer import skipped_differences
+    keys = [f"k{i}" for i in range(50)]
+    W[[11, 30, 49]] = -W[[11, 30, 49]]
+    with open_store(idx) as st:
+        counts = {b: skipped_differences(st, "ext_id", keys, W, set(keys[3:]), "unlabeled", block=b) for b in (1, 7, 50)}
+        held = st.find_keys("ext_id", keys, ("id",))
+        _, X = st.vectors(ids=np.array([held[k][0] for k in keys[3:]], dtype=np.int64))
+    unit = W[3:] / np.linalg.norm(W[3:], axis=1, keepdims=True)
+    brute = sum(not np.allclose(x.astype(np.float32), w, atol=2e-3) for x, w in zip(X, unit))
+    assert brute == 4 and set(counts.values()) == {(brute, 0)}, counts
