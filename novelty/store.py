@@ -246,8 +246,10 @@ class Store:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
+            pid = _lock_holder(fd)
             os.close(fd)
-            raise IndexBusyError(f"another novelty process is writing {self.root}; wait for it to finish") from None
+            who = f"another novelty process (pid {pid})" if pid else "another novelty process"
+            raise IndexBusyError(f"{who} is writing {self.root}; wait for it to finish") from None
         self._lock_fd = fd
         Store._held.add(key)
 
@@ -800,13 +802,9 @@ class Store:
         except OSError:
             return None  # no lock file: nothing ever wrote here, or it cannot be read
         try:
-            query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-            l_type, *_, pid = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, query))
-        except OSError:
-            return None
+            return _lock_holder(fd)
         finally:
             os.close(fd)
-        return None if l_type == fcntl.F_UNLCK else max(int(pid), 0)
 
     def finish_run(self, run_id: int, summary: dict) -> None:
         with self.transaction() as db:
@@ -831,6 +829,17 @@ class Store:
 
 # struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid (native alignment pads it to 32 bytes)
 _FLOCK = "hhqqi4x"
+
+
+def _lock_holder(fd: int) -> int | None:
+    """The pid holding a write lock on the open file `fd` (0: the system does not say),
+    None when none is held or the system cannot tell."""
+    try:
+        query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        l_type, *_, pid = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, query))
+    except OSError:
+        return None
+    return None if l_type == fcntl.F_UNLCK else max(int(pid), 0)
 
 
 def _owner() -> str:

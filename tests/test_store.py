@@ -1,3 +1,4 @@
+import os
 import sqlite3
 
 import numpy as np
@@ -81,10 +82,10 @@ def test_one_writer_at_a_time(tmp_path):
         with pytest.raises(IndexBusyError, match="already open for writing"):
             create_store(tmp_path / "idx")
         r = subprocess.run(probe, capture_output=True, text=True)
-        assert r.returncode != 0 and "another novelty process is writing" in r.stderr
+        assert r.returncode != 0 and f"another novelty process (pid {os.getpid()}) is writing" in r.stderr
         r = subprocess.run(cli, capture_output=True, text=True)  # the CLI: one line, exit 5 (retry later)
         assert r.returncode == 5 and r.stderr.strip().count("\n") == 0, r.stderr
-        assert "another novelty process is writing" in r.stderr
+        assert f"another novelty process (pid {os.getpid()}) is writing" in r.stderr  # the holder, named
     assert subprocess.run(probe).returncode == 0  # released on close
 
 
