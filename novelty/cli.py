@@ -231,6 +231,27 @@ def build_index(
     typer.echo(f"  failed    {s.failed}" + (f" ({reasons})" if reasons else ""))
     if s.duplicate_groups:
         typer.echo(f"  duplicates {s.duplicate_images} images are byte-identical copies in {s.duplicate_groups} group(s)")
+    _say_content(s.content)
+
+
+def _say_content(c) -> None:
+    """What build-index's bytes said about earlier rows (novelty._content)."""
+    ex = c.examples
+    if c.moved or c.moved_marked or c.moved_excluded:
+        took = [f"{n} {what}" for n, what in ((c.moved_marked, "marked labeled"), (c.moved_excluded, "excluded"),
+                                               (c.moved_scores, "uncertainty score(s)")) if n]
+        typer.echo(f"  moved     {c.moved} image(s) turned up at a new path (e.g. {ex.get('moved')}): their old rows left the pool"
+                   + (f"; carried to the new paths: {', '.join(took)}" if took else ""))
+    if c.changed:
+        typer.echo(f"  new bytes {c.changed} image(s) changed since they were embedded (e.g. {ex.get('changed')})"
+                   + (f": {c.scores_dropped} uncertainty score(s) of their old content dropped, run uncertainty again"
+                      if c.scores_dropped else ""))
+    if c.changed_marked or c.changed_excluded:
+        kept = " and ".join(f"{n} {what}" for n, what in ((c.changed_marked, "marked labeled"), (c.changed_excluded, "excluded"))
+                            if n)
+        e = ex.get("changed_marked") or ex.get("changed_excluded")
+        err(f"warning: {kept} image(s) hold new bytes (e.g. {e}) and keep that status; if the new pictures are not "
+            f"labeled, or should be candidates again, use `mark-labeled --undo` or `exclude --undo` on them")
 
 
 @command

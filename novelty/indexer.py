@@ -16,6 +16,7 @@ import numpy as np
 
 from . import sources, vectors
 from ._compat import bounded_heap
+from ._content import ContentChanges
 from .config import BuildCfg
 from .encoder import Encoder, create_encoder, library_versions
 from .errors import reason_kind
@@ -44,6 +45,7 @@ class BuildSummary:
     failed_by_reason: dict = field(default_factory=dict)
     duplicate_groups: int = 0
     duplicate_images: int = 0
+    content: ContentChanges = field(default_factory=ContentChanges)  # images whose bytes changed or moved (_content)
     shards: int = 0
     seconds: float = 0.0  # the whole run
     embed_seconds: float = 0.0  # reading + encoding + committing shards
@@ -58,9 +60,11 @@ def embed_shards(
     encoder: Encoder,
     ids: np.ndarray,
     cfg: BuildCfg,
+    content: ContentChanges,
     progress: Progress | None = None,
 ) -> tuple[int, Counter, int]:
-    """Embed `ids` and commit them shard by shard. -> (embedded, failures by kind, shards).
+    """Embed `ids` and commit them shard by shard; `content` gathers what their bytes say
+    about earlier rows (changed and moved images). -> (embedded, failures by kind, shards).
 
     Shards close on batch boundaries, at cfg.shard_size images or cfg.shard_seconds,
     so a resumed run sees the same batches as an uninterrupted one."""
@@ -76,7 +80,9 @@ def embed_shards(
         nonlocal embedded, shards, opened
         if buf_ids or buf_fail:
             vecs = np.concatenate(buf_vecs) if buf_vecs else np.empty((0, encoder.dim), np.float32)
-            if store.commit_shard(buf_ids, vecs, buf_hash, buf_fail):
+            name, changes = store.commit_shard(buf_ids, vecs, buf_hash, buf_fail)
+            content.add(changes)
+            if name:
                 shards += 1
             embedded += len(buf_ids)
             failed.update(reason_kind(r) for _, r, _ in buf_fail)
@@ -141,8 +147,10 @@ def _scan_and_embed(store, encoder, labeled, unlabeled, cfg: BuildCfg, progress_
     log.info("%d images scanned: %d new, %d changed, %d to embed", s.scanned, s.new, s.changed, len(pending))
     progress = progress_factory(len(pending)) if progress_factory and len(pending) else None
     t1 = time.monotonic()
-    s.embedded, failed, s.shards = embed_shards(store, encoder, pending, cfg, progress)
+    s.embedded, failed, s.shards = embed_shards(store, encoder, pending, cfg, s.content, progress)
     s.embed_seconds = time.monotonic() - t1
+    if s.content.moved and s.gone:  # those found at a new path were moved, not deleted
+        s.gone = store.still_gone(counts["gone_ids"])
     failed.update(reason_kind(r) for r in counts["failed_at_scan"])  # missing, unreadable
     if lost.lost:
         failed[reason_kind(VECTOR_LOST)] += lost.lost

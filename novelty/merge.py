@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import records, vectors
+from ._content import MOVED_PREFIX
 from ._mergescores import combine_scores
 from .errors import ConfigError, IndexBusyError, IndexDamagedError, IndexMismatchError, InputError
 from .store import (CATALOG, GONE, LOST_PREFIX, RESTORE, LostShards, Store, _describe, create_store, open_store,
@@ -288,8 +289,9 @@ def _plan(out: Store, part: Path, p: _Part) -> _Plan:
             plan.need[shard] = max(plan.need.get(shard, -1), row)
         if old is not None and split == "labeled" and old[2] == "unlabeled":
             plan.move.append(old[0])
-        if old is not None and status == "failed" and r[7] == GONE and old[1] == "embedded" and old[2] == "unlabeled":
-            plan.gone.append(old[0])  # deleted from its folder, as the part's scan found: it leaves the pool here too
+        if old is not None and status == "failed" and (r[7] == GONE or (r[7] or "").startswith(MOVED_PREFIX)) \
+                and old[1] == "embedded" and old[2] == "unlabeled":
+            plan.gone.append(old[0])  # deleted from its folder (or moved), as the part found: it leaves the pool here too
     return plan
 
 

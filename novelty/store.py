@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import _content
+from ._content import GONE, ContentChanges
 from .errors import (IndexBusyError, IndexDamagedError, IndexMismatchError, IndexMissingError, IndexReadOnlyError,
                      InputError, StorageError, first_line)
 
@@ -169,14 +171,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-GONE = "not found: deleted from its folder since it was indexed"
-
-
 def record_gone(db, ids: Iterable[int]) -> None:
     """Record images as deleted from their folder (GONE): failed, with no vector. Inside
-    the caller's transaction, which moves vectors_version on."""
+    the caller's transaction, which moves vectors_version on. Their hash stays: should
+    the same bytes turn up at another path, what was done to them moves there (_content)."""
     db.executemany("UPDATE images SET status = 'failed', reason = ?, size = -1, mtime = NULL, shard = NULL, "
-                   "row = NULL, hash = NULL WHERE id = ?", ((GONE, int(i)) for i in ids))
+                   "row = NULL WHERE id = ?", ((GONE, int(i)) for i in ids))
 
 
 def text_key(name: str) -> str:
@@ -376,7 +376,7 @@ class Store:
             ).rowcount
             changed = db.execute(
                 "UPDATE images SET status = CASE WHEN s.reason IS NULL THEN 'pending' ELSE 'failed' END, "
-                "reason = s.reason, size = s.size, mtime = s.mtime, shard = NULL, row = NULL, hash = NULL "
+                "reason = s.reason, size = s.size, mtime = s.mtime, shard = NULL, row = NULL "  # hash: what it held (_content)
                 "FROM scan s WHERE images.path = s.path AND (images.size IS NOT s.size OR images.mtime IS NOT s.mtime "
                 + ("OR images.status = 'failed'" if retry_failed else "")
                 + ")"
@@ -399,11 +399,16 @@ class Store:
                     (len(prefix), prefix)) if keep is None or keep(p)]
             gone = sorted(set(gone))
             record_gone(db, gone)
-            counts["gone"] = len(gone)
+            counts["gone"], counts["gone_ids"] = len(gone), gone
             if changed or gone:
                 self._bump_version()
             db.execute("DELETE FROM scan")
         return counts
+
+    def still_gone(self, ids: Sequence[int]) -> int:
+        """How many of `ids` are still recorded as deleted (GONE), not since found moved."""
+        return sum(self.db.execute(f"SELECT COUNT(*) FROM images WHERE reason = ? AND id IN ({','.join('?' * len(chunk))})",
+                                   (GONE, *chunk)).fetchone()[0] for chunk in (ids[s:s + 500] for s in range(0, len(ids), 500)))
 
     def pending_ids(self) -> np.ndarray:
         """Catalog ids still to embed, labeled first, then by id."""
@@ -421,15 +426,19 @@ class Store:
         vectors: np.ndarray,  # [n, d] float32 or float16, L2-normalised
         hashes: Sequence[str | None] = (),
         failures: Sequence[tuple[int, str, str | None]] = (),  # (id, reason, hash)
-    ) -> str | None:
-        """Write one shard and commit the catalog rows describing it, atomically."""
+    ) -> tuple[str | None, ContentChanges]:
+        """Write one shard and commit the catalog rows describing it, atomically, with
+        what the bytes read say about earlier rows (_content: changed and moved images).
+        -> (the shard's name, None when nothing was embedded; those changes)."""
         assert self.writable
         assert len(ids) == len(vectors)
         name = None
         if len(ids):
             name = f"shard-{time.strftime('%Y%m%d')}-{uuid.uuid4().hex[:12]}"
             self.write_shard_file(name, vectors)
+        read = {int(i): h for i, h in zip(ids, hashes)} | {int(i): h for i, _, h in failures}
         with self.transaction() as db:
+            changes = _content.before_commit(db, {i: h for i, h in read.items() if h is not None})
             if name is not None:
                 db.execute(
                     "INSERT INTO shards(name, n, dim, created) VALUES (?,?,?,?)",
@@ -446,7 +455,9 @@ class Store:
                 "UPDATE images SET status='failed', reason=?, hash=COALESCE(?, hash), shard=NULL, row=NULL WHERE id=?",
                 ((reason, h, int(i)) for i, reason, h in failures),
             )
-        return name
+            if name is not None:
+                changes.add(_content.after_commit(db, [int(i) for i in ids]))
+        return name, changes
 
     def write_shard_file(self, name: str, vectors: np.ndarray) -> None:
         v16 = np.ascontiguousarray(vectors, dtype=np.float16)

@@ -554,3 +554,23 @@ def test_an_image_a_part_found_deleted_leaves_the_merged_pool(tmp_path, sample_d
     assert catalog(out)[str(victim)][1:3] == catalog(tmp_path / "p1")[str(victim)][1:3]  # as one build would have it
     with open_store(out) as st:
         assert str(victim) not in {p for _, p, _ in st.describe(st.pool_ids()[0]).values()}
+
+
+def test_an_image_renamed_inside_a_part_leaves_the_merged_pool_and_keeps_its_exclusion(tmp_path, sample_dir):
+    from novelty.sources import in_part
+
+    src, out = two_parts_merged(tmp_path, sample_dir)
+    victim = unlabeled(tmp_path / "p1", 1)[0]
+    assert run("exclude", listing(tmp_path / "x.txt", [victim]), "--index", tmp_path / "p1").exit_code == 0
+    # a new name that falls in the same part, so the part sees the bytes move
+    moved = next(n for n in (f"{victim[:-4]}_renamed{k}.jpg" for k in range(100)) if in_part(n, (1, 2)))
+    os.rename(victim, moved)
+    r = build(tmp_path / "p1", src, "--part", "1/2")
+    assert "moved     1 image(s) turned up at a new path" in r.output and "1 excluded" in r.output, r.output
+    r = run("merge", tmp_path / "p1", tmp_path / "p2", "--index", out)
+    assert r.exit_code == 0, r.output
+    assert catalog(out)[victim][1] == "failed" and catalog(out)[moved][1] == "embedded"
+    with open_store(out) as st:
+        pool = {p for _, p, _ in st.describe(st.pool_ids()[0]).values()}
+        excluded = {st.path_of(int(i)) for i in st.excluded_ids()}
+    assert victim not in pool and moved not in pool and moved in excluded

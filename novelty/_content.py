@@ -1,0 +1,125 @@
+"""What an image's bytes say about the rows before it, when build-index commits a shard.
+
+The catalog keys an image by its path, but what a user did to it belongs to its content:
+- **New bytes under an old path** (a file overwritten, a name reused by a new capture):
+  its uncertainty scores were measured on a picture that is gone, so they are dropped,
+  and `select` treats it as unscored. Being marked labeled or excluded is kept (a label
+  may well still fit a re-encoded file), and the build names how many such images changed.
+- **Old bytes under a new path** (a file or folder renamed or moved): the row of the old
+  path, whose file is gone, leaves the pool as moved, and what was done to it moves with
+  its bytes: marked labeled, excluded, and its uncertainty scores. Without this a renamed
+  skipped image would be picked again, and a renamed folder would double the pool with
+  rows whose files are gone.
+Bytes are compared by the blake2b hash the reader takes; a row keeps the hash of the
+content it last held, also once gone or queued again, until new bytes are read.
+Everything here runs inside commit_shard's transaction.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+GONE = "not found: deleted from its folder since it was indexed"
+MOVED = "moved: its bytes are now at {}"
+MOVED_PREFIX = MOVED.split("{}")[0]
+
+
+@dataclass
+class ContentChanges:
+    """Counts over a build, with one example path for each kind of change."""
+
+    changed: int = 0  # images re-read whose bytes differ from what was embedded before
+    scores_dropped: int = 0  # their uncertainty scores (all runs), dropped
+    changed_marked: int = 0  # of them, marked labeled by mark-labeled: kept labeled
+    changed_excluded: int = 0  # of them, excluded: kept excluded
+    moved: int = 0  # old rows whose bytes turned up at a new path: out of the pool
+    moved_marked: int = 0  # new paths that took mark-labeled's word from their old row
+    moved_excluded: int = 0  # new paths that took an exclusion from their old row
+    moved_scores: int = 0  # uncertainty scores carried to new paths
+    examples: dict = field(default_factory=dict)  # kind -> a path
+
+    def add(self, other: ContentChanges) -> None:
+        for k, v in vars(other).items():
+            if k == "examples":
+                for kind, path in v.items():
+                    self.examples.setdefault(kind, path)
+            else:
+                setattr(self, k, getattr(self, k) + v)
+
+
+def _rows(db: sqlite3.Connection, where: str, keys: Sequence) -> list[tuple]:
+    """(id, path, split, hash, status, reason, labeled_at, labeled_by, excluded) of rows
+    whose `where` column is in `keys`, 500 at a time."""
+    out: list[tuple] = []
+    for s in range(0, len(keys), 500):
+        chunk = list(keys[s:s + 500])
+        out += db.execute(
+            "SELECT i.id, i.path, i.split, i.hash, i.status, i.reason, i.labeled_at, i.labeled_by, x.image IS NOT NULL "
+            f"FROM images i LEFT JOIN excluded x ON x.image = i.id WHERE i.{where} IN ({','.join('?' * len(chunk))})",
+            chunk).fetchall()
+    return out
+
+
+def before_commit(db: sqlite3.Connection, new_hash: dict[int, str]) -> ContentChanges:
+    """Rows about to take the bytes just read (`new_hash`: id -> their hash): drop the
+    scores of those whose bytes changed."""
+    c = ContentChanges()
+    changed = [r for r in _rows(db, "id", list(new_hash)) if r[3] is not None and new_hash[r[0]] != r[3]]
+    if not changed:
+        return c
+    ids = [r[0] for r in changed]
+    for s in range(0, len(ids), 500):
+        chunk = ids[s:s + 500]
+        c.scores_dropped += db.execute(f"DELETE FROM uncertainty WHERE image IN ({','.join('?' * len(chunk))})",
+                                       chunk).rowcount
+    c.changed = len(changed)
+    marked = [r for r in changed if r[2] == "labeled" and r[6] is not None]
+    excluded = [r for r in changed if r[8]]
+    c.changed_marked, c.changed_excluded = len(marked), len(excluded)
+    for kind, rows in (("changed", changed), ("changed_marked", marked), ("changed_excluded", excluded)):
+        if rows:
+            c.examples[kind] = rows[0][1]
+    return c
+
+
+def after_commit(db: sqlite3.Connection, embedded: Sequence[int]) -> ContentChanges:
+    """Rows just embedded whose bytes an older row held at a path that is gone now: that
+    row leaves the pool as moved, and its marks and scores come along."""
+    c = ContentChanges()
+    new = {r[0]: r for r in _rows(db, "id", list(embedded)) if r[3] is not None}
+    if not new:
+        return c
+    by_hash: dict[str, list[tuple]] = {}
+    for r in _rows(db, "hash", sorted({r[3] for r in new.values()})):
+        if r[0] not in new and r[1] is not None:
+            by_hash.setdefault(r[3], []).append(r)
+    for i, n in new.items():
+        # an unlabeled row, or one mark-labeled moved; a --labeled source's image stays a center wherever it went
+        olds = [o for o in by_hash.get(n[3], ()) if (o[2] == "unlabeled" or o[6] is not None)
+                and ((o[4] == "failed" and (o[5] == GONE or (o[5] or "").startswith(MOVED_PREFIX)))
+                     or (o[4] == "embedded" and not os.path.exists(o[1])))]
+        if not olds:
+            continue
+        for o in olds:
+            if o[4] == "embedded" or o[5] == GONE:
+                db.execute("UPDATE images SET status='failed', reason=?, shard=NULL, row=NULL WHERE id=?",
+                           (MOVED.format(n[1]), o[0]))
+                c.moved += 1
+        ids = [o[0] for o in olds]
+        marks = ",".join("?" * len(ids))
+        if not n[8] and any(o[8] for o in olds):
+            db.execute(f"INSERT OR IGNORE INTO excluded(image, reason, run, at) SELECT ?, reason, run, at FROM excluded "
+                       f"WHERE image IN ({marks}) ORDER BY at DESC LIMIT 1", (i, *ids))
+            c.moved_excluded += 1
+            c.examples.setdefault("moved_excluded", n[1])
+        marked = [o for o in olds if o[6] is not None]
+        if n[2] == "unlabeled" and n[6] is None and marked:
+            db.execute("UPDATE images SET split='labeled', labeled_at=?, labeled_by=? WHERE id=?", (marked[0][6], marked[0][7], i))
+            c.moved_marked += 1
+            c.examples.setdefault("moved_marked", n[1])
+        c.moved_scores += db.execute(f"INSERT OR IGNORE INTO uncertainty(run, image, value, reason) "
+                                     f"SELECT run, ?, value, reason FROM uncertainty WHERE image IN ({marks})", (i, *ids)).rowcount
+        c.examples.setdefault("moved", n[1])
+    return c

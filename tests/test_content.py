@@ -1,0 +1,134 @@
+"""What an image's bytes say about its earlier rows (novelty._content): new bytes under
+an old path lose the old bytes' uncertainty scores; old bytes under a new path take
+their marks (labeled, excluded) and scores along, and the old row leaves the pool."""
+import csv
+import os
+import shutil
+
+import pytest
+from PIL import Image
+
+from novelty.store import open_store
+from tests.conftest import TINY, copy_samples, run
+
+
+def build(index, lab, unl):
+    return run("build-index", "--index", index, "--labeled", lab, "--unlabeled", unl, "--model", TINY, "--pretrained", "none",
+               "--device", "cpu", "--workers", 0)
+
+
+@pytest.fixture
+def indexed(tmp_path, sample_dir):
+    """10 unlabeled images indexed, each scored 0.1, 0.2, ... by import-uncertainty."""
+    lab, unl = copy_samples(tmp_path, sample_dir, n_lab=4, n_unl=10)
+    idx = tmp_path / "idx"
+    assert build(idx, lab, unl).exit_code == 0
+    files = sorted(unl.iterdir())
+    with open(tmp_path / "u.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "uncertainty"])
+        w.writerows((p, (k + 1) / 10) for k, p in enumerate(files))
+    assert run("import-uncertainty", tmp_path / "u.csv", "--index", idx).exit_code == 0
+    return idx, lab, unl, files
+
+
+def scores(idx) -> dict[str, float]:
+    """path -> its score in the latest uncertainty run."""
+    with open_store(idx) as st:
+        return dict(st.db.execute("SELECT i.path, u.value FROM uncertainty u JOIN images i ON i.id = u.image "
+                                  "WHERE u.run = (SELECT MAX(run) FROM uncertainty)").fetchall())
+
+
+def row(idx, path):
+    with open_store(idx) as st:
+        return st.db.execute("SELECT i.split, i.status, i.reason, i.labeled_at IS NOT NULL, x.reason FROM images i "
+                             "LEFT JOIN excluded x ON x.image = i.id WHERE i.path = ?", (str(path),)).fetchone()
+
+
+def pool(idx) -> set[str]:
+    with open_store(idx) as st:
+        ids, _ = st.pool_ids()
+        return {st.path_of(int(i)) for i in ids}
+
+
+def test_new_bytes_drop_the_old_scores_and_keep_marks_with_a_warning(indexed, tmp_path):
+    idx, lab, unl, files = indexed
+    marked, skipped, plain, touched = (str(p) for p in files[:4])
+    (tmp_path / "m.txt").write_text(marked + "\n")
+    (tmp_path / "x.txt").write_text(skipped + "\n")
+    assert run("mark-labeled", tmp_path / "m.txt", "--index", idx).exit_code == 0
+    assert run("exclude", tmp_path / "x.txt", "--reason", "blank", "--index", idx).exit_code == 0
+    before = scores(idx)
+    for k, p in enumerate((marked, skipped, plain)):  # a name reused for a new picture
+        Image.new("RGB", (64, 48), (40 * k, 200, 90)).save(p)
+    st = os.stat(touched)
+    os.utime(touched, (st.st_atime, st.st_mtime + 100))  # touched, the same bytes
+    r = build(idx, lab, unl)
+    assert r.exit_code == 0, r.output
+    assert "new bytes 3 image(s) changed since they were embedded" in r.output, r.output
+    assert "3 uncertainty score(s) of their old content dropped" in r.output, r.output
+    assert "warning: 1 marked labeled and 1 excluded image(s) hold new bytes" in r.output, r.output
+    after = scores(idx)
+    assert set(before) - set(after) == {marked, skipped, plain}  # those of the old pictures, gone
+    assert after[touched] == before[touched]  # the same bytes keep their score
+    assert row(idx, marked)[0] == "labeled" and row(idx, skipped)[4] == "blank"  # kept, and said
+    assert plain in pool(idx) and skipped not in pool(idx)
+    r = run("select", "--budget", 3, "--strategy", "hybrid", "--index", idx, "--out", tmp_path / "s.csv")
+    assert r.exit_code == 0 and "1 unlabeled image(s) have no uncertainty score" in r.output, r.output
+
+
+def test_a_renamed_image_takes_its_exclusion_mark_and_scores_along(indexed, tmp_path):
+    idx, lab, unl, files = indexed
+    skipped, marked, other = files[0], files[1], files[2]
+    (tmp_path / "x.txt").write_text(f"{skipped}\n")
+    (tmp_path / "m.txt").write_text(f"{marked}\n")
+    assert run("exclude", tmp_path / "x.txt", "--reason", "private", "--index", idx).exit_code == 0
+    assert run("mark-labeled", tmp_path / "m.txt", "--index", idx).exit_code == 0
+    before = scores(idx)
+    new = {p: p.with_name(f"cam1_{p.name}") for p in (skipped, marked, other)}
+    for old, moved in new.items():
+        old.rename(moved)
+    r = build(idx, lab, unl)
+    assert r.exit_code == 0, r.output
+    assert "moved     3 image(s) turned up at a new path" in r.output, r.output
+    assert "carried to the new paths: 1 marked labeled, 1 excluded, 3 uncertainty score(s)" in r.output, r.output
+    assert "gone" not in r.output  # the old rows moved; nothing was deleted
+    assert row(idx, new[skipped])[4] == "private" and row(idx, new[marked])[:1] == ("labeled",)
+    assert row(idx, new[marked])[3] == 1  # as mark-labeled's: a later scan of the folder keeps it labeled
+    for old, moved in new.items():
+        split, status, reason, _, _ = row(idx, old)
+        assert status == "failed" and reason == f"moved: its bytes are now at {moved}"
+    after = scores(idx)
+    assert after[str(new[other])] == before[str(other)] and after[str(new[skipped])] == before[str(skipped)]
+    p = pool(idx)
+    assert str(new[skipped]) not in p and str(new[marked]) not in p and str(new[other]) in p
+    assert not any(str(old) in p for old in new)
+    r = build(idx, lab, unl)  # once more: nothing changes
+    assert r.exit_code == 0 and "moved" not in r.output and row(idx, new[marked])[0] == "labeled", r.output
+
+
+def test_a_renamed_folder_does_not_double_the_pool(indexed, tmp_path):
+    """The old folder is no longer given, so no scan sees its files gone: the bytes do."""
+    idx, lab, unl, files = indexed
+    before = pool(idx)
+    raw = tmp_path / "raw"
+    unl.rename(raw)
+    r = build(idx, lab, raw)
+    assert r.exit_code == 0, r.output
+    after = pool(idx)
+    assert len(after) == len(before) == 10 and all(p.startswith(str(raw) + os.sep) for p in after)
+    got = scores(idx)
+    assert sorted(v for k, v in got.items() if k in after) == sorted(v for k, v in got.items() if k in before)
+
+
+def test_a_copy_is_not_a_move(indexed, tmp_path):
+    """The same bytes at a second path while the first is still there: two images, both
+    candidates, the copy with no marks (a duplicate, as before)."""
+    idx, lab, unl, files = indexed
+    (tmp_path / "x.txt").write_text(f"{files[0]}\n")
+    assert run("exclude", tmp_path / "x.txt", "--index", idx).exit_code == 0
+    shutil.copy(files[0], unl / "copy.jpg")
+    r = build(idx, lab, unl)
+    assert r.exit_code == 0 and "moved" not in r.output, r.output
+    assert row(idx, files[0])[1] == "embedded" and row(idx, unl / "copy.jpg")[4] is None
+    assert str(unl / "copy.jpg") in pool(idx)
