@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from .errors import ConfigError, InputError
 from .export import COLUMNS
+from .sources import list_entries
 from .store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -72,16 +74,17 @@ def read_selection(path: Path) -> list[dict]:
     return rows
 
 
-def read_list(path: Path) -> list[str]:
-    """Ids or paths, one a line; blank lines and # comments are skipped."""
+def read_list(path: Path, indexed: Callable[[str], bool]) -> list[str]:
+    """Ids or paths, one a line, by the rules of sources.list_entries: blank lines and
+    # comments are skipped, unless `indexed(line)` says the line as written names an
+    image (a file name may start with # or a space)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"list file {path} does not exist")
     try:
-        keys = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+        keys = list(list_entries(path.read_text(encoding="utf-8-sig").splitlines(), indexed))
     except UnicodeDecodeError:
         raise InputError(f"list file {path} is not UTF-8 text") from None
-    keys = [k for k in keys if k and not k.startswith("#")]
     if not keys:
         raise InputError(f"list file {path} holds no ids")
     return keys
@@ -158,8 +161,12 @@ def named_ids(store: Store, list_file: Path | None, selection: Path | None) -> t
     if selection is not None:
         return (selection_ids(store, read_selection(selection), "nothing was changed"),
                 {"selection": str(Path(selection).resolve())})
-    keys = read_list(list_file)
     base = Path(list_file).parent
+
+    def indexed(key: str) -> bool:
+        return bool(len(store.resolve([key])[0]) or (not os.path.isabs(key) and len(store.resolve([str(base / key)])[0])))
+
+    keys = read_list(list_file, indexed)
     ids = resolve_keys(store, keys, [None if os.path.isabs(k) else str(base / k) for k in keys],
                        f"nothing was changed (a relative path is read against the current folder, then "
                        f"against the list's folder {base.resolve()})")

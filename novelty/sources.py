@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from .config import IMAGE_EXTENSIONS
@@ -67,14 +67,28 @@ def list_path(base: Path, line: str) -> str:
     return os.path.abspath(line if os.path.isabs(line) else base / line)
 
 
+def list_entries(lines: Iterable[str], names: Callable[[str], bool]) -> Iterator[str]:
+    """The entries of a list file, one a line (build-index's list sources, mark-labeled's
+    and exclude's lists). Blank lines are skipped, and so are # comments; spaces around
+    an entry are dropped. A file name may start with # or a space, though: a line like
+    that is taken as written when `names(line)` says it names an image."""
+    for line in lines:
+        raw = line.rstrip("\r\n")
+        text = raw.strip()
+        if not text:
+            continue
+        if (raw != text or text.startswith("#")) and names(raw):
+            yield raw
+        elif not text.startswith("#"):
+            yield text
+
+
 def _read_list(list_file: Path) -> Iterator[str]:
     base = list_file.parent
     try:
-        with open(list_file, encoding="utf-8-sig") as f:
-            for line in f:
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    yield list_path(base, line)
+        with open(list_file, encoding="utf-8-sig", newline="") as f:
+            for entry in list_entries(f, lambda line: os.path.isfile(list_path(base, line))):
+                yield list_path(base, entry)
     except UnicodeDecodeError:
         raise SourceError(f"{list_file} is not a directory, an image, or a UTF-8 list of image paths") from None
 

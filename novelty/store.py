@@ -742,18 +742,22 @@ class Store:
         """Map user-given ids or paths to catalog ids. Returns (ids, unknown keys).
 
         A key is looked up as an imported id, then as a catalog id, then as a path
-        (absolute, or relative to the current directory).
+        (absolute, or relative to the current directory): as written, then without
+        the spaces around it (a file name may start or end with a space).
         """
         found, unknown = [], []
-        for key in keys:
-            key = key.strip()
-            row = self.db.execute("SELECT id FROM images WHERE ext_id=?", (text_key(key),)).fetchone()
-            if row is None and key.isdigit():
-                row = self.db.execute("SELECT id FROM images WHERE id=?", (int(key),)).fetchone()
+        for given in keys:
+            row = None
+            for key in dict.fromkeys((given, given.strip())):
+                row = self.db.execute("SELECT id FROM images WHERE ext_id=?", (text_key(key),)).fetchone()
+                if row is None and key.isdigit():
+                    row = self.db.execute("SELECT id FROM images WHERE id=?", (int(key),)).fetchone()
+                if row is None and key:
+                    row = self.db.execute("SELECT id FROM images WHERE path=?", (text_key(os.path.abspath(key)),)).fetchone()
+                if row is not None:
+                    break
             if row is None:
-                row = self.db.execute("SELECT id FROM images WHERE path=?", (text_key(os.path.abspath(key)),)).fetchone()
-            if row is None:
-                unknown.append(key)
+                unknown.append(given.strip())
             else:
                 found.append(row[0])
         return np.asarray(found, dtype=np.int64), unknown

@@ -102,6 +102,32 @@ def test_list_file_paths_are_relative_to_the_list(tmp_path, sample_dir):
     assert r.exit_code == 0 and "2 new" in r.output, r.output
 
 
+def test_a_list_line_is_read_as_written_when_it_names_a_file(tmp_path, sample_dir):
+    """`ls > list.txt` in a folder holding '#1 red.jpg' and ' green.jpg': both are images,
+    not a comment and not 'green.jpg'; real comments, blank lines, CRLF and padding still go."""
+    src = tmp_path / "imgs"
+    src.mkdir()
+    good = sorted((sample_dir / "unlabeled").glob("unlabeled_*.jpg"))
+    for name, f in zip(("#1 red.jpg", " green.jpg", "plain.jpg"), good):
+        shutil.copy(f, src / name)
+    (src / "l.txt").write_bytes(b"# a comment\r\n#1 red.jpg\r\n green.jpg\r\n\r\n  plain.jpg  \r\n   # indented comment\r\n")
+    idx = tmp_path / "idx"
+    r = build(idx, ("unlabeled", src / "l.txt"))
+    assert r.exit_code == 0 and "3 images scanned, 3 new" in r.output, r.output
+    with open_store(idx) as st:
+        rows = dict(st.db.execute("SELECT path, status FROM images").fetchall())
+    assert rows == {str(src / n): "embedded" for n in ("#1 red.jpg", " green.jpg", "plain.jpg")}, rows
+    (tmp_path / "done.txt").write_text("#1 red.jpg\n green.jpg\n# not an image\n")
+    r = run("mark-labeled", tmp_path / "done.txt", "--index", idx)  # read against the list's folder: none is there,
+    assert r.exit_code == 2 and "1 of 1 id(s) are not in the index: 'green.jpg'" in r.output, r.output  # so '#1...' is a comment
+    (src / "done.txt").write_text("#1 red.jpg\n green.jpg\n# not an image\n")
+    r = run("mark-labeled", src / "done.txt", "--index", idx)
+    assert r.exit_code == 0 and "marked 2 image(s) labeled" in r.output, r.output
+    with open_store(idx) as st:
+        labeled = {p for (p,) in st.db.execute("SELECT path FROM images WHERE split='labeled'")}
+    assert labeled == {str(src / "#1 red.jpg"), str(src / " green.jpg")}
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
