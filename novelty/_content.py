@@ -30,10 +30,10 @@ MOVED_PREFIX = MOVED.split("{}")[0]
 class ContentChanges:
     """Counts over a build, with one example path for each kind of change."""
 
-    changed: int = 0  # images re-read whose bytes differ from what was embedded before
-    scores_dropped: int = 0  # their uncertainty scores (all runs), dropped
-    changed_marked: int = 0  # of them, marked labeled by mark-labeled: kept labeled
-    changed_excluded: int = 0  # of them, excluded: kept excluded
+    changed: int = 0  # images re-read whose bytes differ from those they were scored on: their scores dropped
+    scores_dropped: int = 0  # those scores (all runs)
+    changed_marked: int = 0  # images re-read with new bytes that mark-labeled had marked: kept labeled
+    changed_excluded: int = 0  # images re-read with new bytes that were excluded: kept excluded
     moved: int = 0  # old rows whose bytes turned up at a new path: out of the pool
     moved_marked: int = 0  # new paths that took mark-labeled's word from their old row
     moved_excluded: int = 0  # new paths that took an exclusion from their old row
@@ -70,15 +70,17 @@ def before_commit(db: sqlite3.Connection, new_hash: dict[int, str]) -> ContentCh
     if not changed:
         return c
     ids = [r[0] for r in changed]
+    scored: set[int] = set()
     for s in range(0, len(ids), 500):
-        chunk = ids[s:s + 500]
-        c.scores_dropped += db.execute(f"DELETE FROM uncertainty WHERE image IN ({','.join('?' * len(chunk))})",
-                                       chunk).rowcount
-    c.changed = len(changed)
+        chunk, marks = ids[s:s + 500], ",".join("?" * len(ids[s:s + 500]))
+        scored.update(i for (i,) in db.execute(f"SELECT DISTINCT image FROM uncertainty WHERE image IN ({marks})", chunk))
+        c.scores_dropped += db.execute(f"DELETE FROM uncertainty WHERE image IN ({marks})", chunk).rowcount
+    c.changed = len(scored)
     marked = [r for r in changed if r[2] == "labeled" and r[6] is not None]
     excluded = [r for r in changed if r[8]]
     c.changed_marked, c.changed_excluded = len(marked), len(excluded)
-    for kind, rows in (("changed", changed), ("changed_marked", marked), ("changed_excluded", excluded)):
+    for kind, rows in (("changed", [r for r in changed if r[0] in scored]), ("changed_marked", marked),
+                       ("changed_excluded", excluded)):
         if rows:
             c.examples[kind] = rows[0][1]
     return c
@@ -109,7 +111,7 @@ def after_commit(db: sqlite3.Connection, embedded: Sequence[int]) -> ContentChan
                 c.moved += 1
         ids = [o[0] for o in olds]
         marks = ",".join("?" * len(ids))
-        if not n[8] and any(o[8] for o in olds):
+        if n[2] == "unlabeled" and not n[8] and any(o[8] for o in olds):
             db.execute(f"INSERT OR IGNORE INTO excluded(image, reason, run, at) SELECT ?, reason, run, at FROM excluded "
                        f"WHERE image IN ({marks}) ORDER BY at DESC LIMIT 1", (i, *ids))
             c.moved_excluded += 1

@@ -243,9 +243,8 @@ def _say_content(c) -> None:
         typer.echo(f"  moved     {c.moved} image(s) turned up at a new path (e.g. {ex.get('moved')}): their old rows left the pool"
                    + (f"; carried to the new paths: {', '.join(took)}" if took else ""))
     if c.changed:
-        typer.echo(f"  new bytes {c.changed} image(s) changed since they were embedded (e.g. {ex.get('changed')})"
-                   + (f": {c.scores_dropped} uncertainty score(s) of their old content dropped, run uncertainty again"
-                      if c.scores_dropped else ""))
+        typer.echo(f"  new bytes {c.changed} scored image(s) changed since (e.g. {ex.get('changed')}): "
+                   f"{c.scores_dropped} uncertainty score(s) of their old content dropped, run uncertainty again")
     if c.changed_marked or c.changed_excluded:
         kept = " and ".join(f"{n} {what}" for n, what in ((c.changed_marked, "marked labeled"), (c.changed_excluded, "excluded"))
                             if n)

@@ -65,7 +65,7 @@ def test_new_bytes_drop_the_old_scores_and_keep_marks_with_a_warning(indexed, tm
     os.utime(touched, (st.st_atime, st.st_mtime + 100))  # touched, the same bytes
     r = build(idx, lab, unl)
     assert r.exit_code == 0, r.output
-    assert "new bytes 3 image(s) changed since they were embedded" in r.output, r.output
+    assert "new bytes 3 scored image(s) changed since" in r.output, r.output
     assert "3 uncertainty score(s) of their old content dropped" in r.output, r.output
     assert "warning: 1 marked labeled and 1 excluded image(s) hold new bytes" in r.output, r.output
     after = scores(idx)
