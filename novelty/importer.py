@@ -8,14 +8,13 @@ missing or damaged shard loses its vectors (VECTOR_LOST) at the next import, and
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import IndexBusyError, InputError, NoveltyError
+from .errors import InputError, NoveltyError
 from .sources import list_path, record
 from .store import LOST_PREFIX, LostShards, Store, create_store
 
@@ -168,9 +167,8 @@ def import_embeddings(root: Path, vectors_file: Path, ids_file: Path, split: str
     files, missing, given = None, [], ids
     if paths:
         ids, files, missing = image_paths(ids, ids_file, split)
-    fresh = not Path(root).exists()
-    try:
-        with create_store(root) as store:
+    with create_store(root) as store:
+        try:
             from . import vectors
 
             store.check_encoder({"kind": "imported", "model": model, "pretrained": None}, int(X.shape[1]))
@@ -188,25 +186,22 @@ def import_embeddings(root: Path, vectors_file: Path, ids_file: Path, split: str
                 if files is not None:
                     files = [st for st, kept in zip(files, keep) if kept]
                     missing = [m for m in missing if m not in skip]
-                if keys:  # all or nothing, with its history line: a refused import leaves neither
-                    run = store.add_imported(keys, kept_blocks(normalised_blocks(X), keep), split, files, run_params={
+                if keys:  # all or nothing, with its history line, finished: the import is done once its vectors are in
+                    summary = {"imported": len(keys), "skipped": len(skip), "missing_files": len(missing)}
+                    if lost.names:
+                        summary.update(lost_shards=list(lost.names), vectors_lost=lost.lost)
+                    store.add_imported(keys, kept_blocks(normalised_blocks(X), keep), split, files, run_params={
                         "vectors": str(Path(vectors_file).resolve()), "ids": str(Path(ids_file).resolve()),
-                        "split": split, "model": model, "paths": paths, "skip_existing": skip_existing})
+                        "split": split, "model": model, "paths": paths, "skip_existing": skip_existing},
+                        run_summary=summary)
             except NoveltyError:
                 if lost.names:  # the repair stands: searches need not fall back to reading the shards
                     vectors.build(store)
                 raise
-            if keys or lost.names:
-                vectors.build(store)
-            if keys:
-                summary = {"imported": len(keys), "skipped": len(skip), "missing_files": len(missing)}
-                if lost.names:
-                    summary.update(lost_shards=list(lost.names), vectors_lost=lost.lost)
-                store.finish_run(run, summary)
-    except IndexBusyError:
-        raise  # another writer's index, whether it existed a moment ago or not: never ours to remove
-    except BaseException:  # refused, stopped (Ctrl-C) or failed: a first import leaves no index behind
-        if fresh:  # (its dim would bind the next import, its orphan shards fill the disk)
-            shutil.rmtree(root, ignore_errors=True)
-        raise
+        except BaseException:  # refused, stopped (Ctrl-C) or failed: a first import leaves no index behind
+            if store.created_dir and not store.db.execute("SELECT 1 FROM runs LIMIT 1").fetchone():
+                store.discard()  # (its dim would bind the next import, its orphan shards fill the disk)
+            raise
+        if keys or lost.names:  # stale until then: readers search the shards, the next writer rebuilds it
+            vectors.build(store)
     return Imported(len(keys), missing, len(skip), other_vector=differ[0], other_split=differ[1], lost=lost)

@@ -42,7 +42,6 @@ from __future__ import annotations
 import hashlib
 import json
 import marshal
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ from pathlib import Path
 from . import records, vectors
 from ._content import MOVED_PREFIX
 from ._mergescores import combine_scores
-from .errors import ConfigError, IndexBusyError, IndexDamagedError, IndexMismatchError, InputError
+from .errors import ConfigError, IndexDamagedError, IndexMismatchError, InputError
 from .store import (CATALOG, GONE, LOST_PREFIX, RESTORE, LostShards, Store, _describe, create_store, open_store,
                     record_gone, same_encoder)
 
@@ -131,9 +130,8 @@ def merge_indexes(root: Path, parts: Sequence[Path],
             raise IndexMismatchError(f"{p} holds vectors from {_describe(m['encoder'], int(m['dim']))}, {parts[0]} from "
                                      f"{_describe(enc0, dim0)}; indexes of different encoders cannot be merged")
     s = MergeSummary()
-    fresh = not root.exists()
-    try:
-        with create_store(root) as out:
+    with create_store(root) as out:
+        try:
             out.check_encoder(enc0, dim0)
             if "versions" in manifests[0] and "versions" not in out.manifest:
                 out.update_manifest(versions=manifests[0]["versions"])
@@ -159,24 +157,12 @@ def merge_indexes(root: Path, parts: Sequence[Path],
             held = held_parts(out)
             for n in sorted({n for _, n in held}):
                 s.missing_parts += [f"{k}/{n}" for k in range(1, n + 1) if (k, n) not in held]
-    except IndexBusyError:
-        raise
-    except BaseException:
-        if fresh and _holds_nothing(root):  # refused or stopped before any part went in: leave nothing
-            shutil.rmtree(root, ignore_errors=True)
-        raise
+        except BaseException:
+            if out.created_dir and not out.db.execute("SELECT 1 FROM runs LIMIT 1").fetchone():
+                out.discard()  # refused or stopped before any part went in: leave nothing
+            raise
     s.seconds = time.monotonic() - t0
     return s
-
-
-def _holds_nothing(root: Path) -> bool:
-    if not (root / CATALOG).exists():
-        return True
-    try:
-        with open_store(root) as st:
-            return st.db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0
-    except Exception:  # noqa: BLE001 - whatever it is, it is not ours to delete
-        return False
 
 
 _ROW = ("id", "status", "split", "size", "mtime", "hash")  # what _merge_part compares in the target's rows

@@ -23,6 +23,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
 import sqlite3
 import struct
@@ -198,12 +199,15 @@ def display_id(image_id: int, ext_id: str | None) -> str:
 class Store:
     """An index directory. Open with :func:`open_store` or :func:`create_store`."""
 
-    def __init__(self, root: Path, writable: bool):
+    def __init__(self, root: Path, writable: bool, create: bool = False):
         self.root = Path(root)
         self.writable = writable
+        self.created_dir = False  # create_store made the folder: discard() may remove it
         self._lock_fd: int | None = None
         if writable:
             self._acquire_lock()
+        if create and not (self.root / CATALOG).exists():  # under the lock: two first runs cannot both create it
+            self._create_catalog()
         # a folder this process cannot write (a read-only mount): SQLite could not create the catalog's -shm file
         # there, so the catalog is opened immutable, which is safe only while no writes are pending in its -wal
         frozen = not writable and not os.access(self.root, os.W_OK)
@@ -253,12 +257,44 @@ class Store:
         self._lock_fd = fd
         Store._held.add(key)
 
-    def close(self) -> None:
+    def _create_catalog(self) -> None:
+        """The catalog never exists without its schema: a run killed here leaves nothing."""
+        tmp = self.root / f".{CATALOG}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            db = sqlite3.connect(tmp)
+            db.executescript(_SCHEMA)
+            db.commit()
+            db.close()
+            os.replace(tmp, self.root / CATALOG)
+        except (OSError, sqlite3.OperationalError) as e:
+            self._release_lock()
+            tmp.unlink(missing_ok=True)
+            raise IndexReadOnlyError(f"cannot create the index {self.root} ({getattr(e, 'strerror', None) or e})") from None
+
+    def discard(self) -> None:
+        """Remove the index folder create_store made, for a first run that stopped before
+        anything in it counts. Done under the write lock, the lock file last: no other
+        writer can be at work in it, and one that starts after the lock file is gone
+        works in a folder of its own making, which is then left alone."""
+        assert self.writable and self.created_dir
         self.db.close()
+        for f in sorted(self.root.iterdir()):
+            if f.name != ".lock":
+                shutil.rmtree(f, ignore_errors=True) if f.is_dir() and not f.is_symlink() else f.unlink(missing_ok=True)
+        (self.root / ".lock").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.root.rmdir()
+        self._release_lock()
+
+    def _release_lock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
             Store._held.discard(str(self.root.resolve()))
+
+    def close(self) -> None:
+        self.db.close()
+        self._release_lock()
 
     def __enter__(self) -> Store:
         return self
@@ -470,7 +506,8 @@ class Store:
         os.replace(tmp, path)
 
     def add_imported(self, keys: Sequence[str], blocks: Iterable[np.ndarray], split: str,
-                     files: Sequence[tuple[int, float] | None] | None = None, run_params: dict | None = None) -> int | None:
+                     files: Sequence[tuple[int, float] | None] | None = None, run_params: dict | None = None,
+                     run_summary: dict | None = None) -> int | None:
         """Add vectors computed elsewhere under their own ids (`keys`), all or nothing.
 
         `blocks` yields unit-norm [b, d] arrays whose rows follow `keys`; each becomes
@@ -478,8 +515,9 @@ class Store:
         validation error) removes what was written and adds nothing. With `files` (one
         (size, mtime) or None per key), the keys are absolute image paths and are stored
         as paths, so `uncertainty`, `report` and path look-ups can open the images.
-        With `run_params`, the same transaction records an "import" run and its id is
-        returned: the history has the import exactly when the vectors are in."""
+        With `run_params`, the same transaction records an "import" run, finished with
+        `run_summary`, and its id is returned: the history has the import exactly when
+        the vectors are in."""
         if split not in SPLITS:
             raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         column = "ext_id" if files is None else "path"
@@ -515,8 +553,9 @@ class Store:
                 f"WHERE {column}=?", ((*row[1:6], row[0]) for row in rows if row[0] in lost))
             self._bump_version()
             if run_params is not None:
-                return db.execute("INSERT INTO runs(kind, params, summary, started) VALUES ('import',?,?,?)",
-                                  (json.dumps(run_params, sort_keys=True), _owner(), now)).lastrowid
+                return db.execute("INSERT INTO runs(kind, params, summary, started, finished) VALUES ('import',?,?,?,?)",
+                                  (json.dumps(run_params, sort_keys=True), json.dumps(run_summary or {}), now,
+                                   time.time())).lastrowid
         return None
 
     def find_keys(self, column: str, keys: Sequence[str], fields: Sequence[str] = ()) -> dict[str, tuple]:
@@ -924,18 +963,15 @@ def create_store(root: Path) -> Store:
     if root.exists() and not root.is_dir():
         raise IndexMissingError(f"{root} exists and is not a directory")
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        if not (root / CATALOG).exists():
-            # the catalog never exists without its schema: a run killed here leaves nothing
-            tmp = root / f".{CATALOG}.{uuid.uuid4().hex[:8]}.tmp"
-            db = sqlite3.connect(tmp)
-            db.executescript(_SCHEMA)
-            db.commit()
-            db.close()
-            os.replace(tmp, root / CATALOG)
-    except (OSError, sqlite3.OperationalError) as e:
-        raise IndexReadOnlyError(f"cannot create the index {root} ({getattr(e, 'strerror', None) or e})") from None
-    return Store(root, writable=True)
+        root.mkdir(parents=True)
+        made = True
+    except FileExistsError:
+        made = False
+    except OSError as e:
+        raise IndexReadOnlyError(f"cannot create the index {root} ({e.strerror or e})") from None
+    store = Store(root, writable=True, create=True)  # the lock first, then the catalog
+    store.created_dir = made
+    return store
 
 
 def open_store(root: Path, writable: bool = False) -> Store:
