@@ -7,8 +7,10 @@ import errno
 import functools
 import logging
 import re
+import signal
 import sqlite3
 import sys
+import threading
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -22,7 +24,7 @@ except ImportError:  # older typer runs on click itself
     from click import exceptions as _click_errors
 
 from .config import DEFAULT_INDEX, DEFAULT_MODEL, BuildCfg, EncoderCfg, ReaderCfg
-from .errors import ConfigError, IndexDamagedError, NoveltyError
+from .errors import ConfigError, IndexDamagedError, NoveltyError, Terminated
 
 
 class _OneLineErrors(typer.core.TyperGroup):
@@ -125,6 +127,9 @@ def command(fn):
         except NoveltyError as e:
             err(f"error: {e}")
             raise typer.Exit(e.exit_code) from None
+        except Terminated:
+            err(f"stopped (SIGTERM); {kept}")
+            raise typer.Exit(128 + signal.SIGTERM) from None
         except KeyboardInterrupt:
             err(f"interrupted; {kept}")
             raise typer.Exit(130) from None
@@ -140,12 +145,18 @@ def command(fn):
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False):
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)  # a scheduler's stop: cleaned up and said, like Ctrl-C
     # force: bind the handler to this invocation's stderr, not to the first one seen
     logging.basicConfig(format="novelty: %(message)s", level=logging.WARNING, stream=sys.stderr, force=True)
     logging.getLogger("novelty").setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:
         for h in logging.getLogger().handlers:
             h.addFilter(_only_novelty)
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 def _only_novelty(record: logging.LogRecord) -> bool:

@@ -74,6 +74,11 @@ class StorageError(NoveltyError):
     exit_code = 6
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, what a scheduler (slurm, Kubernetes) or `kill` sends: a stop like Ctrl-C,
+    with the same clean-up and the same word on what was kept (the CLI installs it)."""
+
+
 def first_line(e: BaseException, limit: int | None = None) -> str:
     """An exception as one line, 'Type: first line of its message', the message cut to
     `limit` characters when given."""

@@ -136,11 +136,15 @@ def default_workers(device: str) -> int:
 def die_with_parent(_worker_id: int = 0) -> None:
     """DataLoader worker_init_fn: on Linux, the kernel kills this worker when the process
     that started it dies (kill -9 of a run), instead of leaving an orphan that prints a
-    traceback when its pipe closes. Elsewhere a no-op."""
+    traceback when its pipe closes. Elsewhere a no-op. A SIGTERM sent to the whole
+    process group (slurm) is left to the parent, which stops the run cleanly and then
+    shuts its workers down: a worker killed first would turn that into a loader error."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
     import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)

@@ -38,7 +38,7 @@ import numpy as np
 from . import _content
 from ._content import GONE, ContentChanges
 from .errors import (IndexBusyError, IndexDamagedError, IndexMismatchError, IndexMissingError, IndexReadOnlyError,
-                     InputError, StorageError, first_line)
+                     InputError, StorageError, Terminated, first_line)
 
 log = logging.getLogger(__name__)
 RESTORE = "restore it or build the index again"  # what a damaged catalog or manifest's message advises
@@ -871,7 +871,8 @@ class Store:
         try:
             yield
         except BaseException as e:
-            reason = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else first_line(e, limit=160)
+            reason = ("stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
+                      if isinstance(e, KeyboardInterrupt) else first_line(e, limit=160))
             try:
                 with self.transaction() as db:
                     db.execute("UPDATE runs SET summary=? WHERE id=? AND finished IS NULL",

@@ -130,6 +130,51 @@ def test_info_tells_a_running_build_from_a_killed_one(images, tmp_path):
     assert r.output.count("(not finished: killed)") == 1 and "running now" not in r.output, r.output
 
 
+def test_sigterm_to_the_process_group_stops_like_ctrl_c_and_resumes(images, reference, tmp_path):
+    """What slurm does at a time limit: SIGTERM to every process of the job, decode workers
+    included. The run stops cleanly (exit 143, one line saying what was kept, the reason
+    in `info`) instead of dying silently, and the same command then finishes it."""
+    index = tmp_path / "idx"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(command(images, index) + ["--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=env, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and shards_committed(index) < 1:
+        time.sleep(0.01)
+    assert proc.poll() is None, "build-index finished before it could be stopped"
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    lines = proc.stderr.read().strip().splitlines()
+    assert lines[-1] == "novelty: stopped (SIGTERM); finished shards are kept; re-run the same command to resume", lines
+    assert not any("Traceback" in line for line in lines), lines
+    r = run("info", "--index", index)
+    assert r.exit_code == 0 and "build  (stopped: stopped by SIGTERM)" in r.output, r.output
+    run_to_end(images, index)
+    rows, vecs, ntotal = snapshot(index)
+    assert rows == reference[0] and ntotal == reference[2]
+    for path, v in reference[1].items():
+        np.testing.assert_array_equal(vecs[path], v, err_msg=path)
+
+
+def test_a_first_import_stopped_by_sigterm_leaves_no_index(tmp_path):
+    """SIGTERM gets the clean-up Ctrl-C gets: a first import leaves no folder, whose dim
+    would bind the next import (before, it left one, and orphan shards)."""
+    np.save(tmp_path / "v.npy", np.random.default_rng(0).normal(size=(400_000, 32)).astype(np.float32))
+    (tmp_path / "ids.txt").write_text("".join(f"x{i}\n" for i in range(400_000)))
+    index = tmp_path / "idx"
+    proc = subprocess.Popen([sys.executable, "-m", "novelty", "import-embeddings", str(tmp_path / "v.npy"), "--ids",
+                             str(tmp_path / "ids.txt"), "--split", "unlabeled", "--index", str(index)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not any((index / "shards").glob("*.npy")):
+        time.sleep(0.005)
+    assert proc.poll() is None, "the import finished before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    assert proc.stderr.read().strip().splitlines()[-1] == "novelty: stopped (SIGTERM); nothing was imported"
+    assert not index.exists()
+
+
 # ----------------------------------------------------- a shard lost after the run
 # A shard file deleted or damaged later (a disk error, a careless `rm`): build-index
 # checks every shard before it scans, and embeds the images of a lost one again.
