@@ -345,8 +345,13 @@ class Store:
         self.write_manifest(m)
 
     def check_encoder(self, encoder: dict, dim: int) -> None:
-        """Refuse vectors from another model or dim; record the encoder on first use."""
+        """Refuse vectors from another model or dim; record the encoder on first use, or
+        while the index holds no vector yet (a first run killed before its first shard)."""
         m = self.manifest
+        if m.get("encoder") and not same_encoder(m["encoder"], encoder) or m.get("dim") not in (None, dim):
+            if self.db.execute("SELECT 1 FROM shards LIMIT 1").fetchone() is None:
+                log.info("the index holds no vector yet: it now takes %s", _describe(encoder, dim))
+                m.pop("encoder", None), m.pop("faiss", None)
         if not m.get("encoder"):
             m.update(encoder=encoder, dim=dim, dtype="float16", normalized=True, created=time.time())
             self.write_manifest(m)

@@ -65,6 +65,8 @@ def test_encoder_mismatch_names_both(tmp_path):
     with create_store(tmp_path / "idx") as st:
         st.check_encoder({"kind": "open_clip", "model": "A", "pretrained": "t"}, 8)
         st.check_encoder({"kind": "open_clip", "model": "A", "pretrained": "t"}, 8)
+        st.sync_sources([ImageRecord("/x/a.jpg", "unlabeled", 1, 1.0)])
+        st.commit_shard(st.pending_ids(), unit(1, 8))  # a vector of A's: now nothing else may come in
         with pytest.raises(IndexMismatchError, match="'A'.*'B'"):
             st.check_encoder({"kind": "open_clip", "model": "B", "pretrained": "t"}, 8)
         with pytest.raises(IndexMismatchError, match="dim 8.*dim 16"):
@@ -163,3 +165,20 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["page.html"]
     atomic_write_text(target, "new")
     assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["page.html"]
+
+
+def test_an_index_that_holds_no_vector_yet_takes_another_encoder(tmp_path):
+    """A first run killed before its first shard leaves a manifest bound to its encoder;
+    with no vector in the index there is nothing to mix, so the next run's encoder is
+    taken instead of refused ("holds vectors from ...", with none)."""
+    with create_store(tmp_path / "idx") as st:
+        st.check_encoder({"kind": "imported", "model": "imported", "pretrained": None}, 64)
+    with create_store(tmp_path / "idx") as st:
+        st.check_encoder({"kind": "open_clip", "model": "B", "pretrained": "t"}, 32)
+        assert st.dim == 32 and st.manifest["encoder"]["model"] == "B"
+        st.commit_shard(st.pending_ids(), np.empty((0, 32), np.float32))  # nothing: still no vector
+        st.sync_sources([ImageRecord("/x/a.jpg", "unlabeled", 1, 1.0)])
+        st.commit_shard(st.pending_ids(), unit(1, 32))
+    with create_store(tmp_path / "idx") as st:
+        with pytest.raises(IndexMismatchError, match="dim 32.*dim 64"):
+            st.check_encoder({"kind": "imported", "model": "imported", "pretrained": None}, 64)
