@@ -399,7 +399,12 @@ def select(
     _warn_outside(outside, label_studio_root)
     s = r.summary
     kept_out = f" ({s['excluded']} excluded)" if s.get("excluded") else ""
-    typer.echo(f"selected {s['picks']} of {s['pool']} unlabeled images{kept_out} with {s['strategy']} (run #{r.run}) -> {out}, {ls}")
+    from .strategies import USES_UNCERTAINTY
+
+    u = s.get("uncertainty") if s["strategy"] in USES_UNCERTAINTY else None
+    scores = (f", scores of uncertainty run #{u['run']}" + (" (imported)" if u.get("source") == "import" else "")) if u else ""
+    typer.echo(f"selected {s['picks']} of {s['pool']} unlabeled images{kept_out} with {s['strategy']} (run #{r.run}{scores}) "
+               f"-> {out}, {ls}")
     before = f"{s['covering_radius_before']:.4f} before" if s["labeled"] else "no labeled image yet"
     typer.echo(f"  covering radius  {before}, {s['covering_radius_after']:.4f} after (cosine distance)")
     typer.echo(f"  redundant        {100 * s['redundant_share']:.1f}% of the pool has a labeled image within r = {s['radius']:.4f}")
@@ -451,7 +456,8 @@ def uncertainty(
     finally:
         bar.close()
     typer.echo(f"uncertainty run #{s.run}: {s.scored} images scored, {s.failed} failed, in {s.seconds:.1f}s"
-               + (f" ({s.resumed} scored before the run was interrupted)" if s.resumed else ""))
+               + (f" (and {s.resumed} before the run was interrupted: {s.with_score} scored, {s.without_score} failed "
+                  f"in all)" if s.resumed else ""))
     if s.failed_by_reason:
         typer.echo("  failed: " + ", ".join(f"{k}: {v}" for k, v in s.failed_by_reason.items()))
     if s.failed_by_reason.get("too large"):

@@ -74,6 +74,7 @@ class UncertaintySummary:
     failed_by_reason: dict = field(default_factory=dict)
     mean: float = 0.0
     with_score: int = 0  # images of the run (this call and before an interruption) that have a score
+    without_score: int = 0  # and those that failed
     seconds: float = 0.0
 
 
@@ -222,8 +223,9 @@ def score_index(root: Path, cfg: DetectorCfg, progress_factory: Callable[[int], 
                 if len(pending) >= cfg.commit_every:
                     commit()
             commit()
-        n, mean = store.db.execute("SELECT COUNT(value), AVG(value) FROM uncertainty WHERE run=?", (run,)).fetchone()
-        s.with_score, s.mean = int(n), float(mean or 0.0)
+        n, total, mean = store.db.execute("SELECT COUNT(value), COUNT(*), AVG(value) FROM uncertainty WHERE run=?",
+                                          (run,)).fetchone()
+        s.with_score, s.without_score, s.mean = int(n), int(total) - int(n), float(mean or 0.0)
         s.seconds = time.monotonic() - t0
         store.finish_run(run, asdict(s))
     return s

@@ -314,8 +314,8 @@ def run_notes(store: Store, run_ids: list[int]) -> dict[int, str]:
             notes[rid] = f"{s['imported']} vectors"
         elif kind == "merge" and "added" in s:
             notes[rid] = f"{s['added']} added from {s.get('path')}" + (f" (part {', '.join(s['held'])})" if s.get("held") else "")
-        elif kind == "uncertainty" and "scored" in s:
-            notes[rid] = f"{s['scored']} scored"
+        elif kind == "uncertainty" and "scored" in s:  # with_score: the whole run's, a resumed one's included
+            notes[rid] = f"{s.get('with_score', s['scored'])} scored"
         if not finished:
             tail = f"(stopped: {s['stopped']})" if s.get("stopped") else _unfinished(s, rid, running)
             notes[rid] = f"{notes[rid]}  {tail}" if notes.get(rid) else tail

@@ -41,11 +41,12 @@ def save_uncertainty(store: Store, params: dict, ids, values, failures=()) -> in
 
 
 def latest_uncertainty(store: Store) -> UncertaintyScores | None:
-    """The scores of the latest finished uncertainty run that scored at least one image
-    (a run whose every image failed is passed over), or None."""
+    """The scores of the uncertainty run that finished last and scored at least one image
+    (a run whose every image failed is passed over), or None. Last to finish, not to
+    start: a detector run resumed after an import-uncertainty is the newer scoring."""
     row = store.db.execute("SELECT id, params FROM runs r WHERE kind='uncertainty' AND finished IS NOT NULL AND EXISTS "
                            "(SELECT 1 FROM uncertainty u WHERE u.run = r.id AND u.value IS NOT NULL) "
-                           "ORDER BY id DESC LIMIT 1").fetchone()
+                           "ORDER BY finished DESC, id DESC LIMIT 1").fetchone()
     if row is None:
         return None
     rows = store.db.execute("SELECT image, value FROM uncertainty WHERE run=? AND value IS NOT NULL ORDER BY image",

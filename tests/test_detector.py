@@ -78,6 +78,36 @@ def test_killed_scoring_resumes_the_open_run(index):
     again = score_index(index, cfg)
     assert again.run == full.run and again.resumed == kept and again.scored == 73 - kept
     assert scores(index) == want
+    r = run("info", "--index", index)  # the whole run's count, not the last session's
+    assert r.exit_code == 0 and "uncertainty  73 scored" in r.output and f"uncertainty  {73 - kept} scored" not in r.output, \
+        r.output
+
+
+def test_a_resumed_run_that_finishes_after_an_import_is_the_one_select_uses(index, tmp_path):
+    """latest = last to finish: a detector run stopped, then scores imported, then the
+    detector run resumed and finished: its scores are the newer ones (QA: select took
+    the import's, by run id, and did not say which run it used)."""
+    cfg = DetectorCfg(spec=SPEC, kind="detection", passes=3, image_size=32, workers=0, commit_every=8, batch_size=4)
+    first = score_index(index, cfg)
+    with open_store(index, writable=True) as st:  # stopped after its first commits
+        st.db.execute("UPDATE runs SET finished=NULL WHERE id=?", (first.run,))
+        st.db.execute("DELETE FROM uncertainty WHERE run=? AND image > (SELECT MIN(image) + 30 FROM uncertainty WHERE run=?)",
+                      (first.run, first.run))
+        pool = [p for (p,) in st.db.execute("SELECT path FROM images WHERE split='unlabeled' AND status='embedded'")]
+    with open(tmp_path / "u.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("id", "uncertainty"), *((p, 0.5) for p in pool)])
+    r = run("import-uncertainty", tmp_path / "u.csv", "--index", index)
+    assert r.exit_code == 0, r.output
+    imported = int(r.output.split("(run #")[1].split(")")[0])
+    assert score_index(index, cfg).run == first.run < imported  # resumed, and finished after the import
+    r = run("select", "--budget", 5, "--index", index, "--out", tmp_path / "s.csv")
+    assert r.exit_code == 0 and f"with hybrid (run #{imported + 1}, scores of uncertainty run #{first.run})" in r.output, \
+        r.output
+    rows = list(csv.DictReader(open(tmp_path / "s.csv")))
+    assert {float(x["uncertainty"]) for x in rows} != {0.5}
+    r = run("import-uncertainty", tmp_path / "u.csv", "--index", index)  # now the import is the last to finish
+    r = run("select", "--budget", 5, "--index", index, "--out", tmp_path / "s.csv")
+    assert r.exit_code == 0 and "scores of uncertainty run #" in r.output and "(imported)" in r.output, r.output
 
 
 def test_bf16_run_is_its_own_run(index):
@@ -203,7 +233,8 @@ def test_image_over_max_pixels_is_failed_once_and_the_run_goes_on(big_index):
         st.db.execute("DELETE FROM uncertainty WHERE run=? AND value IS NOT NULL", (run_id,))
     r = run(*args)
     assert r.exit_code == 0, r.output
-    assert f"run #{run_id}: 4 images scored, 0 failed" in r.output and "(1 scored before" in r.output, r.output
+    assert f"run #{run_id}: 4 images scored, 0 failed" in r.output, r.output
+    assert "(and 1 before the run was interrupted: 4 scored, 1 failed in all)" in r.output, r.output
     assert _reasons(big_index) == got
 
 
