@@ -8,12 +8,11 @@ import json
 import math
 import os
 import urllib.parse
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import ConfigError
-from .store import atomic_write_bytes, atomic_write_text
+from .store import temp_beside
 
 COLUMNS = ["rank", "id", "path", "priority", "novelty", "uncertainty",
            "nearest_labeled_id", "nearest_labeled_distance", "labeled_neighbors", "distance_at_pick"]
@@ -37,6 +36,15 @@ def _pyarrow():
     return pa, pq
 
 
+def _write(path: Path, data: bytes) -> None:
+    """The writers' last step, on write_selection's temporary names (it renames them into
+    place, both or neither): written and fsync'd, not renamed again."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_csv(path: Path, rows: Rows) -> None:
     """Missing and non-finite values are empty cells: pandas reads them as NaN, and a
     spreadsheet or Label Studio does not see the text 'inf' in a number column."""
@@ -45,12 +53,12 @@ def write_csv(path: Path, rows: Rows) -> None:
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if _clean(r.get(k)) is None else r.get(k)) for k in COLUMNS})
-    atomic_write_text(path, buf.getvalue())
+    _write(path, buf.getvalue().encode())
 
 
 def write_jsonl(path: Path, rows: Rows) -> None:
-    atomic_write_text(path, "".join(json.dumps({k: _clean(r.get(k)) for k in COLUMNS}, allow_nan=False) + "\n"
-                                    for r in rows))
+    _write(path, "".join(json.dumps({k: _clean(r.get(k)) for k in COLUMNS}, allow_nan=False) + "\n"
+                         for r in rows).encode())
 
 
 def write_parquet(path: Path, rows: Rows) -> None:
@@ -58,7 +66,7 @@ def write_parquet(path: Path, rows: Rows) -> None:
     table = pa.Table.from_pylist([{k: _clean(r.get(k)) for k in COLUMNS} for r in rows])
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
-    atomic_write_bytes(path, buf.getvalue().to_pybytes())
+    _write(path, buf.getvalue().to_pybytes())
 
 
 def local_files_url(path: str, root: str) -> str | None:
@@ -83,7 +91,7 @@ def write_label_studio(path: Path, rows: Rows, image_root: str | None = None) ->
         scores = {k: _clean(r.get(k)) for k in COLUMNS if k not in ("path",)}
         tasks.append({"data": {"image": url or p or str(r["id"]), **{f"novelty_{k}": v for k, v in scores.items()}},
                       "meta": scores})
-    atomic_write_text(path, json.dumps(tasks, indent=1, allow_nan=False))
+    _write(path, json.dumps(tasks, indent=1, allow_nan=False).encode())
     return outside
 
 
@@ -145,7 +153,7 @@ def write_selection(path: Path, rows: Rows, image_root: Path | None = None) -> t
     both or neither: each is written whole under a temporary name, then both are renamed.
     -> (that file, the number of images outside `image_root`)."""
     path, ls = Path(path), sidecar(path)
-    tmp = [p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.part") for p in (path, ls)]
+    tmp = [temp_beside(p, ".part") for p in (path, ls)]
     try:
         get_writer(path)(tmp[0], rows)
         outside = write_label_studio(tmp[1], rows, os.path.abspath(image_root) if image_root else None)

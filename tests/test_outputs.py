@@ -3,6 +3,7 @@ non-finite scores in every format, and small means in `novelty uncertainty`'s su
 import csv
 import json
 import math
+import os
 
 import pytest
 
@@ -106,3 +107,28 @@ def test_label_studio_root_writes_local_files_urls(tmp_path, sample_dir):
     assert r.exit_code == 2 and "is not an existing folder" in r.output and len(r.output.strip().splitlines()) == 1
     with open_store(idx) as st:
         assert st.db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == before  # refused before any work
+
+
+def test_temporary_files_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
+    """A select or export killed with -9 cannot remove its temporary files; the next write
+    of the same file removes those whose process is gone, on this host, and no others."""
+    import socket
+    import subprocess
+    import sys
+
+    from novelty.store import temp_beside
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is free now
+    host = socket.gethostname()
+    for name in ("s.csv", "s.label-studio.json"):
+        (tmp_path / f".{name}.~{dead.pid}@{host}~0badc0de.part").write_text("half")
+    alive = tmp_path / f".s.csv.~{os.getpid()}@{host}~feedf00d.part"  # a writer still at work
+    elsewhere = tmp_path / f".s.csv.~{dead.pid}@another-host~0badc0de.part"  # a shared folder: not ours to judge
+    other = tmp_path / f".t.csv.~{dead.pid}@{host}~0badc0de.part"  # another file's
+    for f in (alive, elsewhere, other):
+        f.write_text("x")
+    export.write_selection(tmp_path / "s.csv", [ROW])
+    left = sorted(f.name for f in tmp_path.iterdir())
+    assert left == sorted([alive.name, elsewhere.name, other.name, "s.csv", "s.label-studio.json"]), left
+    assert temp_beside(tmp_path / "s.csv").name.startswith(f".s.csv.~{os.getpid()}@{host}~")
