@@ -49,16 +49,16 @@ class ContentChanges:
                 setattr(self, k, getattr(self, k) + v)
 
 
-def _rows(db: sqlite3.Connection, where: str, keys: Sequence) -> list[tuple]:
+def _rows(db: sqlite3.Connection, where: str, keys: Sequence, hashed_only: bool = False) -> list[tuple]:
     """(id, path, split, hash, status, reason, labeled_at, labeled_by, excluded) of rows
-    whose `where` column is in `keys`, 500 at a time."""
+    whose `where` column is in `keys` (and that hold a hash, with `hashed_only`), 500 at a time."""
     out: list[tuple] = []
     for s in range(0, len(keys), 500):
         chunk = list(keys[s:s + 500])
         out += db.execute(
             "SELECT i.id, i.path, i.split, i.hash, i.status, i.reason, i.labeled_at, i.labeled_by, x.image IS NOT NULL "
-            f"FROM images i LEFT JOIN excluded x ON x.image = i.id WHERE i.{where} IN ({','.join('?' * len(chunk))})",
-            chunk).fetchall()
+            f"FROM images i LEFT JOIN excluded x ON x.image = i.id WHERE i.{where} IN ({','.join('?' * len(chunk))})"
+            + (" AND i.hash IS NOT NULL" if hashed_only else ""), chunk).fetchall()
     return out
 
 
@@ -66,7 +66,7 @@ def before_commit(db: sqlite3.Connection, new_hash: dict[int, str]) -> ContentCh
     """Rows about to take the bytes just read (`new_hash`: id -> their hash): drop the
     scores of those whose bytes changed."""
     c = ContentChanges()
-    changed = [r for r in _rows(db, "id", list(new_hash)) if r[3] is not None and new_hash[r[0]] != r[3]]
+    changed = [r for r in _rows(db, "id", list(new_hash), hashed_only=True) if new_hash[r[0]] != r[3]]
     if not changed:
         return c
     ids = [r[0] for r in changed]
@@ -79,23 +79,30 @@ def before_commit(db: sqlite3.Connection, new_hash: dict[int, str]) -> ContentCh
     marked = [r for r in changed if r[2] == "labeled" and r[6] is not None]
     excluded = [r for r in changed if r[8]]
     c.changed_marked, c.changed_excluded = len(marked), len(excluded)
-    for kind, rows in (("changed", [r for r in changed if r[0] in scored]), ("changed_marked", marked),
+    for kind, some in (("changed", [r for r in changed if r[0] in scored]), ("changed_marked", marked),
                        ("changed_excluded", excluded)):
-        if rows:
-            c.examples[kind] = rows[0][1]
+        if some:
+            c.examples[kind] = some[0][1]
     return c
 
 
-def after_commit(db: sqlite3.Connection, embedded: Sequence[int]) -> ContentChanges:
-    """Rows just embedded whose bytes an older row held at a path that is gone now: that
-    row leaves the pool as moved, and its marks and scores come along."""
+def after_commit(db: sqlite3.Connection, new_hash: dict[int, str]) -> ContentChanges:
+    """Rows just embedded with these hashes (id -> hash) whose bytes an older row held at
+    a path that is gone now: that row leaves the pool as moved, and its marks and scores
+    come along."""
     c = ContentChanges()
-    new = {r[0]: r for r in _rows(db, "id", list(embedded)) if r[3] is not None}
-    if not new:
-        return c
+    hashes = sorted(set(new_hash.values()))
+    shared = []  # held by more than one row: almost never, so only those rows are read whole
+    for s in range(0, len(hashes), 500):
+        chunk = hashes[s:s + 500]
+        shared += [h for (h,) in db.execute(f"SELECT hash FROM images WHERE hash IN ({','.join('?' * len(chunk))}) "
+                                            "GROUP BY hash HAVING COUNT(*) > 1", chunk)]
+    new: dict[int, tuple] = {}
     by_hash: dict[str, list[tuple]] = {}
-    for r in _rows(db, "hash", sorted({r[3] for r in new.values()})):
-        if r[0] not in new and r[1] is not None:
+    for r in _rows(db, "hash", shared):
+        if r[0] in new_hash:
+            new[r[0]] = r
+        elif r[1] is not None:
             by_hash.setdefault(r[3], []).append(r)
     for i, n in new.items():
         # an unlabeled row, or one mark-labeled moved; a --labeled source's image stays a center wherever it went

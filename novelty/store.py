@@ -505,7 +505,8 @@ class Store:
             self.write_shard_file(name, vectors)
         read = {int(i): h for i, h in zip(ids, hashes)} | {int(i): h for i, _, h in failures}
         with self.transaction() as db:
-            changes = _content.before_commit(db, {i: h for i, h in read.items() if h is not None})
+            known = {i: h for i, h in read.items() if h is not None}
+            changes = _content.before_commit(db, known)
             if name is not None:
                 db.execute(
                     "INSERT INTO shards(name, n, dim, created) VALUES (?,?,?,?)",
@@ -523,7 +524,7 @@ class Store:
                 ((reason, h, int(i)) for i, reason, h in failures),
             )
             if name is not None:
-                changes.add(_content.after_commit(db, [int(i) for i in ids]))
+                changes.add(_content.after_commit(db, {int(i): known[int(i)] for i in ids if int(i) in known}))
         return name, changes
 
     def write_shard_file(self, name: str, vectors: np.ndarray) -> None:
