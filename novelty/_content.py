@@ -113,8 +113,8 @@ def after_commit(db: sqlite3.Connection, new_hash: dict[int, str]) -> ContentCha
             continue
         for o in olds:
             if o[4] == "embedded" or o[5] == GONE:
-                db.execute("UPDATE images SET status='failed', reason=?, shard=NULL, row=NULL WHERE id=?",
-                           (MOVED.format(n[1]), o[0]))
+                db.execute("UPDATE images SET status='failed', reason=?, size=-1, mtime=NULL, shard=NULL, row=NULL "
+                           "WHERE id=?", (MOVED.format(n[1]), o[0]))  # as record_gone: a file that comes back is read again
                 c.moved += 1
         ids = [o[0] for o in olds]
         marks = ",".join("?" * len(ids))

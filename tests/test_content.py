@@ -105,6 +105,10 @@ def test_a_renamed_image_takes_its_exclusion_mark_and_scores_along(indexed, tmp_
     assert not any(str(old) in p for old in new)
     r = build(idx, lab, unl)  # once more: nothing changes
     assert r.exit_code == 0 and "moved" not in r.output and row(idx, new[marked])[0] == "labeled", r.output
+    shutil.copy(new[other], other)  # the old file comes back (a share mounted again): read again, a copy now
+    r = build(idx, lab, unl)
+    assert r.exit_code == 0 and "moved" not in r.output, r.output
+    assert row(idx, other)[1] == "embedded" and str(other) in pool(idx) and str(new[other]) in pool(idx)
 
 
 def test_a_renamed_folder_does_not_double_the_pool(indexed, tmp_path):
