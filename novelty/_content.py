@@ -104,31 +104,71 @@ def after_commit(db: sqlite3.Connection, new_hash: dict[int, str]) -> ContentCha
             new[r[0]] = r
         elif r[1] is not None:
             by_hash.setdefault(r[3], []).append(r)
-    for i, n in new.items():
+    done: set[int] = set()  # old rows recorded as moved by this call (the same bytes may turn up at two paths)
+    for n in new.values():
         # an unlabeled row, or one mark-labeled moved; a --labeled source's image stays a center wherever it went
         olds = [o for o in by_hash.get(n[3], ()) if (o[2] == "unlabeled" or o[6] is not None)
                 and ((o[4] == "failed" and (o[5] == GONE or (o[5] or "").startswith(MOVED_PREFIX)))
                      or (o[4] == "embedded" and not os.path.exists(o[1])))]
-        if not olds:
-            continue
-        for o in olds:
-            if o[4] == "embedded" or o[5] == GONE:
-                db.execute("UPDATE images SET status='failed', reason=?, size=-1, mtime=NULL, shard=NULL, row=NULL "
-                           "WHERE id=?", (MOVED.format(n[1]), o[0]))  # as record_gone: a file that comes back is read again
-                c.moved += 1
-        ids = [o[0] for o in olds]
-        marks = ",".join("?" * len(ids))
-        if n[2] == "unlabeled" and not n[8] and any(o[8] for o in olds):
-            db.execute(f"INSERT OR IGNORE INTO excluded(image, reason, run, at) SELECT ?, reason, run, at FROM excluded "
-                       f"WHERE image IN ({marks}) ORDER BY at DESC LIMIT 1", (i, *ids))
-            c.moved_excluded += 1
-            c.examples.setdefault("moved_excluded", n[1])
-        marked = [o for o in olds if o[6] is not None]
-        if n[2] == "unlabeled" and n[6] is None and marked:
-            db.execute("UPDATE images SET split='labeled', labeled_at=?, labeled_by=? WHERE id=?", (marked[0][6], marked[0][7], i))
-            c.moved_marked += 1
-            c.examples.setdefault("moved_marked", n[1])
-        c.moved_scores += db.execute(f"INSERT OR IGNORE INTO uncertainty(run, image, value, reason) "
-                                     f"SELECT run, ?, value, reason FROM uncertainty WHERE image IN ({marks})", (i, *ids)).rowcount
-        c.examples.setdefault("moved", n[1])
+        if olds:
+            _carry(db, n, olds, c, done)
     return c
+
+
+def carry_from_gone(db: sqlite3.Connection) -> ContentChanges:
+    """For merge, where a part records a deletion or a move but the marks live in the
+    merged index: rows whose file is gone (or moved) that still hold a mark, an
+    exclusion or scores hand them to a newer row holding the same bytes, if one is
+    there; the others keep them until such a row comes in."""
+    c = ContentChanges()
+    held = db.execute(
+        "SELECT i.id FROM images i WHERE i.status = 'failed' AND i.hash IS NOT NULL AND (i.reason = ? OR i.reason LIKE ?) "
+        "AND (i.labeled_at IS NOT NULL OR EXISTS (SELECT 1 FROM excluded x WHERE x.image = i.id) "
+        "OR EXISTS (SELECT 1 FROM uncertainty u WHERE u.image = i.id))", (GONE, MOVED_PREFIX + "%")).fetchall()
+    if not held:
+        return c
+    olds = _rows(db, "id", [i for (i,) in held])
+    by_hash: dict[str, list[tuple]] = {}
+    for r in _rows(db, "hash", sorted({o[3] for o in olds})):
+        if r[4] == "embedded" and r[1] is not None:
+            by_hash.setdefault(r[3], []).append(r)
+    done: set[int] = set()
+    for o in olds:
+        for n in by_hash.get(o[3], ()):
+            if n[0] > o[0]:  # added after it: the bytes' new place, not an older copy
+                _carry(db, n, [o], c, done)
+                break
+    return c
+
+
+def _carry(db: sqlite3.Connection, n: tuple, olds: list[tuple], c: ContentChanges, done: set[int]) -> None:
+    """Row `n` holds the bytes the `olds` held at paths that are gone: record those as
+    moved there, and move (not copy: an undo at the new path must not come back with the
+    old) their exclusion, mark-labeled's mark and scores to `n`, when `n` is unlabeled."""
+    i, ids = n[0], [o[0] for o in olds]
+    marks = ",".join("?" * len(ids))
+    for o in olds:
+        if o[0] not in done and (o[4] == "embedded" or o[5] == GONE):
+            db.execute("UPDATE images SET status='failed', reason=?, size=-1, mtime=NULL, shard=NULL, row=NULL "
+                       "WHERE id=?", (MOVED.format(n[1]), o[0]))  # as record_gone: a file that comes back is read again
+            done.add(o[0])
+            c.moved += 1
+            c.examples.setdefault("moved", n[1])
+    if n[2] != "unlabeled":  # a labeled row is a center: nothing to carry
+        return
+    if not n[8] and any(o[8] for o in olds):
+        db.execute(f"INSERT OR IGNORE INTO excluded(image, reason, run, at) SELECT ?, reason, run, at FROM excluded "
+                   f"WHERE image IN ({marks}) ORDER BY at DESC LIMIT 1", (i, *ids))
+        c.moved_excluded += 1
+        c.examples.setdefault("moved_excluded", n[1])
+    db.execute(f"DELETE FROM excluded WHERE image IN ({marks})", ids)
+    marked = [o for o in olds if o[6] is not None]
+    if n[6] is None and marked:
+        db.execute("UPDATE images SET split='labeled', labeled_at=?, labeled_by=? WHERE id=?", (marked[0][6], marked[0][7], i))
+        c.moved_marked += 1
+        c.examples.setdefault("moved_marked", n[1])
+    if marked:
+        db.execute(f"UPDATE images SET split='unlabeled', labeled_at=NULL, labeled_by=NULL WHERE id IN ({marks})", ids)
+    c.moved_scores += db.execute(f"INSERT OR IGNORE INTO uncertainty(run, image, value, reason) "
+                                 f"SELECT run, ?, value, reason FROM uncertainty WHERE image IN ({marks})", (i, *ids)).rowcount
+    db.execute(f"DELETE FROM uncertainty WHERE image IN ({marks})", ids)

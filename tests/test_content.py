@@ -114,15 +114,14 @@ def test_a_renamed_image_takes_its_exclusion_mark_and_scores_along(indexed, tmp_
 def test_a_renamed_folder_does_not_double_the_pool(indexed, tmp_path):
     """The old folder is no longer given, so no scan sees its files gone: the bytes do."""
     idx, lab, unl, files = indexed
-    before = pool(idx)
+    before, scored = pool(idx), scores(idx)
     raw = tmp_path / "raw"
     unl.rename(raw)
     r = build(idx, lab, raw)
     assert r.exit_code == 0, r.output
     after = pool(idx)
     assert len(after) == len(before) == 10 and all(p.startswith(str(raw) + os.sep) for p in after)
-    got = scores(idx)
-    assert sorted(v for k, v in got.items() if k in after) == sorted(v for k, v in got.items() if k in before)
+    assert scores(idx) == {p.replace(str(unl), str(raw), 1): v for p, v in scored.items()}  # moved, not copied
 
 
 def test_a_copy_is_not_a_move(indexed, tmp_path):
@@ -136,3 +135,38 @@ def test_a_copy_is_not_a_move(indexed, tmp_path):
     assert r.exit_code == 0 and "moved" not in r.output, r.output
     assert row(idx, files[0])[1] == "embedded" and row(idx, unl / "copy.jpg")[4] is None
     assert str(unl / "copy.jpg") in pool(idx)
+
+
+def test_an_undo_at_the_new_path_holds_when_the_file_moves_back(indexed, tmp_path):
+    """Marks move with the bytes, they are not copied: an exclusion or a mark undone at
+    the new path does not come back from the old row when the file goes back."""
+    idx, lab, unl, files = indexed
+    skipped, marked = files[0], files[1]
+    (tmp_path / "x.txt").write_text(f"{skipped}\n")
+    (tmp_path / "m.txt").write_text(f"{marked}\n")
+    assert run("exclude", tmp_path / "x.txt", "--index", idx).exit_code == 0
+    assert run("mark-labeled", tmp_path / "m.txt", "--index", idx).exit_code == 0
+    away = {p: p.with_name(f"B_{p.name}") for p in (skipped, marked)}
+    for p, q in away.items():
+        p.rename(q)
+    assert build(idx, lab, unl).exit_code == 0
+    (tmp_path / "ux.txt").write_text(f"{away[skipped]}\n")
+    (tmp_path / "um.txt").write_text(f"{away[marked]}\n")
+    assert run("exclude", "--undo", tmp_path / "ux.txt", "--index", idx).exit_code == 0
+    assert run("mark-labeled", "--undo", tmp_path / "um.txt", "--index", idx).exit_code == 0
+    for p, q in away.items():
+        q.rename(p)
+    r = build(idx, lab, unl)
+    assert r.exit_code == 0 and "moved     2 image(s)" in r.output, r.output
+    assert row(idx, skipped)[1:] == ("embedded", None, 0, None) and row(idx, marked)[:2] == ("unlabeled", "embedded")
+    assert {str(skipped), str(marked)} <= pool(idx) and not {str(q) for q in away.values()} & pool(idx)
+
+
+def test_the_same_bytes_at_two_new_paths_count_one_move(indexed, tmp_path):
+    idx, lab, unl, files = indexed
+    shutil.copy(files[0], unl / "a.jpg")
+    shutil.copy(files[0], unl / "b.jpg")
+    files[0].unlink()
+    r = build(idx, lab, unl)
+    assert r.exit_code == 0 and "moved     1 image(s)" in r.output, r.output
+    assert {str(unl / "a.jpg"), str(unl / "b.jpg")} <= pool(idx) and str(files[0]) not in pool(idx)
