@@ -173,6 +173,15 @@ def named_ids(store: Store, list_file: Path | None, selection: Path | None) -> t
     return ids, {"list": str(Path(list_file).resolve())}
 
 
+def followed_ids(store: Store, named: np.ndarray, source: dict) -> tuple[np.ndarray, int]:
+    """`named` with each image that moved since (renamed, its folder moved) taken at its
+    new path; the run's params say how many. -> (ids, how many moved)."""
+    ids, followed = store.follow_moves(named)
+    if followed:
+        source["followed_moves"] = followed
+    return ids, followed
+
+
 @dataclass
 class MarkResult:
     run: int  # the mark-labeled run
@@ -181,6 +190,7 @@ class MarkResult:
     already: int  # labeled before (with undo: unlabeled before)
     labeled_by: int | None  # the select run they came from
     from_sources: int = 0  # with undo: labeled because a --labeled source lists them, left labeled
+    followed: int = 0  # named by a path they have since moved from (Store.follow_moves)
 
 
 def mark_labeled(root: Path, list_file: Path | None = None, selection: Path | None = None, undo: bool = False) -> MarkResult:
@@ -193,8 +203,9 @@ def mark_labeled(root: Path, list_file: Path | None = None, selection: Path | No
     lists them stay labeled: their split is the sources' word, changed there."""
     check_one_source(list_file, selection)
     with open_store(root, writable=True) as store:
-        ids, source = named_ids(store, list_file, selection)
-        by, exact = match_select_run(store, ids)
+        named, source = named_ids(store, list_file, selection)
+        by, exact = match_select_run(store, named)
+        ids, followed = followed_ids(store, named, source)
         distinct = np.unique(ids)
         now = time.time()
         with store.transaction() as db:
@@ -217,7 +228,7 @@ def mark_labeled(root: Path, list_file: Path | None = None, selection: Path | No
                              ("unmark" if undo else "mark-labeled", json.dumps(source, sort_keys=True), json.dumps(summary),
                               now, time.time())).lastrowid
     log.info("%s %d image(s) (%d already were)", "moved back" if undo else "marked", moved, already)
-    return MarkResult(run, len(distinct), moved, already, by, from_sources)
+    return MarkResult(run, len(distinct), moved, already, by, from_sources, followed)
 
 
 # --------------------------------------------------------------------------- exclude
@@ -228,6 +239,7 @@ class ExcludeResult:
     changed: int  # excluded now (with undo: excluded no more)
     already: int  # excluded before (with undo: not excluded before)
     labeled: int  # of the images named, those labeled now (not in the pool while they are)
+    followed: int = 0  # named by a path they have since moved from (Store.follow_moves)
 
 
 def exclude(root: Path, list_file: Path | None = None, selection: Path | None = None, reason: str | None = None,
@@ -243,7 +255,8 @@ def exclude(root: Path, list_file: Path | None = None, selection: Path | None = 
     if reason is not None and (not reason.strip() or not reason.isprintable()):
         raise ConfigError("--reason must be one line of printable text")
     with open_store(root, writable=True) as store:
-        ids, source = named_ids(store, list_file, selection)
+        named, source = named_ids(store, list_file, selection)
+        ids, followed = followed_ids(store, named, source)
         distinct = np.unique(ids)
         now = time.time()
         with store.transaction() as db:
@@ -262,7 +275,7 @@ def exclude(root: Path, list_file: Path | None = None, selection: Path | None = 
             summary = {"requested": len(distinct), "changed": changed, "already": len(distinct) - changed, "labeled": labeled}
             db.execute("UPDATE runs SET summary=?, finished=? WHERE id=?", (json.dumps(summary), time.time(), run))
     log.info("%s %d image(s) (%d already were)", "included" if undo else "excluded", changed, len(distinct) - changed)
-    return ExcludeResult(run, len(distinct), changed, len(distinct) - changed, labeled)
+    return ExcludeResult(run, len(distinct), changed, len(distinct) - changed, labeled, followed)
 
 
 def excluded_by_reason(store: Store) -> dict[str, int]:

@@ -833,6 +833,28 @@ class Store:
                 found.append(row[0])
         return np.asarray(found, dtype=np.int64), unknown
 
+    def follow_moves(self, ids: np.ndarray) -> tuple[np.ndarray, int]:
+        """Rows recorded as moved (_content: their bytes turned up at a new path) stand for
+        the row at that path, to the end of a chain of moves, so a list or selection made
+        before files were renamed still names the images. -> (ids, how many were moved)."""
+        ids = np.asarray(ids, dtype=np.int64).copy()
+        followed = np.zeros(len(ids), bool)
+        for _ in range(16):  # a chain of renames; a cycle cannot form (a move needs the old file gone)
+            where = {}
+            for s in range(0, len(ids), 500):
+                chunk = [int(i) for i in ids[s:s + 500]]
+                where.update(self.db.execute(
+                    f"SELECT id, reason FROM images WHERE status = 'failed' AND reason LIKE ? "
+                    f"AND id IN ({','.join('?' * len(chunk))})", (_content.MOVED_PREFIX + "%", *chunk)).fetchall())
+            if not where:
+                break
+            to = {i: self.db.execute("SELECT id FROM images WHERE path = ?", (r[len(_content.MOVED_PREFIX):],)).fetchone()
+                  for i, r in where.items()}
+            for k, i in enumerate(ids.tolist()):
+                if to.get(i):
+                    ids[k], followed[k] = to[i][0], True
+        return ids, int(followed.sum())
+
     def describe(self, ids: Sequence[int]) -> dict[int, tuple[str, str | None, str]]:
         """id -> (display id, path, split)."""
         out: dict[int, tuple[str, str | None, str]] = {}

@@ -170,3 +170,32 @@ def test_the_same_bytes_at_two_new_paths_count_one_move(indexed, tmp_path):
     r = build(idx, lab, unl)
     assert r.exit_code == 0 and "moved     1 image(s)" in r.output, r.output
     assert {str(unl / "a.jpg"), str(unl / "b.jpg")} <= pool(idx) and str(files[0]) not in pool(idx)
+
+
+def test_a_selection_made_before_files_were_renamed_still_names_them(indexed, tmp_path):
+    """The usual order: select, files reorganised while the labelers work, then
+    mark-labeled --selection and exclude by the old paths: they act on the images at
+    their new paths, which are not picked again (before, they acted on the dead rows)."""
+    idx, lab, unl, files = indexed
+    sel = tmp_path / "sel.csv"
+    assert run("select", "--budget", 3, "--strategy", "kcenter", "--index", idx, "--out", sel).exit_code == 0
+    picked = [r["path"] for r in csv.DictReader(open(sel))]
+    for p in picked:
+        os.rename(p, p.replace("unlabeled_", "MV_unlabeled_"))
+    assert build(idx, lab, unl).exit_code == 0
+    skipped = tmp_path / "skip.txt"
+    skipped.write_text(f"{picked[2]}\n")
+    r = run("exclude", skipped, "--index", idx)
+    assert r.exit_code == 0 and "1 of the images named have moved since" in r.output, r.output
+    (tmp_path / "done.csv").write_text("id,path\n" + "".join(f"{row['id']},{row['path']}\n" for row in
+                                                             list(csv.DictReader(open(sel)))[:2]))
+    r = run("mark-labeled", "--selection", tmp_path / "done.csv", "--index", idx)
+    assert r.exit_code == 0 and "2 of the images named have moved since" in r.output and "marked 2" in r.output, r.output
+    now = [p.replace("unlabeled_", "MV_unlabeled_") for p in picked]
+    assert row(idx, now[0])[0] == row(idx, now[1])[0] == "labeled" and row(idx, now[2])[4] is None  # no --reason given
+    assert not set(now) & pool(idx)
+    with open_store(idx) as st:
+        assert st.db.execute("SELECT labeled_by FROM images WHERE path=?", (now[0],)).fetchone()[0] is not None  # its select run
+    r = run("mark-labeled", "--undo", "--selection", tmp_path / "done.csv", "--index", idx)  # undo by the same file
+    assert r.exit_code == 0 and "moved 2 image(s) back to unlabeled" in r.output, r.output
+    assert set(now[:2]) <= pool(idx)
