@@ -129,7 +129,7 @@ def carry_from_gone(db: sqlite3.Connection) -> ContentChanges:
         return c
     olds = _rows(db, "id", [i for (i,) in held])
     by_hash: dict[str, list[tuple]] = {}
-    for r in _rows(db, "hash", sorted({o[3] for o in olds})):
+    for r in sorted(_rows(db, "hash", sorted({o[3] for o in olds}))):
         if r[4] == "embedded" and r[1] is not None:
             by_hash.setdefault(r[3], []).append(r)
     done: set[int] = set()

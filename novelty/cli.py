@@ -296,6 +296,7 @@ def merge(
         if p.clashes:
             err(f"warning: {p.clashes} image(s) of {p.path} are in {index} under the other kind of key "
                 f"(an imported id there, a path here, or the reverse) and were left out")
+    _say_content(s.content)
     typer.echo(f"index {index}: {s.labeled} labeled and {s.unlabeled} unlabeled embedded, {s.failed} failed; "
                f"{len(s.parts)} index(es) merged in {s.seconds:.1f}s")
     if s.uncertainty_run is not None:

@@ -47,8 +47,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import records, vectors
-from ._content import MOVED_PREFIX
+from . import _content, records, vectors
+from ._content import MOVED_PREFIX, ContentChanges
 from ._mergescores import combine_scores
 from .errors import ConfigError, IndexDamagedError, IndexMismatchError, InputError
 from .store import (CATALOG, GONE, LOST_PREFIX, RESTORE, LostShards, Store, _describe, create_store, open_store,
@@ -85,6 +85,7 @@ class MergeSummary:
     uncertainty_run: int | None = None  # the parts' uncertainty scores, combined into one run of the target
     uncertainty_scores: int = 0
     uncertainty_note: str | None = None  # why the parts' scores were not combined
+    content: ContentChanges = field(default_factory=ContentChanges)  # marks of this index's moved images, carried
     seconds: float = 0.0
 
 
@@ -147,6 +148,8 @@ def merge_indexes(root: Path, parts: Sequence[Path],
                 carried.append((ps.path, scores))
                 if progress:
                     progress(1)
+            with out.transaction() as db:  # marks live here, not in the parts: those of images a part saw move follow them
+                s.content = _content.carry_from_gone(db)
             if out.vectors_version and not vectors.is_current(out):
                 vectors.build(out)
             combine_scores(out, carried, s)
@@ -165,7 +168,7 @@ def merge_indexes(root: Path, parts: Sequence[Path],
     return s
 
 
-_ROW = ("id", "status", "split", "size", "mtime", "hash")  # what _merge_part compares in the target's rows
+_ROW = ("id", "status", "split", "size", "mtime", "hash", "labeled_at")  # what _merge_part compares in the target's rows
 
 
 @dataclass
@@ -275,9 +278,11 @@ def _plan(out: Store, part: Path, p: _Part) -> _Plan:
             plan.need[shard] = max(plan.need.get(shard, -1), row)
         if old is not None and split == "labeled" and old[2] == "unlabeled":
             plan.move.append(old[0])
-        if old is not None and status == "failed" and (r[7] == GONE or (r[7] or "").startswith(MOVED_PREFIX)) \
-                and old[1] == "embedded" and old[2] == "unlabeled":
-            plan.gone.append(old[0])  # deleted from its folder (or moved), as the part found: it leaves the pool here too
+        moved = status == "failed" and (r[7] or "").startswith(MOVED_PREFIX)
+        # deleted from its folder, or moved (then also a row mark-labeled moved here), as the part found: it goes here too
+        if old is not None and status == "failed" and (r[7] == GONE or moved) and old[1] == "embedded" \
+                and (old[2] == "unlabeled" or (moved and old[6] is not None)):
+            plan.gone.append(old[0])
     return plan
 
 

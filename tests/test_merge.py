@@ -3,6 +3,7 @@ between them, and the merged index holds what one build of everything holds, vec
 vector; a merge resumes after a kill and never adds a row twice."""
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -574,3 +575,33 @@ def test_an_image_renamed_inside_a_part_leaves_the_merged_pool_and_keeps_its_exc
         pool = {p for _, p, _ in st.describe(st.pool_ids()[0]).values()}
         excluded = {st.path_of(int(i)) for i in st.excluded_ids()}
     assert victim not in pool and moved not in pool and moved in excluded
+
+
+def test_marks_made_in_the_merged_index_follow_images_renamed_in_the_parts(tmp_path, sample_dir):
+    """Marks, exclusions and imported scores live in the merged index, not in the parts:
+    when parts rebuilt after renames are merged again, they move to the new paths, whether
+    the new path fell in the same part or in the other one (QA: all three were lost)."""
+    src, out = two_parts_merged(tmp_path, sample_dir)
+    marked, skipped, scored = unlabeled(out, 3)
+    assert run("mark-labeled", listing(tmp_path / "m.txt", [marked]), "--index", out).exit_code == 0
+    assert run("exclude", listing(tmp_path / "x.txt", [skipped]), "--index", out).exit_code == 0
+    (tmp_path / "u.csv").write_text(f"id,uncertainty\n{scored},0.9\n")
+    assert run("import-uncertainty", tmp_path / "u.csv", "--index", out).exit_code == 0
+    new = {p: str(Path(p).with_name("R_" + Path(p).name)) for p in (marked, skipped, scored)}
+    for p, q in new.items():
+        os.rename(p, q)
+    build(tmp_path / "p1", src, "--part", "1/2")
+    build(tmp_path / "p2", src, "--part", "2/2")
+    r = run("merge", tmp_path / "p1", tmp_path / "p2", "--index", out)
+    assert r.exit_code == 0 and "moved     3 image(s) turned up at a new path" in r.output, r.output
+    assert "carried to the new paths: 1 marked labeled, 1 excluded, 1 uncertainty score(s)" in r.output, r.output
+    with open_store(out) as st:
+        rows = {p: st.db.execute("SELECT split, status FROM images WHERE path=?", (p,)).fetchone() for p in [*new, *new.values()]}
+        excluded = {st.path_of(int(i)) for i in st.excluded_ids()}
+        pool = {p for _, p, _ in st.describe(st.pool_ids()[0]).values()}
+        score = dict(st.db.execute("SELECT i.path, u.value FROM uncertainty u JOIN images i ON i.id = u.image"))
+    assert rows[new[marked]] == ("labeled", "embedded") and all(rows[p][1] == "failed" for p in new)
+    assert new[skipped] in excluded and new[skipped] not in pool and new[scored] in pool
+    assert score.get(new[scored]) == 0.9 and scored not in score
+    r = run("merge", tmp_path / "p1", tmp_path / "p2", "--index", out)  # again: nothing more to carry
+    assert r.exit_code == 0 and "moved" not in r.output, r.output
