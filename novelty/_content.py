@@ -119,25 +119,33 @@ def carry_from_gone(db: sqlite3.Connection) -> ContentChanges:
     """For merge, where a part records a deletion or a move but the marks live in the
     merged index: rows whose file is gone (or moved) that still hold a mark, an
     exclusion or scores hand them to a newer row holding the same bytes, if one is
-    there; the others keep them until such a row comes in."""
+    there; the others keep them until such a row comes in. A labeled center whose file
+    a part found gone is such a row too, and stays a center until then."""
     c = ContentChanges()
-    held = db.execute(
-        "SELECT i.id FROM images i WHERE i.status = 'failed' AND i.hash IS NOT NULL AND (i.reason = ? OR i.reason LIKE ?) "
+    held = db.execute(  # also a center mark-labeled moved whose file a part found gone (size -1): it stays a center
+        "SELECT i.id FROM images i WHERE i.hash IS NOT NULL AND ((i.status = 'failed' AND (i.reason = ? OR i.reason LIKE ?) "
         "AND (i.labeled_at IS NOT NULL OR EXISTS (SELECT 1 FROM excluded x WHERE x.image = i.id) "
-        "OR EXISTS (SELECT 1 FROM uncertainty u WHERE u.image = i.id))", (GONE, MOVED_PREFIX + "%")).fetchall()
+        "OR EXISTS (SELECT 1 FROM uncertainty u WHERE u.image = i.id))) "
+        "OR (i.status = 'embedded' AND i.size = -1 AND i.labeled_at IS NOT NULL))", (GONE, MOVED_PREFIX + "%")).fetchall()
     if not held:
         return c
     olds = _rows(db, "id", [i for (i,) in held])
+    hashes = sorted({o[3] for o in olds})
+    added: dict[int, float] = {}
+    for s in range(0, len(hashes), 500):
+        chunk = hashes[s:s + 500]
+        added.update(db.execute(f"SELECT id, added FROM images WHERE hash IN ({','.join('?' * len(chunk))})", chunk))
     by_hash: dict[str, list[tuple]] = {}
-    for r in sorted(_rows(db, "hash", sorted({o[3] for o in olds}))):
+    for r in _rows(db, "hash", hashes):
         if r[4] == "embedded" and r[1] is not None:
             by_hash.setdefault(r[3], []).append(r)
     done: set[int] = set()
+    held_ids = {o[0] for o in olds}
     for o in olds:
-        for n in by_hash.get(o[3], ()):
-            if n[0] > o[0]:  # added after it: the bytes' new place, not an older copy
-                _carry(db, n, [o], c, done)
-                break
+        # the bytes' new place: the row of them added last, not a copy that was there all along
+        cands = [n for n in by_hash.get(o[3], ()) if n[0] not in held_ids and added[n[0]] >= added[o[0]]]
+        if cands:
+            _carry(db, max(cands, key=lambda n: (added[n[0]], n[0])), [o], c, done)
     return c
 
 

@@ -191,6 +191,7 @@ class _Plan:
     replace: list[tuple[int, tuple]] = field(default_factory=list)  # (target id, the part's row)
     move: list[int] = field(default_factory=list)  # target ids to move to labeled
     gone: list[int] = field(default_factory=list)  # target ids of unlabeled images the part found deleted
+    gone_labeled: list[int] = field(default_factory=list)  # of images mark-labeled moved: centers still, file gone
     need: dict[str, int] = field(default_factory=dict)  # shard -> the highest row of it taken
     taken: set[str] = field(default_factory=set)  # keys of the rows added or replaced
     same: set[str] = field(default_factory=set)  # keys whose vector in the target is already this part's (the same file)
@@ -283,6 +284,8 @@ def _plan(out: Store, part: Path, p: _Part) -> _Plan:
         if old is not None and status == "failed" and (r[7] == GONE or moved) and old[1] == "embedded" \
                 and (old[2] == "unlabeled" or (moved and old[6] is not None)):
             plan.gone.append(old[0])
+        elif old is not None and status == "failed" and r[7] == GONE and old[1] == "embedded" and old[6] is not None:
+            plan.gone_labeled.append(old[0])  # a labeled one stays a center, but should its bytes turn up elsewhere...
     return plan
 
 
@@ -324,6 +327,7 @@ def _commit_part(out: Store, ps: PartSummary, p: _Part, plan: _Plan, copy: list[
         db.executemany("UPDATE images SET split='labeled', labeled_at=COALESCE(labeled_at, ?) WHERE id=?",
                        ((now, i) for i in plan.move))
         record_gone(db, plan.gone)
+        db.executemany("UPDATE images SET size=-1, mtime=NULL WHERE id=?", ((i,) for i in plan.gone_labeled))  # (_content)
         if plan.need or plan.gone:
             out._bump_version()
         run = db.execute("INSERT INTO runs(kind, params, started) VALUES ('merge',?,?)",

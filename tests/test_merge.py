@@ -587,7 +587,14 @@ def test_marks_made_in_the_merged_index_follow_images_renamed_in_the_parts(tmp_p
     assert run("exclude", listing(tmp_path / "x.txt", [skipped]), "--index", out).exit_code == 0
     (tmp_path / "u.csv").write_text(f"id,uncertainty\n{scored},0.9\n")
     assert run("import-uncertainty", tmp_path / "u.csv", "--index", out).exit_code == 0
-    new = {p: str(Path(p).with_name("R_" + Path(p).name)) for p in (marked, skipped, scored)}
+
+    def renamed(p: str, same_part: bool) -> str:  # a new name in the same part as the old one, or in the other
+        part = (1, 2) if in_part(p, (1, 2)) else (2, 2)
+        return next(q for q in (str(Path(p).with_name(f"R{k}_{Path(p).name}")) for k in range(200))
+                    if in_part(q, part) == same_part)
+
+    # the marked and the scored image cross to the other part, the excluded one stays in its part
+    new = {marked: renamed(marked, False), skipped: renamed(skipped, True), scored: renamed(scored, False)}
     for p, q in new.items():
         os.rename(p, q)
     build(tmp_path / "p1", src, "--part", "1/2")
