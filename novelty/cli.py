@@ -117,28 +117,34 @@ def cannot_write(e: BaseException) -> str | None:
 
 def command(fn):
     """Register a command whose NoveltyErrors become one line and an exit code; so do
-    Ctrl-C (130) and a write the system refuses (6), each saying what was kept."""
+    Ctrl-C (130), SIGTERM (143) and a write the system refuses (6), each saying what was
+    kept: the command's line in KEPT, or the `kept` the library set on the exception
+    where it knows better (an import stopped after its vectors went in)."""
     kept = KEPT.get(fn.__name__, "nothing was written")
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        global _running
+        _running = True
         try:
             return fn(*args, **kwargs)
         except NoveltyError as e:
             err(f"error: {e}")
             raise typer.Exit(e.exit_code) from None
-        except Terminated:
-            err(f"stopped (SIGTERM); {kept}")
+        except Terminated as e:
+            err(f"stopped (SIGTERM); {getattr(e, 'kept', kept)}")
             raise typer.Exit(128 + signal.SIGTERM) from None
-        except KeyboardInterrupt:
-            err(f"interrupted; {kept}")
+        except KeyboardInterrupt as e:
+            err(f"interrupted; {getattr(e, 'kept', kept)}")
             raise typer.Exit(130) from None
         except (OSError, sqlite3.OperationalError) as e:
             why = cannot_write(e)
             if why is None:
                 raise
-            err(f"error: {why}; {kept}")
+            err(f"error: {why}; {getattr(e, 'kept', kept)}")
             raise typer.Exit(EXIT_CANNOT_WRITE) from None
+        finally:
+            _running = False
 
     return app.command()(wrapper)
 
@@ -155,8 +161,15 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what
             h.addFilter(_only_novelty)
 
 
+_running = False  # a command is at work: SIGTERM stops it; once it returned, its work is done
+
+
 def _terminated(signum, frame) -> None:
-    raise Terminated()
+    if _running:
+        raise Terminated()
+    # the command has finished and written what it had to: a TERM while the interpreter shuts down is let
+    # go (the next one acts as usual), rather than raised inside an atexit hook or turned into exit 143
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _only_novelty(record: logging.LogRecord) -> bool:

@@ -8,6 +8,7 @@ missing or damaged shard loses its vectors (VECTOR_LOST) at the next import, and
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +24,15 @@ log = logging.getLogger(__name__)
 BLOCK = 65536  # rows per shard
 
 
-def read_ids(path: Path) -> list[str]:
+def read_ids(path: Path, paths: bool = False) -> list[str]:
+    """One id a line, blank lines skipped, spaces around an id dropped; with `paths`, a
+    line whose spaces belong to a file's name (one that exists as written, read against
+    the list's folder) is kept as written, as build-index reads a list file."""
+    base = Path(path).parent
     try:
-        ids = [line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines()]
+        lines = [line for line in Path(path).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        ids = [line if paths and line != line.strip() and os.path.isfile(list_path(base, line)) else line.strip()
+               for line in lines]
     except UnicodeDecodeError:
         raise InputError(f"{path} is not a UTF-8 text file of ids") from None
     ids = [i for i in ids if i]
@@ -159,7 +166,7 @@ def skipped_differences(store: Store, column: str, keys: list[str], X: np.ndarra
 def import_embeddings(root: Path, vectors_file: Path, ids_file: Path, split: str, model: str = "imported",
                       paths: bool = False, skip_existing: bool = False) -> Imported:
     X = load_vectors(vectors_file)
-    ids = read_ids(ids_file)
+    ids = read_ids(ids_file, paths)
     if len(ids) != len(X):
         raise InputError(f"{ids_file} has {len(ids)} ids but {vectors_file} has {len(X)} rows")
     if not ids:
@@ -190,7 +197,7 @@ def import_embeddings(root: Path, vectors_file: Path, ids_file: Path, split: str
                     summary = {"imported": len(keys), "skipped": len(skip), "missing_files": len(missing)}
                     if lost.names:
                         summary.update(lost_shards=list(lost.names), vectors_lost=lost.lost)
-                    store.add_imported(keys, kept_blocks(normalised_blocks(X), keep), split, files, run_params={
+                    run = store.add_imported(keys, kept_blocks(normalised_blocks(X), keep), split, files, run_params={
                         "vectors": str(Path(vectors_file).resolve()), "ids": str(Path(ids_file).resolve()),
                         "split": split, "model": model, "paths": paths, "skip_existing": skip_existing},
                         run_summary=summary)
@@ -199,9 +206,15 @@ def import_embeddings(root: Path, vectors_file: Path, ids_file: Path, split: str
                     vectors.build(store)
                 raise
         except BaseException:  # refused, stopped (Ctrl-C) or failed: a first import leaves no index behind
-            if store.created_dir and not store.db.execute("SELECT 1 FROM runs LIMIT 1").fetchone():
+            if store.created and not store.db.execute("SELECT 1 FROM runs LIMIT 1").fetchone():
                 store.discard()  # (its dim would bind the next import, its orphan shards fill the disk)
             raise
         if keys or lost.names:  # stale until then: readers search the shards, the next writer rebuilds it
-            vectors.build(store)
+            try:
+                vectors.build(store)
+            except (KeyboardInterrupt, OSError) as e:
+                if keys:
+                    e.kept = (f"the {len(keys)} vectors are in (import run #{run}); the FAISS index is rebuilt by the "
+                              f"next command that writes, and searches read the shards until then")
+                raise
     return Imported(len(keys), missing, len(skip), other_vector=differ[0], other_split=differ[1], lost=lost)

@@ -160,9 +160,11 @@ def merge_indexes(root: Path, parts: Sequence[Path],
             held = held_parts(out)
             for n in sorted({n for _, n in held}):
                 s.missing_parts += [f"{k}/{n}" for k in range(1, n + 1) if (k, n) not in held]
-        except BaseException:
-            if out.created_dir and not out.db.execute("SELECT 1 FROM runs LIMIT 1").fetchone():
+        except BaseException as e:
+            if out.created and not out.db.execute("SELECT 1 FROM runs LIMIT 1").fetchone():
                 out.discard()  # refused or stopped before any part went in: leave nothing
+                if isinstance(e, (KeyboardInterrupt, OSError)):
+                    e.kept = "nothing was merged, and the new index was removed"
             raise
     s.seconds = time.monotonic() - t0
     return s

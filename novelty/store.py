@@ -228,12 +228,14 @@ class Store:
     def __init__(self, root: Path, writable: bool, create: bool = False):
         self.root = Path(root)
         self.writable = writable
-        self.created_dir = False  # create_store made the folder: discard() may remove it
+        self.made_dirs: list[Path] = []  # folders create_store made for it, innermost first: discard() removes them
+        self.created = False  # this process created the catalog: discard() may undo that
         self._lock_fd: int | None = None
         if writable:
-            self._acquire_lock()
+            self._acquire_lock(create)
         if create and not (self.root / CATALOG).exists():  # under the lock: two first runs cannot both create it
             self._create_catalog()
+            self.created = True
         # a folder this process cannot write (a read-only mount): SQLite could not create the catalog's -shm file
         # there, so the catalog is opened immutable, which is safe only while no writes are pending in its -wal
         frozen = not writable and not os.access(self.root, os.W_OK)
@@ -262,14 +264,21 @@ class Store:
     # ----------------------------------------------------------------- lifecycle
     _held: set[str] = set()  # roots this process writes: POSIX locks don't exclude the same process
 
-    def _acquire_lock(self) -> None:
+    def _acquire_lock(self, create: bool = False) -> None:
         key = str(self.root.resolve())
         if key in Store._held:
             raise IndexBusyError(f"{self.root} is already open for writing in this process")
         # A POSIX record lock, not flock: it belongs to this process alone, so forked
         # DataLoader workers that outlive a killed run do not keep the index locked.
         try:
-            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                # another first run, refused, removed the folder it had made between our look and our open
+                self.made_dirs = _make_dirs(self.root)
+                fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise IndexReadOnlyError(f"cannot write to the index {self.root} ({e.strerror}); reading commands "
                                      f"(info, neighbors, duplicates, report, export) still work") from None
@@ -298,18 +307,21 @@ class Store:
             raise IndexReadOnlyError(f"cannot create the index {self.root} ({getattr(e, 'strerror', None) or e})") from None
 
     def discard(self) -> None:
-        """Remove the index folder create_store made, for a first run that stopped before
-        anything in it counts. Done under the write lock, the lock file last: no other
-        writer can be at work in it, and one that starts after the lock file is gone
+        """Undo the creation of this index, for a first run that stopped before anything
+        in it counts: its own files (never anything else in a folder the user made), then
+        the folders create_store made. Done under the write lock, the lock file last: no
+        other writer can be at work in it, and one that starts after the lock file is gone
         works in a folder of its own making, which is then left alone."""
-        assert self.writable and self.created_dir
+        assert self.writable and self.created
         self.db.close()
-        for f in sorted(self.root.iterdir()):
-            if f.name != ".lock":
+        own = (CATALOG, MANIFEST, SHARDS, "vectors.faiss")
+        for f in sorted(self.root.iterdir()):  # those, SQLite's -wal and -shm, and their temporary files
+            if f.name in own or f.name in (f"{CATALOG}-wal", f"{CATALOG}-shm") or f.name.startswith(tuple(f".{n}." for n in own)):
                 shutil.rmtree(f, ignore_errors=True) if f.is_dir() and not f.is_symlink() else f.unlink(missing_ok=True)
         (self.root / ".lock").unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            self.root.rmdir()
+        for d in self.made_dirs:
+            with contextlib.suppress(OSError):
+                d.rmdir()
         self._release_lock()
 
     def _release_lock(self) -> None:
@@ -925,7 +937,7 @@ class Store:
         try:
             yield
         except BaseException as e:
-            reason = ("stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
+            reason = ("SIGTERM" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
                       if isinstance(e, KeyboardInterrupt) else first_line(e, limit=160))
             try:
                 with self.transaction() as db:
@@ -1018,15 +1030,30 @@ def create_store(root: Path) -> Store:
     if root.exists() and not root.is_dir():
         raise IndexMissingError(f"{root} exists and is not a directory")
     try:
-        root.mkdir(parents=True)
-        made = True
-    except FileExistsError:
-        made = False
+        made = _make_dirs(root)
     except OSError as e:
         raise IndexReadOnlyError(f"cannot create the index {root} ({e.strerror or e})") from None
     store = Store(root, writable=True, create=True)  # the lock first, then the catalog
-    store.created_dir = made
+    store.made_dirs = store.made_dirs or made
     return store
+
+
+def _make_dirs(root: Path) -> list[Path]:
+    """mkdir -p root. -> the folders it made, innermost first (another process may make
+    some of them at the same moment: those are not ours)."""
+    missing = []
+    p = root.absolute()
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    made = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+            made.append(d)
+        except FileExistsError:
+            pass
+    return made[::-1]
 
 
 def open_store(root: Path, writable: bool = False) -> Store:

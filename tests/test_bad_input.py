@@ -224,6 +224,31 @@ def test_a_refused_first_import_leaves_no_index_to_bind_the_next(tmp_path):
     assert not idx.exists()
     r = run("import-embeddings", tmp_path / "good.npy", *args)  # another dim: not refused by the failed attempt
     assert r.exit_code == 0, r.output
+    # into a folder the user made, holding a file of theirs: the index's own files go, theirs and the folder stay
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    (mine / "shards_backup").mkdir()
+    one_line_error(run("import-embeddings", tmp_path / "nan.npy", "--ids", tmp_path / "ids.txt", "--split", "unlabeled",
+                       "--index", mine), 2, "NaN or inf")
+    assert sorted(f.name for f in mine.iterdir()) == ["notes.txt", "shards_backup"]
+    # --index a/b/c where a/ did not exist: every folder the import made goes
+    one_line_error(run("import-embeddings", tmp_path / "nan.npy", "--ids", tmp_path / "ids.txt", "--split", "unlabeled",
+                       "--index", tmp_path / "a" / "b" / "c"), 2, "NaN or inf")
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_first_run_whose_folder_another_removed_makes_it_again(tmp_path):
+    """Two first runs: A made the folder, B found it there, A was refused and removed it
+    before B opened the lock file: B makes the folder again and goes on (it exited 3,
+    'cannot write to the index', before), and owns that folder now."""
+    from novelty.store import Store
+
+    root = tmp_path / "x" / "idx"  # B's create_store found it; it is gone when B opens the lock
+    with Store(root, writable=True, create=True) as st:
+        assert st.created and st.made_dirs == [root, tmp_path / "x"]
+        st.discard()
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_refused_import_into_an_index_leaves_no_history_line(tmp_path):
@@ -438,7 +463,8 @@ def test_an_import_stopped_while_the_faiss_index_is_rebuilt_is_done(tmp_path, mo
         raise KeyboardInterrupt
 
     monkeypatch.setattr(vectors, "build", stopped)
-    assert imp("unlabeled").exit_code == 130
+    r = imp("unlabeled")
+    assert r.exit_code == 130 and "interrupted; the 400 vectors are in (import run #" in r.output, r.output  # not "nothing"
     monkeypatch.setattr(vectors, "build", build)
     r = run("info", "--index", tmp_path / "idx")
     assert r.exit_code == 0 and "unlabeled  400 embedded" in r.output and "import  400 vectors" in r.output, r.output
@@ -447,3 +473,19 @@ def test_an_import_stopped_while_the_faiss_index_is_rebuilt_is_done(tmp_path, mo
     ranks = [line.split() for line in r.output.splitlines() if line.strip()[:1].isdigit()]
     assert r.exit_code == 0 and "searching the shards directly" in r.output, r.output
     assert len(ranks) == 3 and "u7" not in [row[3] for row in ranks], r.output  # the query is left out
+
+
+def test_a_sigterm_after_the_command_finished_is_let_go(tmp_path):
+    """A scheduler's TERM that lands once the command has done its work (while the
+    interpreter shuts down) is let go: it raised inside atexit hooks, or turned a finished
+    job into exit 143. The next TERM acts as usual."""
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        assert run("sample", tmp_path / "s", "--n-labeled", 1, "--n-unlabeled", 1).exit_code == 0
+        os.kill(os.getpid(), signal.SIGTERM)  # no Terminated raised here
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)

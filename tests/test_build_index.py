@@ -126,6 +126,14 @@ def test_a_list_line_is_read_as_written_when_it_names_a_file(tmp_path, sample_di
     with open_store(idx) as st:
         labeled = {p for (p,) in st.db.execute("SELECT path FROM images WHERE split='labeled'")}
     assert labeled == {str(src / "#1 red.jpg"), str(src / " green.jpg")}
+    # import-embeddings --paths reads its ids file the same way (one line a vector: no comments there)
+    np.save(tmp_path / "v.npy", np.random.default_rng(0).normal(size=(2, 8)).astype(np.float32))
+    (src / "ids.txt").write_text(" green.jpg\n  plain.jpg  \n")
+    r = run("import-embeddings", tmp_path / "v.npy", "--ids", src / "ids.txt", "--split", "unlabeled", "--paths",
+            "--index", tmp_path / "imp")
+    assert r.exit_code == 0 and "not image files" not in r.output, r.output
+    with open_store(tmp_path / "imp") as st:
+        assert {p for (p,) in st.db.execute("SELECT path FROM images")} == {str(src / " green.jpg"), str(src / "plain.jpg")}
 
 
 @pytest.mark.parametrize(

@@ -148,7 +148,7 @@ def test_sigterm_to_the_process_group_stops_like_ctrl_c_and_resumes(images, refe
     assert lines[-1] == "novelty: stopped (SIGTERM); finished shards are kept; re-run the same command to resume", lines
     assert not any("Traceback" in line for line in lines), lines
     r = run("info", "--index", index)
-    assert r.exit_code == 0 and "build  (stopped: stopped by SIGTERM)" in r.output, r.output
+    assert r.exit_code == 0 and "build  (stopped: SIGTERM)" in r.output, r.output
     run_to_end(images, index)
     rows, vecs, ntotal = snapshot(index)
     assert rows == reference[0] and ntotal == reference[2]
