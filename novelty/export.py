@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import ConfigError
-from .store import temp_beside
+from ._files import temp_beside
 
 COLUMNS = ["rank", "id", "path", "priority", "novelty", "uncertainty",
            "nearest_labeled_id", "nearest_labeled_distance", "labeled_neighbors", "distance_at_pick"]

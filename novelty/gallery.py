@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ._files import atomic_write_text
 from .errors import ConfigError
 from .inspect import DuplicateGroups, NeighborsResult, unit32
 from .report import CSS, Thumbs, esc, figure
-from .store import Store, atomic_write_text
+from .store import Store
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,11 @@ import numpy as np
 
 from . import vectors
 from ._closepairs import PAIR_METHODS
+from ._files import atomic_file
 from ._rows import unit_float32
 from .config import EncoderCfg, ReaderCfg
 from .errors import ConfigError, EncoderError, IndexMissingError, InputError
-from .store import SPLITS, Layout, Store, atomic_file, open_store
+from .store import SPLITS, Layout, Store, open_store
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ._files import atomic_write_text
 from .config import ReaderCfg
 from .errors import ConfigError
 from .export import COLUMNS
 from .inspect import knn_blocks, unit32
 from .labeling import match_select_run, read_selection, selection_ids
-from .store import Store, atomic_write_text, open_store
+from .store import Store, open_store
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import glob
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _content
+from ._files import atomic_write_text
 from ._content import GONE, ContentChanges
 from .errors import (IndexBusyError, IndexDamagedError, IndexMismatchError, IndexMissingError, IndexReadOnlyError,
                      InputError, StorageError, Terminated, first_line)
@@ -144,58 +144,6 @@ class Layout:
     shard: np.ndarray  # [n] int64 index into names
     row: np.ndarray  # [n] int64 row within that shard
     names: list[str]
-
-
-def temp_beside(path: Path, suffix: str = ".tmp") -> Path:
-    """A temporary name beside `path` for writing it whole, '.NAME.~PID@HOST~RANDOM' +
-    suffix. The temporary files of a process killed before it could remove them (kill -9,
-    the OOM killer) are removed here first: those of `path` whose process, on this host,
-    is gone."""
-    path = Path(path)
-    host = socket.gethostname()
-    for old in path.parent.glob(f".{glob.escape(path.name)}.~*@*~*"):
-        owner = old.name[len(path.name) + 3:].split("~", 1)[0]
-        pid, _, at = owner.partition("@")
-        if at == host and pid.isdigit() and not _alive(int(pid)):
-            old.unlink(missing_ok=True)
-    return path.with_name(f".{path.name}.~{os.getpid()}@{host}~{uuid.uuid4().hex[:8]}{suffix}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path, mode: str = "wb", **open_kw) -> Iterator:
-    """A file object on a temporary name beside `path`: fsync'd and os.replace'd into
-    place when the block ends, removed when it raises (disk full, Ctrl-C), so `path`
-    is either the old file or the whole new one."""
-    path = Path(path)
-    tmp = temp_beside(path)
-    try:
-        with open(tmp, mode, **open_kw) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_file(path) as f:
-        f.write(data)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def record_gone(db, ids: Iterable[int]) -> None:

@@ -116,7 +116,7 @@ def test_temporary_files_of_a_killed_writer_are_removed_by_the_next_write(tmp_pa
     import subprocess
     import sys
 
-    from novelty.store import temp_beside
+    from novelty._files import temp_beside
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # its pid is free now

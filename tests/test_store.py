@@ -154,7 +154,7 @@ def check_splits(st, ids, moved, by_id, X):
 
 
 def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
-    from novelty.store import atomic_file, atomic_write_text
+    from novelty._files import atomic_file, atomic_write_text
 
     target = tmp_path / "page.html"
     atomic_write_text(target, "old")
