@@ -162,7 +162,10 @@ def _carry(db: sqlite3.Connection, n: tuple, olds: list[tuple], c: ContentChange
             done.add(o[0])
             c.moved += 1
             c.examples.setdefault("moved", n[1])
-    if n[2] != "unlabeled":  # a labeled row is a center: nothing to carry
+    if n[2] != "unlabeled":  # labeled where it went (a --labeled folder): nothing to carry, and nothing stays behind
+        db.execute(f"DELETE FROM excluded WHERE image IN ({marks})", ids)
+        db.execute(f"UPDATE images SET split='unlabeled', labeled_at=NULL, labeled_by=NULL "
+                   f"WHERE labeled_at IS NOT NULL AND id IN ({marks})", ids)
         return
     if not n[8] and any(o[8] for o in olds):
         db.execute(f"INSERT OR IGNORE INTO excluded(image, reason, run, at) SELECT ?, reason, run, at FROM excluded "
@@ -177,6 +180,9 @@ def _carry(db: sqlite3.Connection, n: tuple, olds: list[tuple], c: ContentChange
         c.examples.setdefault("moved_marked", n[1])
     if marked:
         db.execute(f"UPDATE images SET split='unlabeled', labeled_at=NULL, labeled_by=NULL WHERE id IN ({marks})", ids)
-    c.moved_scores += db.execute(f"INSERT OR IGNORE INTO uncertainty(run, image, value, reason) "
-                                 f"SELECT run, ?, value, reason FROM uncertainty WHERE image IN ({marks})", (i, *ids)).rowcount
+    carried = db.execute(f"INSERT OR IGNORE INTO uncertainty(run, image, value, reason) "
+                         f"SELECT run, ?, value, reason FROM uncertainty WHERE image IN ({marks})", (i, *ids)).rowcount
+    if carried:
+        c.moved_scores += carried
+        c.examples.setdefault("moved_scores", n[1])
     db.execute(f"DELETE FROM uncertainty WHERE image IN ({marks})", ids)

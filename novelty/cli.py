@@ -164,6 +164,13 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what
 _running = False  # a command is at work: SIGTERM stops it; once it returned, its work is done
 
 
+def finished() -> None:
+    """Said by a command once its work is done and kept, before it prints its summary: a
+    SIGTERM from then on is let go, not answered with 'nothing was changed' and 143."""
+    global _running
+    _running = False
+
+
 def _terminated(signum, frame) -> None:
     if _running:
         raise Terminated()
@@ -240,6 +247,7 @@ def build_index(
     bar = progress_bar("embedding")
     try:
         s = run(index, labeled or [], unlabeled or [], cfg, progress_factory=bar)
+        finished()
     finally:
         bar.close()
     typer.echo(f"index {index}{f' (part {part})' if part else ''}: {s.scanned} images scanned, {s.new} new, {s.changed} changed, {s.unchanged} unchanged"
@@ -261,11 +269,14 @@ def build_index(
 def _say_content(c) -> None:
     """What build-index's bytes said about earlier rows (novelty._content)."""
     ex = c.examples
-    if c.moved or c.moved_marked or c.moved_excluded:
-        took = [f"{n} {what}" for n, what in ((c.moved_marked, "marked labeled"), (c.moved_excluded, "excluded"),
-                                               (c.moved_scores, "uncertainty score(s)")) if n]
+    took = [f"{n} {what}" for n, what in ((c.moved_marked, "marked labeled"), (c.moved_excluded, "excluded"),
+                                           (c.moved_scores, "uncertainty score(s)")) if n]
+    if c.moved:
         typer.echo(f"  moved     {c.moved} image(s) turned up at a new path (e.g. {ex.get('moved')}): their old rows left the pool"
                    + (f"; carried to the new paths: {', '.join(took)}" if took else ""))
+    elif took:  # rows recorded as moved before, whose marks waited for their bytes to turn up unlabeled
+        e = next(ex[k] for k in ("moved_marked", "moved_excluded", "moved_scores") if k in ex)
+        typer.echo(f"  moved     carried to images at a new path (e.g. {e}): {', '.join(took)}")
     if c.changed:
         typer.echo(f"  new bytes {c.changed} scored image(s) changed since (e.g. {ex.get('changed')}): "
                    f"{c.scores_dropped} uncertainty score(s) of their old content dropped, run uncertainty again")
@@ -288,6 +299,7 @@ def merge(
     bar = progress_bar("merging", unit="part")
     try:
         s = merge_indexes(index, parts, progress_factory=bar)
+        finished()
     finally:
         bar.close()
     if s.lost.names:
@@ -302,7 +314,7 @@ def merge(
                        + (f", {p.replaced} replaced a failed row or an older copy" if p.replaced else "")
                        + (f", {p.moved} moved to labeled" if p.moved else "")
                        + (f", {p.excluded} excluded as in the part" if p.excluded else "")
-                       + (f", {p.gone} deleted from their folder: out of the pool" if p.gone else "")
+                       + (f", {p.gone} deleted from their folder or moved: out of the pool" if p.gone else "")
                        + f"; {p.shards} shard(s) copied")
         if p.pending:
             err(f"warning: {p.pending} image(s) of {p.path} are not embedded yet and were left out: finish its build-index and merge again")
@@ -334,6 +346,7 @@ def import_embeddings(
     from .importer import import_embeddings as run
 
     r = run(index, vectors_file, ids, split.value, model, paths=paths, skip_existing=skip_existing)
+    finished()
     if r.missing:
         err(f"warning: {len(r.missing)} of {r.n} paths are not image files now (gone, unreadable or a folder), "
             f"e.g. {r.missing[0]}; uncertainty and report will record them as failed")
@@ -361,6 +374,7 @@ def sample(
         raise ConfigError(f"{out} is a file, not a folder")
     try:
         c = make_sample(out, SampleCfg(n_labeled=n_labeled, n_unlabeled=n_unlabeled, seed=seed))
+        finished()
     except OSError as e:
         raise ConfigError(f"cannot write into {out}: {e.strerror or e}") from None
     extra = f"{c['copies']} exact copy of a labeled image" + (f" and {c['broken']} broken files" if c.get("broken") else "")
@@ -405,6 +419,7 @@ def select(
         err(f"warning: {w}")
     try:
         ls, outside = write_selection(out, r.rows, label_studio_root)
+        finished()
     except BaseException:
         from .records import note_files_not_written
 
@@ -467,6 +482,7 @@ def uncertainty(
     bar = progress_bar("mc-dropout")
     try:
         s = score_index(index, cfg, progress_factory=bar)
+        finished()
     finally:
         bar.close()
     typer.echo(f"uncertainty run #{s.run}: {s.scored} images scored, {s.failed} failed, in {s.seconds:.1f}s"
@@ -498,6 +514,7 @@ def import_uncertainty(
     with open_store(index, writable=True) as store:
         p = pool_scores(store, scores_file, *read_uncertainty_csv(store, scores_file))
         run = save_uncertainty(store, {"source": "import", "file": str(scores_file.resolve())}, p.ids, p.values)
+    finished()
     typer.echo(f"stored {len(p.ids)} uncertainty scores (run #{run}); select now defaults to --strategy hybrid")
     if p.labeled:
         err(f"warning: ignored {p.labeled} score(s) of labeled images; select ranks only unlabeled ones")
@@ -623,6 +640,7 @@ def mark_labeled(
     from .labeling import mark_labeled as run
 
     r = run(index, list_file, selection, undo=undo)
+    finished()
     _say_followed(r.followed)
     if undo:
         typer.echo(f"moved {r.moved} image(s) back to unlabeled; {r.already} already were (run #{r.run})")
@@ -646,6 +664,7 @@ def exclude(
     from .labeling import exclude as run
 
     r = run(index, list_file, selection, reason=reason, undo=undo)
+    finished()
     _say_followed(r.followed)
     if undo:
         typer.echo(f"{r.changed} image(s) are candidates again; {r.already} were not excluded (run #{r.run})")
@@ -680,6 +699,7 @@ def export(
     check_selection_out(out)
     check_label_studio_root(label_studio_root)
     rid, n, ls, outside = export_run(index, run, out, label_studio_root)
+    finished()
     _warn_outside(outside, label_studio_root)
     typer.echo(f"wrote {n} picks of select run #{rid} -> {out}, {ls}")
 

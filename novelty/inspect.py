@@ -153,6 +153,10 @@ def query_vector(store: Store, cfg: NeighborsCfg) -> tuple[np.ndarray, int | Non
             raise ConfigError("--text is empty")
         return query_encoder(store, cfg.model, cfg.device).encode_text([cfg.text])[0], None, {"kind": "text", "text": cfg.text}
     found, _ = store.resolve([cfg.query])
+    if len(found):
+        found, moved = store.follow_moves(found)
+        if moved:
+            log.warning("%s has moved since it was indexed: its bytes are now at %s", cfg.query, store.path_of(int(found[0])))
     image = int(found[0]) if len(found) else None
     if image is not None:
         status, path = store.db.execute("SELECT status, path FROM images WHERE id=?", (image,)).fetchone()

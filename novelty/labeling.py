@@ -308,8 +308,9 @@ def run_notes(store: Store, run_ids: list[int]) -> dict[int, str]:
         s = s if isinstance(s, dict) else {}
         if kind == "select":
             n = s["picks"] if "picks" in s else store.db.execute("SELECT COUNT(*) FROM picks WHERE run=?", (rid,)).fetchone()[0]
-            marked, when = store.db.execute("SELECT COUNT(*), MAX(i.labeled_at) FROM picks p JOIN images i ON i.id = p.image "
-                                            "WHERE p.run=? AND i.labeled_by=?", (rid, rid)).fetchone()
+            # by labeled_by, not by the picks' rows: a pick marked after it moved is marked at its new row
+            marked, when = store.db.execute("SELECT COUNT(*), MAX(labeled_at) FROM images WHERE labeled_by=? "
+                                            "AND labeled_at IS NOT NULL", (rid,)).fetchone()
             notes[rid] = (f"{s.get('strategy', '?')} {n} picks" + (f" — {marked} marked labeled on {_day(when)}" if marked else "")
                           + (" (its files were not written: export --run to write them)" if s.get("files_written") is False
                              else ""))
@@ -383,7 +384,11 @@ def run_rows(store: Store, run: int, summary: dict) -> list[dict]:
     from .inspect import knn_blocks
 
     picks = store.db.execute("SELECT rank, image, priority FROM picks WHERE run=? ORDER BY rank", (run,)).fetchall()
-    image = np.array([p[1] for p in picks], dtype=np.int64)
+    image, moved = store.follow_moves(np.array([p[1] for p in picks], dtype=np.int64))
+    if moved:  # written at the paths the images have now
+        log.warning("%d of the picks have moved since the selection (renamed, or their folder moved): written at "
+                    "their new paths", moved)
+        picks = [(rank, int(i), priority) for (rank, _, priority), i in zip(picks, image)]
     meta = store.describe(image)
     u: dict[int, float] = {}
     urun = (summary.get("uncertainty") or {}).get("run")

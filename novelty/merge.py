@@ -325,7 +325,8 @@ def _commit_part(out: Store, ps: PartSummary, p: _Part, plan: _Plan, copy: list[
         db.executemany("INSERT INTO shards(name, n, dim, created) VALUES (?,?,?,?)", ((n, *p.shards[n]) for n in copy))
         db.executemany(f"INSERT INTO images({_COLS}) VALUES ({','.join('?' * 12)})", plan.add)
         db.executemany("UPDATE images SET status='embedded', reason=NULL, shard=?, row=?, hash=COALESCE(?, hash), "
-                       "size=?, mtime=? WHERE id=?", ((r[8], r[9], r[5], r[3], r[4], i) for i, r in plan.replace))
+                       "size=?, mtime=?, added=? WHERE id=?",  # added: when these bytes came in (_content.carry_from_gone)
+                       ((r[8], r[9], r[5], r[3], r[4], now, i) for i, r in plan.replace))
         db.executemany("UPDATE images SET split='labeled', labeled_at=COALESCE(labeled_at, ?) WHERE id=?",
                        ((now, i) for i in plan.move))
         record_gone(db, plan.gone)

@@ -69,7 +69,7 @@ CREATE TABLE IF NOT EXISTS images(
     reason  TEXT,                 -- why it failed
     shard   TEXT,                 -- shard file holding its vector
     row     INTEGER,              -- row in that shard
-    added   REAL NOT NULL,
+    added   REAL NOT NULL,        -- when the row came in (merge: when a part's new bytes last replaced its vector)
     labeled_at REAL,              -- when mark-labeled moved it
     labeled_by INTEGER,           -- the selection run it came from, if any
     CHECK ((path IS NULL) != (ext_id IS NULL))
@@ -182,6 +182,14 @@ class Store:
         if writable:
             self._acquire_lock(create)
         if create and not (self.root / CATALOG).exists():  # under the lock: two first runs cannot both create it
+            other = [n for n in (MANIFEST, SHARDS, "vectors.faiss") if (self.root / n).exists()]
+            if other:  # the catalog comes first: these are another tool's, or what a lost catalog left
+                if self._made_lock:
+                    (self.root / ".lock").unlink(missing_ok=True)
+                self._release_lock()
+                raise IndexDamagedError(f"{self.root} holds {' and '.join(other)} but no {CATALOG}: another tool's folder, "
+                                        f"or an index that lost its catalog; give --index a new or empty folder, or "
+                                        f"restore the catalog")
             self._create_catalog()
             self.created = True
         # a folder this process cannot write (a read-only mount): SQLite could not create the catalog's -shm file
@@ -218,6 +226,7 @@ class Store:
             raise IndexBusyError(f"{self.root} is already open for writing in this process")
         # A POSIX record lock, not flock: it belongs to this process alone, so forked
         # DataLoader workers that outlive a killed run do not keep the index locked.
+        self._made_lock = not (self.root / ".lock").exists()
         try:
             try:
                 fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -796,23 +805,28 @@ class Store:
     def follow_moves(self, ids: np.ndarray) -> tuple[np.ndarray, int]:
         """Rows recorded as moved (_content: their bytes turned up at a new path) stand for
         the row at that path, to the end of a chain of moves, so a list or selection made
-        before files were renamed still names the images. -> (ids, how many were moved)."""
+        before files were renamed still names the images. A move is followed only while
+        the new path holds the same bytes: a name since given to another picture is not
+        the image. -> (ids, how many were moved)."""
         ids = np.asarray(ids, dtype=np.int64).copy()
         followed = np.zeros(len(ids), bool)
         for _ in range(16):  # a chain of renames; a cycle cannot form (a move needs the old file gone)
-            where = {}
+            where: dict[int, tuple[str, str]] = {}
             for s in range(0, len(ids), 500):
                 chunk = [int(i) for i in ids[s:s + 500]]
-                where.update(self.db.execute(
-                    f"SELECT id, reason FROM images WHERE status = 'failed' AND reason LIKE ? "
-                    f"AND id IN ({','.join('?' * len(chunk))})", (_content.MOVED_PREFIX + "%", *chunk)).fetchall())
-            if not where:
+                where.update((i, (r, h)) for i, r, h in self.db.execute(
+                    f"SELECT id, reason, hash FROM images WHERE status = 'failed' AND reason LIKE ? "
+                    f"AND id IN ({','.join('?' * len(chunk))})", (_content.MOVED_PREFIX + "%", *chunk)))
+            to = {}
+            for i, (reason, h) in where.items():
+                row = self.db.execute("SELECT id, hash FROM images WHERE path = ?", (reason[len(_content.MOVED_PREFIX):],)).fetchone()
+                if row is not None and row[1] == h and row[0] != i:
+                    to[i] = row[0]
+            if not to:
                 break
-            to = {i: self.db.execute("SELECT id FROM images WHERE path = ?", (r[len(_content.MOVED_PREFIX):],)).fetchone()
-                  for i, r in where.items()}
             for k, i in enumerate(ids.tolist()):
-                if to.get(i):
-                    ids[k], followed[k] = to[i][0], True
+                if i in to:
+                    ids[k], followed[k] = to[i], True
         return ids, int(followed.sum())
 
     def describe(self, ids: Sequence[int]) -> dict[int, tuple[str, str | None, str]]:

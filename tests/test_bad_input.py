@@ -238,6 +238,24 @@ def test_a_refused_first_import_leaves_no_index_to_bind_the_next(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+def test_a_folder_holding_another_tools_manifest_or_shards_is_not_made_an_index(tmp_path, sample_dir):
+    """No novelty catalog, but a manifest.json or shards/ folder of something else: a
+    first run refuses it (exit 3) and leaves every file as it was. Before, a refused
+    first merge deleted them, and a build took the folder over: 'orphan' shards removed,
+    the manifest rewritten."""
+    project = tmp_path / "project"
+    (project / "shards").mkdir(parents=True)
+    (project / "shards" / "train-0000.tar").write_text("precious")
+    (project / "manifest.json").write_text('{"name": "my dataset"}')
+    before = sorted((p.relative_to(project), p.read_bytes() if p.is_file() else None) for p in project.rglob("*"))
+    for args in (["build-index", "--unlabeled", sample_dir / "unlabeled", "--model", TINY, "--pretrained", "none"],
+                 ["import-embeddings", tmp_path / "v.npy", "--ids", tmp_path / "ids.txt", "--split", "unlabeled"]):
+        np.save(tmp_path / "v.npy", np.ones((1, 4), np.float32))
+        (tmp_path / "ids.txt").write_text("a\n")
+        one_line_error(run(*args, "--index", project), 3, "holds manifest.json and shards but no catalog.sqlite")
+        assert sorted((p.relative_to(project), p.read_bytes() if p.is_file() else None) for p in project.rglob("*")) == before
+
+
 def test_a_first_run_whose_folder_another_removed_makes_it_again(tmp_path):
     """Two first runs: A made the folder, B found it there, A was refused and removed it
     before B opened the lock file: B makes the folder again and goes on (it exited 3,
@@ -489,3 +507,33 @@ def test_a_sigterm_after_the_command_finished_is_let_go(tmp_path):
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_sigterm_while_the_summary_is_printed_does_not_undo_the_word(tmp_path, monkeypatch):
+    """exclude has committed; a TERM while it prints its summary (a slow pipe) is let go:
+    before, it said 'stopped (SIGTERM); nothing was changed' and exited 143, with the
+    exclusion in."""
+    import os
+    import signal
+
+    from novelty import cli
+
+    np.save(tmp_path / "v.npy", np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32))
+    (tmp_path / "ids.txt").write_text("a\nb\nc\n")
+    assert run("import-embeddings", tmp_path / "v.npy", "--ids", tmp_path / "ids.txt", "--split", "unlabeled",
+               "--index", tmp_path / "idx").exit_code == 0
+    (tmp_path / "one.txt").write_text("a\n")
+    echo = cli.typer.echo
+
+    def slow_echo(*a, **k):
+        echo(*a, **k)
+        if a and str(a[0]).startswith("excluded"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli.typer, "echo", slow_echo)
+    try:
+        r = run("exclude", tmp_path / "one.txt", "--index", tmp_path / "idx")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert r.exit_code == 0 and "SIGTERM" not in r.output and "excluded 1 image(s)" in r.output, r.output

@@ -199,3 +199,54 @@ def test_a_selection_made_before_files_were_renamed_still_names_them(indexed, tm
     r = run("mark-labeled", "--undo", "--selection", tmp_path / "done.csv", "--index", idx)  # undo by the same file
     assert r.exit_code == 0 and "moved 2 image(s) back to unlabeled" in r.output, r.output
     assert set(now[:2]) <= pool(idx)
+
+
+def test_a_move_is_followed_only_to_the_same_bytes(indexed, tmp_path):
+    """A name the image moved to, since given to another picture, is not the image: the
+    old path then names nothing alive, and mark-labeled marks no stranger."""
+    idx, lab, unl, files = indexed
+    picked, other = files[0], files[1]
+    (tmp_path / "p.txt").write_text(f"{picked}\n")
+    picked.rename(unl / "B.jpg")
+    assert build(idx, lab, unl).exit_code == 0
+    (unl / "B.jpg").rename(tmp_path / "archive.jpg")  # archived out of the data set...
+    other.rename(unl / "B.jpg")  # ...and its name reused by another picture
+    assert build(idx, lab, unl).exit_code == 0
+    r = run("mark-labeled", tmp_path / "p.txt", "--index", idx)
+    assert r.exit_code == 0 and "have moved since" not in r.output, r.output
+    assert row(idx, unl / "B.jpg")[:2] == ("unlabeled", "embedded")  # the other picture: not marked
+
+
+def test_a_recorded_selection_is_read_at_the_paths_its_picks_have_now(indexed, tmp_path):
+    """export --run, report --selection, neighbors and info's history, after the folder
+    the picks were in was renamed: the picks at their new paths, not 'has no vector'."""
+    idx, lab, unl, files = indexed
+    sel = tmp_path / "sel.csv"
+    assert run("select", "--budget", 3, "--strategy", "kcenter", "--index", idx, "--out", sel).exit_code == 0
+    pool_dir = tmp_path / "pool"
+    unl.rename(pool_dir)
+    assert build(idx, lab, pool_dir).exit_code == 0
+    assert run("mark-labeled", "--selection", sel, "--index", idx).exit_code == 0
+    r = run("info", "--index", idx)
+    assert "kcenter 3 picks — 3 marked labeled" in r.output, r.output
+    r = run("export", "--latest", "--out", tmp_path / "again.csv", "--index", idx)
+    assert r.exit_code == 0 and "3 of the picks have moved since" in r.output, r.output
+    paths = [row_["path"] for row_ in csv.DictReader(open(tmp_path / "again.csv"))]
+    assert len(paths) == 3 and all(p.startswith(str(pool_dir) + os.sep) and os.path.isfile(p) for p in paths)
+    r = run("report", "--selection", sel, "--out", tmp_path / "r.html", "--index", idx)
+    assert r.exit_code == 0 and "3 of the picks have moved since" in r.output, r.output
+    old = next(p for p in csv.DictReader(open(sel)))["path"]
+    r = run("neighbors", old, "--index", idx, "--k", 2)
+    assert r.exit_code == 0 and "has moved since it was indexed" in r.output, r.output
+
+
+def test_an_image_moved_into_the_labeled_folder_leaves_no_mark_behind(indexed, tmp_path):
+    idx, lab, unl, files = indexed
+    (tmp_path / "x.txt").write_text(f"{files[0]}\n")
+    assert run("exclude", tmp_path / "x.txt", "--index", idx).exit_code == 0
+    files[0].rename(lab / "now_labeled.jpg")
+    r = build(idx, lab, unl)
+    assert r.exit_code == 0 and "moved     1 image(s)" in r.output, r.output
+    assert row(idx, files[0])[4] is None and row(idx, lab / "now_labeled.jpg")[0] == "labeled"
+    r = run("info", "--index", idx)
+    assert "excluded" not in r.output.split("history")[0], r.output  # labeled now: nothing left excluded

@@ -550,7 +550,7 @@ def test_an_image_a_part_found_deleted_leaves_the_merged_pool(tmp_path, sample_d
     os.remove(victim)
     assert "gone      1" in build(tmp_path / "p1", src, "--part", "1/2").output
     r = run("merge", tmp_path / "p1", tmp_path / "p2", "--index", out)
-    assert r.exit_code == 0 and "1 deleted from their folder: out of the pool" in r.output, r.output
+    assert r.exit_code == 0 and "1 deleted from their folder or moved: out of the pool" in r.output, r.output
     assert catalog(out)[str(victim)][1:3] == ("failed", GONE)
     assert catalog(out)[str(victim)][1:3] == catalog(tmp_path / "p1")[str(victim)][1:3]  # as one build would have it
     with open_store(out) as st:
@@ -612,3 +612,26 @@ def test_marks_made_in_the_merged_index_follow_images_renamed_in_the_parts(tmp_p
     assert score.get(new[scored]) == 0.9 and scored not in score
     r = run("merge", tmp_path / "p1", tmp_path / "p2", "--index", out)  # again: nothing more to carry
     assert r.exit_code == 0 and "moved" not in r.output, r.output
+
+
+def test_a_file_moved_away_and_back_takes_its_marks_back_through_merge(tmp_path, sample_dir):
+    """A -> B -> A with parts: the exclusion made in the merged index follows to B, then
+    back to A (A's row comes back as a replace of its old row, which is older than B's)."""
+    src, out = two_parts_merged(tmp_path, sample_dir)
+    a = unlabeled(out, 1)[0]
+    assert run("exclude", listing(tmp_path / "x.txt", [a]), "--index", out).exit_code == 0
+    b = str(Path(a).with_name("renamed_" + Path(a).name))
+
+    def rebuild_and_merge():
+        build(tmp_path / "p1", src, "--part", "1/2")
+        build(tmp_path / "p2", src, "--part", "2/2")
+        r = run("merge", tmp_path / "p1", tmp_path / "p2", "--index", out)
+        assert r.exit_code == 0, r.output
+        with open_store(out) as st:
+            return {st.path_of(int(i)) for i in st.excluded_ids()}
+
+    os.rename(a, b)
+    assert b in rebuild_and_merge()
+    os.rename(b, a)
+    excluded = rebuild_and_merge()
+    assert a in excluded and b not in excluded
