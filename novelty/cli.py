@@ -519,7 +519,8 @@ def import_uncertainty(
     if p.labeled:
         err(f"warning: ignored {p.labeled} score(s) of labeled images; select ranks only unlabeled ones")
     if p.not_embedded:
-        err(f"warning: {p.not_embedded} score(s) are of images not embedded yet; select uses them once build-index embeds them")
+        err(f"warning: {p.not_embedded} score(s) are of images without a vector (not embedded yet, or failed): select "
+            f"uses them once build-index embeds them")
     if p.excluded:
         err(f"warning: {p.excluded} score(s) are of images exclude keeps out of selection; used if they are included again")
 
@@ -600,9 +601,9 @@ def duplicates(
         bar.close()
     typer.echo(f"{s['groups']} near-duplicate group(s) among {s['images']} images (cosine distance < {t}) -> {out}")
     typer.echo(f"  in groups        {s['in_groups']} images, largest group {s['largest']}")
-    typer.echo(f"  pool in groups   {100 * s['pool_in_groups']:.1f}% of {s['pool']} unlabeled images")
+    typer.echo(f"  in groups        {100 * s['pool_in_groups']:.1f}% of {s['pool']} unlabeled images (excluded ones included)")
     if s["pool_represented"] is not None:
-        typer.echo(f"  already labeled  {100 * s['pool_represented']:.1f}% of the pool is a near-copy of a labeled image")
+        typer.echo(f"  already labeled  {100 * s['pool_represented']:.1f}% of them are a near-copy of a labeled image")
     if html is not None:
         typer.echo(f"  page             {s['html_groups']} of {s['groups']} group(s) as thumbnails -> {html}")
 

@@ -250,3 +250,14 @@ def test_an_image_moved_into_the_labeled_folder_leaves_no_mark_behind(indexed, t
     assert row(idx, files[0])[4] is None and row(idx, lab / "now_labeled.jpg")[0] == "labeled"
     r = run("info", "--index", idx)
     assert "excluded" not in r.output.split("history")[0], r.output  # labeled now: nothing left excluded
+
+
+def test_scores_imported_by_a_path_an_image_moved_from_go_to_it(indexed, tmp_path):
+    idx, lab, unl, files = indexed
+    moved = unl / "moved.jpg"
+    files[0].rename(moved)
+    assert build(idx, lab, unl).exit_code == 0
+    (tmp_path / "old.csv").write_text(f"id,uncertainty\n{files[0]},0.75\n")
+    r = run("import-uncertainty", tmp_path / "old.csv", "--index", idx)
+    assert r.exit_code == 0 and "1 of the images scored have moved since" in r.output, r.output
+    assert scores(idx) == {str(moved): 0.75}

@@ -584,17 +584,17 @@ def test_load_file_spec(tmp_path):
     assert model[0].out_channels == 4
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("tests._tiny_models", "expected 'package.module:factory'"),
-    ("no_such_package.models:make", "no module named 'no_such_package'"),
-    ("tests._tiny_models:missing", "no attribute 'missing'"),
-    ("tests._tiny_models:SIZE", "not a callable"),
-    ("/nonexistent/dir/det.py:make", "does not exist"),
-    ("tests._tiny_models:broken_factory", "factory raised RuntimeError: weights not found$"),
-    ("tests._tiny_models:not_a_model", "returned int"),
+@pytest.mark.parametrize("spec, match, kind", [  # a spec naming nothing is a bad argument (exit 2); one that
+    ("tests._tiny_models", "expected 'package.module:factory'", ConfigError),  # exists but fails, a model error (4)
+    ("no_such_package.models:make", "no module named 'no_such_package'", ConfigError),
+    ("tests._tiny_models:missing", "no attribute 'missing'", ConfigError),
+    ("tests._tiny_models:SIZE", "not a callable", ModelError),
+    ("/nonexistent/dir/det.py:make", "does not exist", ConfigError),
+    ("tests._tiny_models:broken_factory", "factory raised RuntimeError: weights not found$", ModelError),
+    ("tests._tiny_models:not_a_model", "returned int", ModelError),
 ])
-def test_bad_specs_raise_model_error(spec, match):
-    with pytest.raises(ModelError, match=match) as e:
+def test_bad_specs_raise_model_error(spec, match, kind):
+    with pytest.raises(kind, match=match) as e:
         load_model_spec(spec)
     assert spec in str(e.value) and "\n" not in str(e.value)
 

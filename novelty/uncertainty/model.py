@@ -37,9 +37,10 @@ CPU torch paired with a CUDA torchvision. Its compiled ops still do not run ther
 torchvision's detectors call ``nms`` inside their forward, and each image then fails
 with torchvision's "Couldn't load custom C++ ops" error, recorded as its reason.
 
-Every failure (no colon, missing module or file, missing attribute, a factory that
-raises or returns the wrong thing) raises ModelError with a one-line message naming
-the spec.
+Every failure raises with a one-line message naming the spec: a spec that names
+nothing (no colon, a missing module, file or attribute) a ConfigError, exit 2 like any
+bad argument; one that exists but cannot be used (an import that fails, a factory that
+raises or returns the wrong thing) a ModelError, exit 4.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import ModelError, first_line
+from ..errors import ConfigError, ModelError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def _on_path(folder: str):
 
 def _import_file(spec: str, path: Path):
     if not path.is_file():
-        raise ModelError(f"model spec {spec!r}: file {path} does not exist")
+        raise ConfigError(f"model spec {spec!r}: file {path} does not exist")
     digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
     name = f"_novelty_model_{path.stem}_{digest}"
     loader_spec = importlib.util.spec_from_file_location(name, path)
@@ -92,7 +93,7 @@ def _import_module(spec: str, name: str):
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
         if e.name and (name == e.name or name.startswith(e.name + ".")):
-            raise ModelError(f"model spec {spec!r}: no module named {e.name!r}") from e
+            raise ConfigError(f"model spec {spec!r}: no module named {e.name!r}") from e
         raise ModelError(f"model spec {spec!r}: importing {name} failed: {first_line(e)}") from e
     except Exception as e:
         raise ModelError(f"model spec {spec!r}: importing {name} failed: {first_line(e)}") from e
@@ -119,7 +120,7 @@ def load_model_spec(spec: str, size: int | tuple[int, int] | None = None) -> tup
 
     where, colon, attr = spec.rpartition(":")
     if not colon or not where or not attr:
-        raise ModelError(f"model spec {spec!r}: expected 'package.module:factory' or 'path/to/file.py:factory'")
+        raise ConfigError(f"model spec {spec!r}: expected 'package.module:factory' or 'path/to/file.py:factory'")
     _import_torchvision()
     is_file = where.endswith(".py") or "/" in where or os.sep in where
     folder = str(Path(where).resolve().parent) if is_file else os.getcwd()
@@ -128,7 +129,7 @@ def load_model_spec(spec: str, size: int | tuple[int, int] | None = None) -> tup
         factory = module
         for part in attr.split("."):
             if not hasattr(factory, part):
-                raise ModelError(f"model spec {spec!r}: {where} has no attribute {attr!r}")
+                raise ConfigError(f"model spec {spec!r}: {where} has no attribute {attr!r}")
             factory = getattr(factory, part)
         if not callable(factory):
             raise ModelError(f"model spec {spec!r}: {attr} is a {type(factory).__name__}, not a callable factory")
