@@ -21,6 +21,8 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ._sql import in_chunks
+
 GONE = "not found: deleted from its folder since it was indexed"
 MOVED = "moved: its bytes are now at {}"
 MOVED_PREFIX = MOVED.split("{}")[0]
@@ -53,11 +55,10 @@ def _rows(db: sqlite3.Connection, where: str, keys: Sequence, hashed_only: bool 
     """(id, path, split, hash, status, reason, labeled_at, labeled_by, excluded) of rows
     whose `where` column is in `keys` (and that hold a hash, with `hashed_only`), 500 at a time."""
     out: list[tuple] = []
-    for s in range(0, len(keys), 500):
-        chunk = list(keys[s:s + 500])
+    for chunk, marks in in_chunks(keys):
         out += db.execute(
             "SELECT i.id, i.path, i.split, i.hash, i.status, i.reason, i.labeled_at, i.labeled_by, x.image IS NOT NULL "
-            f"FROM images i LEFT JOIN excluded x ON x.image = i.id WHERE i.{where} IN ({','.join('?' * len(chunk))})"
+            f"FROM images i LEFT JOIN excluded x ON x.image = i.id WHERE i.{where} IN ({marks})"
             + (" AND i.hash IS NOT NULL" if hashed_only else ""), chunk).fetchall()
     return out
 
@@ -71,8 +72,7 @@ def before_commit(db: sqlite3.Connection, new_hash: dict[int, str]) -> ContentCh
         return c
     ids = [r[0] for r in changed]
     scored: set[int] = set()
-    for s in range(0, len(ids), 500):
-        chunk, marks = ids[s:s + 500], ",".join("?" * len(ids[s:s + 500]))
+    for chunk, marks in in_chunks(ids):
         scored.update(i for (i,) in db.execute(f"SELECT DISTINCT image FROM uncertainty WHERE image IN ({marks})", chunk))
         c.scores_dropped += db.execute(f"DELETE FROM uncertainty WHERE image IN ({marks})", chunk).rowcount
     c.changed = len(scored)
@@ -93,9 +93,8 @@ def after_commit(db: sqlite3.Connection, new_hash: dict[int, str]) -> ContentCha
     c = ContentChanges()
     hashes = sorted(set(new_hash.values()))
     shared = []  # held by more than one row: almost never, so only those rows are read whole
-    for s in range(0, len(hashes), 500):
-        chunk = hashes[s:s + 500]
-        shared += [h for (h,) in db.execute(f"SELECT hash FROM images WHERE hash IN ({','.join('?' * len(chunk))}) "
+    for chunk, marks in in_chunks(hashes):
+        shared += [h for (h,) in db.execute(f"SELECT hash FROM images WHERE hash IN ({marks}) "
                                             "GROUP BY hash HAVING COUNT(*) > 1", chunk)]
     new: dict[int, tuple] = {}
     by_hash: dict[str, list[tuple]] = {}
@@ -132,9 +131,8 @@ def carry_from_gone(db: sqlite3.Connection) -> ContentChanges:
     olds = _rows(db, "id", [i for (i,) in held])
     hashes = sorted({o[3] for o in olds})
     added: dict[int, float] = {}
-    for s in range(0, len(hashes), 500):
-        chunk = hashes[s:s + 500]
-        added.update(db.execute(f"SELECT id, added FROM images WHERE hash IN ({','.join('?' * len(chunk))})", chunk))
+    for chunk, marks in in_chunks(hashes):
+        added.update(db.execute(f"SELECT id, added FROM images WHERE hash IN ({marks})", chunk))
     by_hash: dict[str, list[tuple]] = {}
     for r in _rows(db, "hash", hashes):
         if r[4] == "embedded" and r[1] is not None:

@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from . import _content
-from ._files import atomic_write_text
+from ._files import atomic_write_text, temp_beside
+from ._sql import in_chunks
 from ._content import GONE, ContentChanges
 from .errors import (IndexBusyError, IndexDamagedError, IndexMismatchError, IndexMissingError, IndexReadOnlyError,
                      InputError, StorageError, Terminated, first_line)
@@ -54,6 +55,8 @@ LOST_PREFIX = VECTOR_LOST.split("{}")[0]
 CATALOG = "catalog.sqlite"
 MANIFEST = "manifest.json"
 SHARDS = "shards"
+FAISS_FILE = "vectors.faiss"
+_BESIDE_CATALOG = (MANIFEST, SHARDS, FAISS_FILE)  # what an index holds besides its catalog, made after it
 SPLITS = ("labeled", "unlabeled")
 
 _SCHEMA = """
@@ -182,7 +185,7 @@ class Store:
         if writable:
             self._acquire_lock(create)
         if create and not (self.root / CATALOG).exists():  # under the lock: two first runs cannot both create it
-            other = [n for n in (MANIFEST, SHARDS, "vectors.faiss") if (self.root / n).exists()]
+            other = [n for n in _BESIDE_CATALOG if (self.root / n).exists()]
             if other:  # the catalog comes first: these are another tool's, or what a lost catalog left
                 if self._made_lock:
                     (self.root / ".lock").unlink(missing_ok=True)
@@ -251,7 +254,7 @@ class Store:
 
     def _create_catalog(self) -> None:
         """The catalog never exists without its schema: a run killed here leaves nothing."""
-        tmp = self.root / f".{CATALOG}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp = temp_beside(self.root / CATALOG)
         try:
             db = sqlite3.connect(tmp)
             db.executescript(_SCHEMA)
@@ -271,7 +274,7 @@ class Store:
         works in a folder of its own making, which is then left alone."""
         assert self.writable and self.created
         self.db.close()
-        own = (CATALOG, MANIFEST, SHARDS, "vectors.faiss")
+        own = (CATALOG, *_BESIDE_CATALOG)
         for f in sorted(self.root.iterdir()):  # those, SQLite's -wal and -shm, and their temporary files
             if f.name in own or f.name in (f"{CATALOG}-wal", f"{CATALOG}-shm") or f.name.startswith(tuple(f".{n}." for n in own)):
                 shutil.rmtree(f, ignore_errors=True) if f.is_dir() and not f.is_symlink() else f.unlink(missing_ok=True)
@@ -443,8 +446,8 @@ class Store:
 
     def still_gone(self, ids: Sequence[int]) -> int:
         """How many of `ids` are still recorded as deleted (GONE), not since found moved."""
-        return sum(self.db.execute(f"SELECT COUNT(*) FROM images WHERE reason = ? AND id IN ({','.join('?' * len(chunk))})",
-                                   (GONE, *chunk)).fetchone()[0] for chunk in (ids[s:s + 500] for s in range(0, len(ids), 500)))
+        return sum(self.db.execute(f"SELECT COUNT(*) FROM images WHERE reason = ? AND id IN ({marks})", (GONE, *chunk)).fetchone()[0]
+                   for chunk, marks in in_chunks(ids))
 
     def pending_ids(self) -> np.ndarray:
         """Catalog ids still to embed, labeled first, then by id."""
@@ -565,10 +568,8 @@ class Store:
         assert column in ("ext_id", "path")
         found: dict[str, tuple] = {}
         cols = ", ".join((column, *fields))
-        for start in range(0, len(keys), 500):
-            chunk = list(keys[start:start + 500])
-            q = f"SELECT {cols} FROM images WHERE {column} IN ({','.join('?' * len(chunk))})"
-            found.update((r[0], r[1:]) for r in self.db.execute(q, chunk))
+        for chunk, marks in in_chunks(keys):
+            found.update((r[0], r[1:]) for r in self.db.execute(f"SELECT {cols} FROM images WHERE {column} IN ({marks})", chunk))
         return found
 
     def existing_keys(self, column: str, keys: Sequence[str]) -> list[str]:
@@ -812,11 +813,10 @@ class Store:
         followed = np.zeros(len(ids), bool)
         for _ in range(16):  # a chain of renames; a cycle cannot form (a move needs the old file gone)
             where: dict[int, tuple[str, str]] = {}
-            for s in range(0, len(ids), 500):
-                chunk = [int(i) for i in ids[s:s + 500]]
+            for chunk, marks in in_chunks(ids.tolist()):
                 where.update((i, (r, h)) for i, r, h in self.db.execute(
-                    f"SELECT id, reason, hash FROM images WHERE status = 'failed' AND reason LIKE ? "
-                    f"AND id IN ({','.join('?' * len(chunk))})", (_content.MOVED_PREFIX + "%", *chunk)))
+                    f"SELECT id, reason, hash FROM images WHERE status = 'failed' AND reason LIKE ? AND id IN ({marks})",
+                    (_content.MOVED_PREFIX + "%", *chunk)))
             to = {}
             for i, (reason, h) in where.items():
                 row = self.db.execute("SELECT id, hash FROM images WHERE path = ?", (reason[len(_content.MOVED_PREFIX):],)).fetchone()
@@ -832,11 +832,8 @@ class Store:
     def describe(self, ids: Sequence[int]) -> dict[int, tuple[str, str | None, str]]:
         """id -> (display id, path, split)."""
         out: dict[int, tuple[str, str | None, str]] = {}
-        ids = [int(i) for i in ids]
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            q = f"SELECT id, ext_id, path, split FROM images WHERE id IN ({','.join('?' * len(chunk))})"
-            for i, e, p, s in self.db.execute(q, chunk):
+        for chunk, marks in in_chunks([int(i) for i in ids]):
+            for i, e, p, s in self.db.execute(f"SELECT id, ext_id, path, split FROM images WHERE id IN ({marks})", chunk):
                 out[i] = (display_id(i, e), p, s)
         return out
 

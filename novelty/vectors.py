@@ -14,11 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import IndexDamagedError
-from .store import Store
+from .store import FAISS_FILE, Store
 
 log = logging.getLogger(__name__)
-
-FAISS_FILE = "vectors.faiss"
 
 
 def gpu_available() -> bool:
