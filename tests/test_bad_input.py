@@ -298,7 +298,7 @@ def test_two_first_imports_at_once_keep_one_and_refuse_the_other(tmp_path):
     import sys
 
     rng = np.random.default_rng(0)
-    for name, n, d in (("a", 20_000, 64), ("b", 300, 32)):
+    for name, n, d in (("a", 100_000, 64), ("b", 300, 32)):  # a runs long enough that b always meets it
         np.save(tmp_path / f"{name}.npy", rng.normal(size=(n, d)).astype(np.float32))
         (tmp_path / f"{name}.txt").write_text("".join(f"{name}{i}\n" for i in range(n)))
     for trial in range(6):
@@ -313,7 +313,7 @@ def test_two_first_imports_at_once_keep_one_and_refuse_the_other(tmp_path):
         loser = errors[codes.index(5)]
         assert loser.count("\n") == 0 and "is writing" in loser, loser
         r = run("info", "--index", idx)
-        want = "unlabeled  20000 embedded" if codes[0] == 0 else "labeled    300 embedded"
+        want = "unlabeled  100000 embedded" if codes[0] == 0 else "labeled    300 embedded"
         assert r.exit_code == 0 and want in r.output, (trial, r.output)
 
 
