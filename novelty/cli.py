@@ -642,7 +642,6 @@ def mark_labeled(
 
     r = run(index, list_file, selection, undo=undo)
     finished()
-    _say_followed(r.followed)
     if undo:
         typer.echo(f"moved {r.moved} image(s) back to unlabeled; {r.already} already were (run #{r.run})")
         if r.from_sources:
@@ -666,7 +665,6 @@ def exclude(
 
     r = run(index, list_file, selection, reason=reason, undo=undo)
     finished()
-    _say_followed(r.followed)
     if undo:
         typer.echo(f"{r.changed} image(s) are candidates again; {r.already} were not excluded (run #{r.run})")
         return
@@ -674,11 +672,6 @@ def exclude(
     if r.labeled:
         err(f"warning: {r.labeled} of them are labeled: they stay centers; the exclusion applies if they are moved "
             f"back to unlabeled")
-
-
-def _say_followed(n: int) -> None:
-    if n:
-        typer.echo(f"{n} of the images named have moved since (renamed, or their folder moved): taken at their new path")
 
 
 @command

@@ -206,8 +206,7 @@ def import_embeddings(root: Path, vectors_file: Path, ids_file: Path, split: str
                     vectors.build(store)
                 raise
         except BaseException:  # refused, stopped (Ctrl-C) or failed: a first import leaves no index behind
-            if store.created and not store.db.execute("SELECT 1 FROM runs LIMIT 1").fetchone():
-                store.discard()  # (its dim would bind the next import, its orphan shards fill the disk)
+            store.discard_if_new()  # a first import leaves nothing (its dim would bind the next, its shards fill the disk)
             raise
         if keys or lost.names:  # stale until then: readers search the shards, the next writer rebuilds it
             try:

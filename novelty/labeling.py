@@ -173,13 +173,13 @@ def named_ids(store: Store, list_file: Path | None, selection: Path | None) -> t
     return ids, {"list": str(Path(list_file).resolve())}
 
 
-def followed_ids(store: Store, named: np.ndarray, source: dict) -> tuple[np.ndarray, int]:
+def followed_ids(store: Store, named: np.ndarray, source: dict) -> np.ndarray:
     """`named` with each image that moved since (renamed, its folder moved) taken at its
-    new path; the run's params say how many. -> (ids, how many moved)."""
-    ids, followed = store.follow_moves(named)
+    new path, and warned about; the run's params say how many."""
+    ids, followed = store.follow_moves(named, said="images named")
     if followed:
         source["followed_moves"] = followed
-    return ids, followed
+    return ids
 
 
 @dataclass
@@ -190,7 +190,6 @@ class MarkResult:
     already: int  # labeled before (with undo: unlabeled before)
     labeled_by: int | None  # the select run they came from
     from_sources: int = 0  # with undo: labeled because a --labeled source lists them, left labeled
-    followed: int = 0  # named by a path they have since moved from (Store.follow_moves)
 
 
 def mark_labeled(root: Path, list_file: Path | None = None, selection: Path | None = None, undo: bool = False) -> MarkResult:
@@ -205,7 +204,7 @@ def mark_labeled(root: Path, list_file: Path | None = None, selection: Path | No
     with open_store(root, writable=True) as store:
         named, source = named_ids(store, list_file, selection)
         by, exact = match_select_run(store, named)
-        ids, followed = followed_ids(store, named, source)
+        ids = followed_ids(store, named, source)
         distinct = np.unique(ids)
         now = time.time()
         with store.transaction() as db:
@@ -228,7 +227,7 @@ def mark_labeled(root: Path, list_file: Path | None = None, selection: Path | No
                              ("unmark" if undo else "mark-labeled", json.dumps(source, sort_keys=True), json.dumps(summary),
                               now, time.time())).lastrowid
     log.info("%s %d image(s) (%d already were)", "moved back" if undo else "marked", moved, already)
-    return MarkResult(run, len(distinct), moved, already, by, from_sources, followed)
+    return MarkResult(run, len(distinct), moved, already, by, from_sources)
 
 
 # --------------------------------------------------------------------------- exclude
@@ -239,7 +238,6 @@ class ExcludeResult:
     changed: int  # excluded now (with undo: excluded no more)
     already: int  # excluded before (with undo: not excluded before)
     labeled: int  # of the images named, those labeled now (not in the pool while they are)
-    followed: int = 0  # named by a path they have since moved from (Store.follow_moves)
 
 
 def exclude(root: Path, list_file: Path | None = None, selection: Path | None = None, reason: str | None = None,
@@ -256,7 +254,7 @@ def exclude(root: Path, list_file: Path | None = None, selection: Path | None = 
         raise ConfigError("--reason must be one line of printable text")
     with open_store(root, writable=True) as store:
         named, source = named_ids(store, list_file, selection)
-        ids, followed = followed_ids(store, named, source)
+        ids = followed_ids(store, named, source)
         distinct = np.unique(ids)
         now = time.time()
         with store.transaction() as db:
@@ -275,7 +273,7 @@ def exclude(root: Path, list_file: Path | None = None, selection: Path | None = 
             summary = {"requested": len(distinct), "changed": changed, "already": len(distinct) - changed, "labeled": labeled}
             db.execute("UPDATE runs SET summary=?, finished=? WHERE id=?", (json.dumps(summary), time.time(), run))
     log.info("%s %d image(s) (%d already were)", "included" if undo else "excluded", changed, len(distinct) - changed)
-    return ExcludeResult(run, len(distinct), changed, len(distinct) - changed, labeled, followed)
+    return ExcludeResult(run, len(distinct), changed, len(distinct) - changed, labeled)
 
 
 def excluded_by_reason(store: Store) -> dict[str, int]:
@@ -384,10 +382,8 @@ def run_rows(store: Store, run: int, summary: dict) -> list[dict]:
     from .inspect import knn_blocks
 
     picks = store.db.execute("SELECT rank, image, priority FROM picks WHERE run=? ORDER BY rank", (run,)).fetchall()
-    image, moved = store.follow_moves(np.array([p[1] for p in picks], dtype=np.int64))
+    image, moved = store.follow_moves(np.array([p[1] for p in picks], dtype=np.int64), said="picks")
     if moved:  # written at the paths the images have now
-        log.warning("%d of the picks have moved since the selection (renamed, or their folder moved): written at "
-                    "their new paths", moved)
         picks = [(rank, int(i), priority) for (rank, _, priority), i in zip(picks, image)]
     meta = store.describe(image)
     u: dict[int, float] = {}

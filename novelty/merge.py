@@ -161,10 +161,8 @@ def merge_indexes(root: Path, parts: Sequence[Path],
             for n in sorted({n for _, n in held}):
                 s.missing_parts += [f"{k}/{n}" for k in range(1, n + 1) if (k, n) not in held]
         except BaseException as e:
-            if out.created and not out.db.execute("SELECT 1 FROM runs LIMIT 1").fetchone():
-                out.discard()  # refused or stopped before any part went in: leave nothing
-                if isinstance(e, (KeyboardInterrupt, OSError)):
-                    e.kept = "nothing was merged, and the new index was removed"
+            if out.discard_if_new() and isinstance(e, (KeyboardInterrupt, OSError)):  # before any part went in
+                e.kept = "nothing was merged, and the new index was removed"
             raise
     s.seconds = time.monotonic() - t0
     return s

@@ -82,12 +82,9 @@ def read_uncertainty_csv(store: Store, path: Path) -> tuple[np.ndarray, np.ndarr
         raise InputError(f"{len(unknown)} id(s) in {path} are not in the index, e.g. {unknown[0]!r}; nothing was imported")
     if len(set(ids.tolist())) != len(ids):
         raise InputError(f"{path} scores some image twice")
-    ids, moved = store.follow_moves(ids)  # a file written before images were renamed: their scores go to them
-    if moved:
-        log.warning("%d of the images scored have moved since (renamed, or their folder moved): taken at their new path",
-                    moved)
-        if len(set(ids.tolist())) != len(ids):
-            raise InputError(f"{path} scores some image twice: once at a path it has moved from, once at its new path")
+    ids, moved = store.follow_moves(ids, said="images scored")  # a file written before images were renamed
+    if moved and len(set(ids.tolist())) != len(ids):
+        raise InputError(f"{path} scores some image twice: once at a path it has moved from, once at its new path")
     return ids, np.asarray(vals)
 
 

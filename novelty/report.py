@@ -111,10 +111,7 @@ def collect(store: Store, rows: list[dict], cfg: ReportCfg) -> ReportData:
         raise ConfigError(f"--k must be >= 0, got {cfg.k}")
     if cfg.limit < 0:
         raise ConfigError(f"--limit must be >= 0 (0: every pick), got {cfg.limit}")
-    image, moved = store.follow_moves(selection_ids(store, rows, "is the selection from this index?"))
-    if moved:
-        log.warning("%d of the picks have moved since the selection (renamed, or their folder moved): shown at their "
-                    "new paths", moved)
+    image, _ = store.follow_moves(selection_ids(store, rows, "is the selection from this index?"), said="picks")
     keep = np.sort(np.unique(image, return_index=True)[1])  # an image listed twice is one pick, at its first rank
     repeated = len(image) - len(keep)
     if repeated:

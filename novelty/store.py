@@ -284,6 +284,15 @@ class Store:
                 d.rmdir()
         self._release_lock()
 
+    def discard_if_new(self) -> bool:
+        """discard() when this process created the index and nothing was recorded in it
+        yet (no run): what a first import or merge that was refused or stopped leaves.
+        -> whether it was discarded."""
+        if self.created and self.db.execute("SELECT 1 FROM runs LIMIT 1").fetchone() is None:
+            self.discard()
+            return True
+        return False
+
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -803,12 +812,13 @@ class Store:
                 found.append(row[0])
         return np.asarray(found, dtype=np.int64), unknown
 
-    def follow_moves(self, ids: np.ndarray) -> tuple[np.ndarray, int]:
+    def follow_moves(self, ids: np.ndarray, said: str | None = None) -> tuple[np.ndarray, int]:
         """Rows recorded as moved (_content: their bytes turned up at a new path) stand for
         the row at that path, to the end of a chain of moves, so a list or selection made
         before files were renamed still names the images. A move is followed only while
         the new path holds the same bytes: a name since given to another picture is not
-        the image. -> (ids, how many were moved)."""
+        the image. With `said` (what the ids are, e.g. "picks"), a move is warned about.
+        -> (ids, how many were moved)."""
         ids = np.asarray(ids, dtype=np.int64).copy()
         followed = np.zeros(len(ids), bool)
         for _ in range(16):  # a chain of renames; a cycle cannot form (a move needs the old file gone)
@@ -827,7 +837,11 @@ class Store:
             for k, i in enumerate(ids.tolist()):
                 if i in to:
                     ids[k], followed[k] = to[i], True
-        return ids, int(followed.sum())
+        moved = int(followed.sum())
+        if moved and said:
+            log.warning("%d of the %s have moved since (renamed, or their folder moved): taken at their new paths",
+                        moved, said)
+        return ids, moved
 
     def describe(self, ids: Sequence[int]) -> dict[int, tuple[str, str | None, str]]:
         """id -> (display id, path, split)."""
