@@ -601,7 +601,8 @@ def duplicates(
         bar.close()
     typer.echo(f"{s['groups']} near-duplicate group(s) among {s['images']} images (cosine distance < {t}) -> {out}")
     typer.echo(f"  in groups        {s['in_groups']} images, largest group {s['largest']}")
-    typer.echo(f"  in groups        {100 * s['pool_in_groups']:.1f}% of {s['pool']} unlabeled images (excluded ones included)")
+    typer.echo(f"  unlabeled        {100 * s['pool_in_groups']:.1f}% of {s['pool']} unlabeled images are in groups "
+               f"(excluded ones included)")
     if s["pool_represented"] is not None:
         typer.echo(f"  already labeled  {100 * s['pool_represented']:.1f}% of them are a near-copy of a labeled image")
     if html is not None:

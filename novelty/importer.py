@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, NoveltyError
-from .sources import list_path, record
+from .sources import list_entries, list_path, record
 from .store import LOST_PREFIX, LostShards, Store, create_store
 
 log = logging.getLogger(__name__)
@@ -30,9 +30,8 @@ def read_ids(path: Path, paths: bool = False) -> list[str]:
     the list's folder) is kept as written, as build-index reads a list file."""
     base = Path(path).parent
     try:
-        lines = [line for line in Path(path).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-        ids = [line if paths and line != line.strip() and os.path.isfile(list_path(base, line)) else line.strip()
-               for line in lines]
+        names = (lambda line: os.path.isfile(list_path(base, line))) if paths else (lambda line: False)
+        ids = list(list_entries(Path(path).read_text(encoding="utf-8-sig").splitlines(), names, comments=False))
     except UnicodeDecodeError:
         raise InputError(f"{path} is not a UTF-8 text file of ids") from None
     ids = [i for i in ids if i]

@@ -67,19 +67,21 @@ def list_path(base: Path, line: str) -> str:
     return os.path.abspath(line if os.path.isabs(line) else base / line)
 
 
-def list_entries(lines: Iterable[str], names: Callable[[str], bool]) -> Iterator[str]:
+def list_entries(lines: Iterable[str], names: Callable[[str], bool], comments: bool = True) -> Iterator[str]:
     """The entries of a list file, one a line (build-index's list sources, mark-labeled's
-    and exclude's lists). Blank lines are skipped, and so are # comments; spaces around
-    an entry are dropped. A file name may start with # or a space, though: a line like
-    that is taken as written when `names(line)` says it names an image."""
+    and exclude's lists, import-embeddings' ids). Blank lines are skipped, and so are #
+    comments (with `comments`: an ids file has none, its lines follow the vectors);
+    spaces around an entry are dropped. A file name may start with # or a space, though:
+    a line like that is taken as written when `names(line)` says it names an image."""
     for line in lines:
         raw = line.rstrip("\r\n")
         text = raw.strip()
         if not text:
             continue
-        if (raw != text or text.startswith("#")) and names(raw):
+        comment = comments and text.startswith("#")
+        if (raw != text or comment) and names(raw):
             yield raw
-        elif not text.startswith("#"):
+        elif not comment:
             yield text
 
 
