@@ -26,6 +26,8 @@ from ._sql import in_chunks
 GONE = "not found: deleted from its folder since it was indexed"
 MOVED = "moved: its bytes are now at {}"
 MOVED_PREFIX = MOVED.split("{}")[0]
+LINKED = "linked: the same file is indexed at {}"  # one file reached through two paths (Store.sync_sources)
+LINKED_PREFIX = LINKED.split("{}")[0]
 
 
 @dataclass
@@ -144,6 +146,20 @@ def carry_from_gone(db: sqlite3.Connection) -> ContentChanges:
         cands = [n for n in by_hash.get(o[3], ()) if n[0] not in held_ids and added[n[0]] >= added[o[0]]]
         if cands:
             _carry(db, max(cands, key=lambda n: (added[n[0]], n[0])), [o], c, done)
+    return c
+
+
+def carry_to(db: sqlite3.Connection, linked: dict[str, str]) -> ContentChanges:
+    """Paths a scan found to be the same file as another ({path: the path kept}): what
+    was done to the image under the path dropped goes to the one kept, as for a move."""
+    c = ContentChanges()
+    if not linked:
+        return c
+    rows = {r[1]: r for r in _rows(db, "path", sorted(set(linked) | set(linked.values())))}
+    done: set[int] = set()
+    for path, to in linked.items():
+        if path in rows and to in rows:
+            _carry(db, rows[to], [rows[path]], c, done)
     return c
 
 

@@ -256,7 +256,8 @@ def build_index(
     typer.echo(f"  skipped   {s.unchanged} unchanged" + (f", {s.moved} moved to another split" if s.moved else "")
                + (f", {s.kept_labeled} kept labeled (mark-labeled)" if s.kept_labeled else ""))
     if s.gone:
-        typer.echo(f"  gone      {s.gone} unlabeled image(s) deleted from their folder since indexed: out of the pool")
+        typer.echo(f"  gone      {s.gone} unlabeled image(s) deleted from their folder since indexed: out of the pool"
+                   + (f" ({s.gone_elsewhere} in a folder or list not given this time)" if s.gone_elsewhere else ""))
     if s.lost_shards:
         typer.echo(f"  requeued  {s.requeued} image(s) of {len(s.lost_shards)} missing or damaged shard(s): embedded again")
     reasons = ", ".join(f"{k}: {v}" for k, v in s.failed_by_reason.items())

@@ -35,7 +35,8 @@ class BuildSummary:
     changed: int = 0
     moved: int = 0
     kept_labeled: int = 0  # marked labeled by mark-labeled, scanned under --unlabeled again: they stay labeled
-    gone: int = 0  # unlabeled images deleted from a scanned folder: recorded as failed, out of the pool
+    gone: int = 0  # unlabeled images deleted from their folder: recorded as failed, out of the pool
+    gone_elsewhere: int = 0  # of those, images in a folder or list not given this time (Store.sync_sources)
     lost_shards: list = field(default_factory=list)  # shards found missing or damaged, taken out of the catalog
     requeued: int = 0  # their images, pending again and embedded again by this run (their imported vectors: failed)
     resumed: int = 0
@@ -140,8 +141,10 @@ def _scan_and_embed(store, encoder, labeled, unlabeled, cfg: BuildCfg, progress_
                                 folders=folders, keep=lambda p: sources.was_listed(p, cfg.part, unlisted))
     pending = store.pending_ids()
     s = BuildSummary(scanned=counts["scanned"], new=counts["new"], changed=counts["changed"], moved=counts["moved"],
-                     kept_labeled=counts["kept_labeled"], gone=counts["gone"], lost_shards=list(lost.names),
+                     kept_labeled=counts["kept_labeled"], gone=counts["gone"],
+                     gone_elsewhere=counts["gone_elsewhere"], lost_shards=list(lost.names),
                      requeued=lost.requeued)
+    s.content.add(counts["content"])  # marks of an image reached through a link, kept at the path indexed
     s.resumed = max(0, len(pending) - s.new - s.changed - s.requeued)  # left pending by an interrupted run
     s.unchanged = max(0, s.scanned - s.new - s.changed - s.resumed - s.requeued)
     log.info("%d images scanned: %d new, %d changed, %d to embed", s.scanned, s.new, s.changed, len(pending))
@@ -151,6 +154,7 @@ def _scan_and_embed(store, encoder, labeled, unlabeled, cfg: BuildCfg, progress_
     s.embed_seconds = time.monotonic() - t1
     if s.content.moved and s.gone:  # those found at a new path were moved, not deleted
         s.gone = store.still_gone(counts["gone_ids"])
+        s.gone_elsewhere = min(s.gone_elsewhere, s.gone)
     failed.update(reason_kind(r) for r in counts["failed_at_scan"])  # missing, unreadable
     if lost.lost:
         failed[reason_kind(VECTOR_LOST)] += lost.lost

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -163,6 +164,10 @@ def select(root: Path, cfg: SelectCfg, progress_factory: Callable[..., Callable[
                 "labeled_neighbors": int(nearest.count[p]) if nearest.count is not None else None,
                 "distance_at_pick": float(sel.dist_at_pick[rank - 1]) if sel.dist_at_pick is not None else None,
             })
+        missing = [r["path"] for r in rows if r["path"] is not None and not os.path.isfile(r["path"])]
+        if missing:
+            warnings.append(f"{len(missing)} of the {len(rows)} picks are not files now (e.g. {missing[0]}): deleted or "
+                            f"moved since build-index read them; re-run build-index on their folders, then select again")
         redundant = float(np.mean(nearest.count > 0)) if nearest.count is not None else 0.0
         summary = {
             "strategy": name,

@@ -30,7 +30,7 @@ def record(path: str, split: str) -> ImageRecord:
         return ImageRecord(path, split, -1, 0.0, "unreadable: the path holds a NUL byte")
     if not os.path.isfile(path):
         return ImageRecord(path, split, -1, 0.0, "not a file")
-    return ImageRecord(path, split, st.st_size, st.st_mtime)
+    return ImageRecord(path, split, st.st_size, st.st_mtime, file=f"{st.st_dev}:{st.st_ino}" if st.st_ino else None)
 
 
 def _walk(root: Path, unlisted: list[str] | None = None, seen: set[tuple[int, int]] | None = None) -> Iterator[str]:

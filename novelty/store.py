@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _content
-from ._files import atomic_write_text, temp_beside
+from ._files import atomic_file, atomic_write_text, temp_beside
 from ._sql import in_chunks
 from ._content import GONE, ContentChanges
 from .errors import (IndexBusyError, IndexDamagedError, IndexMismatchError, IndexMissingError, IndexReadOnlyError,
@@ -128,6 +128,7 @@ class ImageRecord:
     size: int  # -1 when the file cannot be stat'ed
     mtime: float
     reason: str | None = None  # set when the file is already known to be unreadable
+    file: str | None = None  # "device:inode", to know one file reached through two paths (a link)
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,46 @@ def record_gone(db, ids: Iterable[int]) -> None:
     the same bytes turn up at another path, what was done to them moves there (_content)."""
     db.executemany("UPDATE images SET status = 'failed', reason = ?, size = -1, mtime = NULL, shard = NULL, "
                    "row = NULL WHERE id = ?", ((GONE, int(i)) for i in ids))
+
+
+def _one_path_a_file(db) -> dict[str, str]:
+    """One file reached through several paths in a scan (a symlink, a hard link, a folder
+    of links beside the folder they point into) is one image: the labeled path wins, then
+    one the catalog already holds (so marks stay where they are), then the first
+    scanned. The others are recorded as failed, "linked" to it. -> {other path: its path}."""
+    groups: dict[str, list[tuple]] = {}
+    for file, path, split, known, order in db.execute(
+            "SELECT s.file, s.path, s.split, EXISTS (SELECT 1 FROM images i WHERE i.path = s.path AND i.status != 'failed'), "
+            "s.rowid FROM scan s WHERE s.file IN (SELECT file FROM scan WHERE file IS NOT NULL GROUP BY file "
+            "HAVING COUNT(*) > 1)"):
+        groups.setdefault(file, []).append((split == "labeled", known, -order, path))
+    linked = {}
+    for rows in groups.values():
+        first = max(rows)[3]
+        linked.update((r[3], first) for r in rows if r[3] != first)
+    db.executemany("UPDATE scan SET size = -1, mtime = 0.0, reason = ? WHERE path = ?",
+                   ((_content.LINKED.format(to), path) for path, to in linked.items()))
+    return linked
+
+
+def gone_from(paths: Iterable[str]) -> set[str]:
+    """Those of `paths` (absolute) whose folder now lists without them: deleted. A
+    folder answers only when it can be listed and still holds at least one of them, so a
+    drive not mounted (an empty mount point), a share that is down, or a folder renamed
+    or emptied says nothing: what it held is unknown, not gone. One listing a folder."""
+    by_folder: dict[str, list[str]] = {}
+    for p in paths:
+        by_folder.setdefault(os.path.dirname(p), []).append(p)
+    out: set[str] = set()
+    for folder, ps in by_folder.items():
+        try:
+            names = set(os.listdir(folder))
+        except (OSError, ValueError):
+            continue
+        missing = [p for p in ps if os.path.basename(p) not in names]
+        if len(missing) < len(ps):
+            out.update(missing)
+    return out
 
 
 def text_key(name: str) -> str:
@@ -261,10 +302,16 @@ class Store:
             db.commit()
             db.close()
             os.replace(tmp, self.root / CATALOG)
-        except (OSError, sqlite3.OperationalError) as e:
-            self._release_lock()
+        except BaseException as e:  # refused, or stopped (Ctrl-C, SIGTERM): nothing of this run stays
             tmp.unlink(missing_ok=True)
-            raise IndexReadOnlyError(f"cannot create the index {self.root} ({getattr(e, 'strerror', None) or e})") from None
+            if self._made_lock:
+                (self.root / ".lock").unlink(missing_ok=True)
+            self._release_lock()
+            if isinstance(e, (OSError, sqlite3.OperationalError)):
+                raise IndexReadOnlyError(f"cannot create the index {self.root} ({getattr(e, 'strerror', None) or e})") from None
+            if isinstance(e, KeyboardInterrupt):
+                e.kept = "nothing was written"  # type: ignore[attr-defined]  # the CLI says it (cli.command)
+            raise
 
     def discard(self) -> None:
         """Undo the creation of this index, for a first run that stopped before anything
@@ -398,18 +445,22 @@ class Store:
         unlabeled again. An unlabeled image under one of `folders` (the scanned folders,
         absolute) that the scan no longer found, and for which `keep(path)` holds (this
         part's paths), was deleted: it is recorded as failed ("gone") and leaves the
-        pool; a labeled one stays, as a center. Returns counts.
+        pool; a labeled one stays, as a center. So does one the scan did not reach (its
+        folder or list not given this time) whose folder now lists without it
+        (gone_from). Returns counts.
         """
         now = time.time()
         with self.transaction() as db:
-            db.execute("CREATE TEMP TABLE IF NOT EXISTS scan(path TEXT PRIMARY KEY, split TEXT, size INT, mtime REAL, reason TEXT)")
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS scan(path TEXT PRIMARY KEY, split TEXT, size INT, mtime REAL, "
+                       "reason TEXT, file TEXT)")
             db.execute("DELETE FROM scan")
             # labeled wins when a path is given under both splits
             db.executemany(
-                "INSERT INTO scan VALUES (?,?,?,?,?) ON CONFLICT(path) DO UPDATE SET split='labeled' "
+                "INSERT INTO scan VALUES (?,?,?,?,?,?) ON CONFLICT(path) DO UPDATE SET split='labeled' "
                 "WHERE excluded.split='labeled'",
-                ((r.path, r.split, r.size, r.mtime, r.reason) for r in records),
+                ((r.path, r.split, r.size, r.mtime, r.reason, r.file) for r in records),
             )
+            linked = _one_path_a_file(db)
             counts = {"scanned": db.execute("SELECT COUNT(*) FROM scan").fetchone()[0]}
             counts["failed_at_scan"] = [r for (r,) in db.execute(
                 "SELECT s.reason FROM scan s LEFT JOIN images i ON i.path = s.path WHERE s.reason IS NOT NULL "
@@ -445,8 +496,18 @@ class Store:
                     "SELECT id, path FROM images i WHERE split = 'unlabeled' AND status != 'failed' AND path IS NOT NULL "
                     "AND substr(path, 1, ?) = ? AND NOT EXISTS (SELECT 1 FROM scan s WHERE s.path = i.path)",
                     (len(prefix), prefix)) if keep is None or keep(p)]
-            gone = sorted(set(gone))
+            # elsewhere: an image the scan did not reach (its folder or list not given this time) whose folder
+            # now lists without it was deleted too; gone_from answers only for folders that list and still hold one of them
+            prefixes = [f.rstrip(os.sep) + os.sep for f in folders]
+            outside = [(i, p) for i, p in db.execute(
+                "SELECT id, path FROM images i WHERE split = 'unlabeled' AND status != 'failed' AND path IS NOT NULL "
+                "AND NOT EXISTS (SELECT 1 FROM scan s WHERE s.path = i.path)")
+                if not p.startswith(tuple(prefixes)) and (keep is None or keep(p))]
+            deleted = gone_from([p for _, p in outside])
+            counts["gone_elsewhere"] = sum(p in deleted for _, p in outside)
+            gone = sorted(set(gone) | {i for i, p in outside if p in deleted})
             record_gone(db, gone)
+            counts["linked"], counts["content"] = len(linked), _content.carry_to(db, linked)
             counts["gone"], counts["gone_ids"] = len(gone), gone
             if changed or gone:
                 self._bump_version()
@@ -509,14 +570,9 @@ class Store:
         return name, changes
 
     def write_shard_file(self, name: str, vectors: np.ndarray) -> None:
-        v16 = np.ascontiguousarray(vectors, dtype=np.float16)
-        path = self.root / SHARDS / f"{name}.npy"
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, v16)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        """A shard's file, float16, written whole (a temporary file a kill leaves in shards/ is an orphan)."""
+        with atomic_file(self.root / SHARDS / f"{name}.npy") as f:
+            np.save(f, np.ascontiguousarray(vectors, dtype=np.float16))
 
     def add_imported(self, keys: Sequence[str], blocks: Iterable[np.ndarray], split: str,
                      files: Sequence[tuple[int, float] | None] | None = None, run_params: dict | None = None,
@@ -821,15 +877,17 @@ class Store:
         -> (ids, how many were moved)."""
         ids = np.asarray(ids, dtype=np.int64).copy()
         followed = np.zeros(len(ids), bool)
+        prefixes = (_content.MOVED_PREFIX, _content.LINKED_PREFIX)
         for _ in range(16):  # a chain of renames; a cycle cannot form (a move needs the old file gone)
             where: dict[int, tuple[str, str]] = {}
             for chunk, marks in in_chunks(ids.tolist()):
                 where.update((i, (r, h)) for i, r, h in self.db.execute(
-                    f"SELECT id, reason, hash FROM images WHERE status = 'failed' AND reason LIKE ? AND id IN ({marks})",
-                    (_content.MOVED_PREFIX + "%", *chunk)))
+                    f"SELECT id, reason, hash FROM images WHERE status = 'failed' AND (reason LIKE ? OR reason LIKE ?) "
+                    f"AND id IN ({marks})", (*(p + "%" for p in prefixes), *chunk)))
             to = {}
             for i, (reason, h) in where.items():
-                row = self.db.execute("SELECT id, hash FROM images WHERE path = ?", (reason[len(_content.MOVED_PREFIX):],)).fetchone()
+                path = next(reason[len(p):] for p in prefixes if reason.startswith(p))
+                row = self.db.execute("SELECT id, hash FROM images WHERE path = ?", (path,)).fetchone()
                 if row is not None and row[1] == h and row[0] != i:
                     to[i] = row[0]
             if not to:
@@ -839,7 +897,8 @@ class Store:
                     ids[k], followed[k] = to[i], True
         moved = int(followed.sum())
         if moved and said:
-            log.warning("%d of the %s have moved since (renamed, or their folder moved): taken at their new paths",
+            log.warning("%d of the %s have moved since (renamed, their folder moved, or indexed under another path "
+                        "to the same file): taken at their new paths",
                         moved, said)
         return ids, moved
 
@@ -1006,7 +1065,13 @@ def create_store(root: Path) -> Store:
         made = _make_dirs(root)
     except OSError as e:
         raise IndexReadOnlyError(f"cannot create the index {root} ({e.strerror or e})") from None
-    store = Store(root, writable=True, create=True)  # the lock first, then the catalog
+    try:
+        store = Store(root, writable=True, create=True)  # the lock first, then the catalog
+    except BaseException:  # refused or stopped: the folders made for it go too, if nothing else is in them
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
     store.made_dirs = store.made_dirs or made
     return store
 

@@ -269,6 +269,30 @@ def test_a_first_run_whose_folder_another_removed_makes_it_again(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("made", [True, False])
+def test_a_first_build_stopped_while_it_creates_the_catalog_leaves_nothing(tmp_path, sample_dir, monkeypatch, made):
+    """Ctrl-C while the catalog is made: no temporary catalog and no lock file are left
+    in a folder the user made, a folder the run made is removed, and the stop says that
+    nothing was written (it said 'finished shards are kept')."""
+    import novelty.store as store_mod
+
+    user = tmp_path / "mine"
+    if not made:
+        user.mkdir()
+    idx = user / "idx" if made else user
+    real = store_mod.os.replace
+
+    def stopped(src, dst):
+        if str(dst).endswith("catalog.sqlite"):
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(store_mod.os, "replace", stopped)
+    r = run("build-index", "--unlabeled", sample_dir / "unlabeled", "--model", TINY, "--pretrained", "none", "--index", idx)
+    assert r.exit_code == 130 and "interrupted; nothing was written" in r.output, r.output
+    assert not user.exists() if made else list(user.iterdir()) == []
+
+
 def test_a_refused_import_into_an_index_leaves_no_history_line(tmp_path):
     rng = np.random.default_rng(0)
     np.save(tmp_path / "v.npy", rng.normal(size=(2, 8)).astype(np.float32))
@@ -291,15 +315,16 @@ def test_a_refused_import_into_an_index_leaves_no_history_line(tmp_path):
 
 def test_two_first_imports_at_once_keep_one_and_refuse_the_other(tmp_path):
     """Two imports that start on the same new index at the same moment: one is kept, the
-    other exits 5 in one line. (Before the catalog was created under the lock, the loser
+    other exits 5 in one line (or, when one finished before the other looked, both are
+    kept). (Before the catalog was created under the lock, the loser
     could replace the winner's catalog, exit 3, or delete the winner's index with its
     clean-up of a first import: about 1 trial in 5 kept neither.)"""
     import subprocess
     import sys
 
     rng = np.random.default_rng(0)
-    for name, n, d in (("a", 100_000, 64), ("b", 300, 32)):  # a runs long enough that b always meets it
-        np.save(tmp_path / f"{name}.npy", rng.normal(size=(n, d)).astype(np.float32))
+    for name, n in (("a", 100_000), ("b", 300)):  # a runs long enough that b mostly meets it
+        np.save(tmp_path / f"{name}.npy", rng.normal(size=(n, 64)).astype(np.float32))
         (tmp_path / f"{name}.txt").write_text("".join(f"{name}{i}\n" for i in range(n)))
     for trial in range(6):
         idx = tmp_path / f"idx{trial}"
@@ -309,12 +334,13 @@ def test_two_first_imports_at_once_keep_one_and_refuse_the_other(tmp_path):
                  for name, split in (("a", "unlabeled"), ("b", "labeled"))]
         codes = [p.wait(timeout=120) for p in procs]
         errors = [p.stderr.read().strip() for p in procs]
-        assert sorted(codes) == [0, 5], (trial, codes, errors)
-        loser = errors[codes.index(5)]
-        assert loser.count("\n") == 0 and "is writing" in loser, loser
+        # on a loaded machine b may start, win and finish before a looks: then a goes second, and both are kept
+        assert sorted(codes) in ([0, 5], [0, 0]), (trial, codes, errors)
+        for code, error in zip(codes, errors):
+            assert code == 0 or (error.count("\n") == 0 and "is writing" in error), error
         r = run("info", "--index", idx)
-        want = "unlabeled  100000 embedded" if codes[0] == 0 else "labeled    300 embedded"
-        assert r.exit_code == 0 and want in r.output, (trial, r.output)
+        for code, want in zip(codes, ("unlabeled  100000 embedded", "labeled    300 embedded")):
+            assert r.exit_code == 0 and (want in r.output) == (code == 0), (trial, codes, r.output)
 
 
 def test_uncertainty_on_vectors_without_images_is_refused_up_front(tmp_path):

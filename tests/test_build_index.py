@@ -370,6 +370,42 @@ def test_an_image_deleted_from_a_scanned_folder_leaves_the_pool_and_comes_back(t
     assert r.exit_code == 0 and "embedded  1 " in r.output and catalog(idx)[str(gone)][1] == "embedded", r.output
 
 
+def test_an_image_deleted_from_a_folder_not_given_this_time_leaves_the_pool(tmp_path, sample_dir):
+    """A later run given only a new batch still sees files deleted from the earlier
+    batches (and from lists), by listing their folders; a folder that cannot answer (an
+    unmounted drive, emptied, or renamed) marks nothing gone."""
+    lab, unl = copy_samples(tmp_path, sample_dir, n_lab=2, n_unl=12)
+    batches, files = {}, sorted(unl.glob("*.jpg"))
+    for k, name in enumerate(("b1", "b2", "b3", "listed", "new")):
+        d = batches[name] = tmp_path / name
+        d.mkdir()
+        for f in files[2 * k:2 * k + 2]:
+            shutil.move(f, d / f.name)
+    lst = tmp_path / "list.txt"
+    lst.write_text("".join(f"{f}\n" for f in sorted(batches["listed"].glob("*.jpg"))))
+    idx = tmp_path / "idx"
+    r = build(idx, ("labeled", lab), *[("unlabeled", batches[b]) for b in ("b1", "b2", "b3")], ("unlabeled", lst))
+    assert r.exit_code == 0 and "10 new" in r.output, r.output
+    deleted = [sorted(batches["b1"].glob("*.jpg"))[0], sorted(batches["listed"].glob("*.jpg"))[1]]
+    for f in deleted:
+        f.unlink()
+    for f in batches["b2"].glob("*.jpg"):  # emptied, as an unmounted drive's mount point looks: unknown
+        f.unlink()
+    shutil.move(batches["b3"], tmp_path / "b3-renamed")  # renamed and not given: unknown
+    r = build(idx, ("labeled", lab), ("unlabeled", batches["new"]))
+    assert r.exit_code == 0 and "gone      2 unlabeled image(s)" in r.output, r.output
+    assert "(2 in a folder or list not given this time)" in r.output, r.output
+    cat = catalog(idx)
+    assert {p for p, (_, status, _) in cat.items() if status == "failed"} == {str(f) for f in deleted}
+    assert all(cat[str(f)][2].startswith("not found: deleted") for f in deleted)
+    r = run("select", "--budget", 50, "--strategy", "novelty", "--index", idx, "--out", tmp_path / "sel.csv")
+    picked = {row["path"] for row in csv.DictReader(open(tmp_path / "sel.csv"))}
+    assert r.exit_code == 0 and len(picked) == 8 and not picked & {str(f) for f in deleted}, r.output
+    assert "4 of the 8 picks are not files now" in r.output, r.output  # the emptied and renamed batches: warned
+    r = build(idx, ("labeled", lab), ("unlabeled", batches["new"]))
+    assert r.exit_code == 0 and "gone" not in r.output, r.output  # counted once
+
+
 def test_a_part_never_marks_the_other_parts_images_gone(tmp_path, sample_dir):
     _, unl = copy_samples(tmp_path, sample_dir, n_lab=0, n_unl=12)
     from novelty.sources import in_part

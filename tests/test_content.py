@@ -261,3 +261,60 @@ def test_scores_imported_by_a_path_an_image_moved_from_go_to_it(indexed, tmp_pat
     r = run("import-uncertainty", tmp_path / "old.csv", "--index", idx)
     assert r.exit_code == 0 and "1 of the images scored have moved since" in r.output, r.output
     assert scores(idx) == {str(moved): 0.75}
+
+
+def build_srcs(index, *srcs):
+    args = ["build-index", "--index", index, "--model", TINY, "--pretrained", "none", "--device", "cpu", "--workers", 0]
+    for split, src in srcs:
+        args += [f"--{split}", src]
+    return run(*args)
+
+
+def test_one_file_reached_through_two_paths_is_one_image(tmp_path, sample_dir):
+    """A list of symlinks into a scanned folder, and a hard link: each file is indexed
+    once, under the path met first; the others are recorded as linked to it."""
+    lab, unl = copy_samples(tmp_path, sample_dir, n_lab=2, n_unl=6)
+    files = sorted(unl.iterdir())
+    links = tmp_path / "links"
+    links.mkdir()
+    for f in files[:3]:
+        (links / f.name).symlink_to(f)
+    os.link(files[3], unl / "zz_hard.jpg")
+    (tmp_path / "list.txt").write_text("".join(f"{links / f.name}\n" for f in files[:3]))
+    (lab / "lab_link.jpg").symlink_to(files[4])  # labeled wins, wherever it is met
+    idx = tmp_path / "idx"
+    r = build_srcs(idx, ("labeled", lab), ("unlabeled", unl), ("unlabeled", tmp_path / "list.txt"))
+    assert r.exit_code == 0 and "linked: 5" in r.output and "duplicates" not in r.output, r.output
+    for f in files[:3]:
+        assert row(idx, f)[:2] == ("unlabeled", "embedded")
+        assert row(idx, links / f.name)[1:3] == ("failed", f"linked: the same file is indexed at {f}")
+    assert row(idx, files[3])[1] == "embedded" and row(idx, unl / "zz_hard.jpg")[1] == "failed"
+    assert row(idx, lab / "lab_link.jpg")[:2] == ("labeled", "embedded") and row(idx, files[4])[1] == "failed"
+    assert pool(idx) == {str(files[3]), str(files[5]), *map(str, files[:3])}
+    r = build_srcs(idx, ("labeled", lab), ("unlabeled", unl), ("unlabeled", tmp_path / "list.txt"))
+    assert r.exit_code == 0 and "embedded  0" in r.output and "failed    0" in r.output, r.output
+
+
+def test_a_file_indexed_under_two_paths_keeps_its_marks_at_the_path_kept(tmp_path, sample_dir):
+    """Indexed twice by runs that each met one path (a folder, then a list of links to
+    it): a run that meets both keeps the first one scanned, and the marks of the other
+    go to it, as for a move; a list naming the dropped path is followed to it."""
+    lab, unl = copy_samples(tmp_path, sample_dir, n_lab=2, n_unl=4)
+    f = sorted(unl.iterdir())[0]
+    link = tmp_path / "links" / "a.jpg"
+    link.parent.mkdir()
+    link.symlink_to(f)
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{link}\n")
+    idx = tmp_path / "idx"
+    assert build_srcs(idx, ("labeled", lab), ("unlabeled", unl)).exit_code == 0
+    (tmp_path / "x.txt").write_text(f"{f}\n")
+    assert run("exclude", tmp_path / "x.txt", "--reason", "blank", "--index", idx).exit_code == 0
+    r = build_srcs(idx, ("unlabeled", lst))
+    assert r.exit_code == 0 and "duplicates 2 images" in r.output and str(link) in pool(idx), r.output  # met apart: two
+    r = build_srcs(idx, ("labeled", lab), ("unlabeled", lst), ("unlabeled", unl))  # both met: the list's is first
+    assert r.exit_code == 0 and "linked: 1" in r.output and "1 excluded" in r.output, r.output
+    assert row(idx, f)[1:3] == ("failed", f"linked: the same file is indexed at {link}")
+    assert row(idx, link)[4] == "blank" and str(link) not in pool(idx) and str(f) not in pool(idx)
+    r = run("exclude", tmp_path / "x.txt", "--undo", "--index", idx)  # names the dropped path: followed
+    assert r.exit_code == 0 and str(link) in pool(idx), r.output
