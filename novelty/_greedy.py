@@ -18,17 +18,26 @@ class Dups:
     """Bitwise-identical pool rows have equal d in exact arithmetic, but float32 products
     at different positions of a GEMM can round them apart. When the argmax lands in such
     a group, the pick goes to the group's unpicked row of largest weight, ties to the
-    lower index: the exact-arithmetic answer."""
+    lower index: the exact-arithmetic answer. Unless the top priority is 0 (every row
+    left is covered, or weighs 0): then all rows tie, and the argmax, the lowest row
+    left, is the answer as it stands."""
 
     def __init__(self, x: np.ndarray, w: np.ndarray | None):
         self.groups = duplicate_groups(x)
         self.of = {int(j): rep for rep, mem in self.groups.items() for j in mem}
         self.w = w
 
-    def resolve(self, i: int, picked) -> int:
-        """picked(rows) -> bool mask."""
+    def copies(self, i: int) -> np.ndarray:
+        """The other rows identical to row i: at distance 0 from it once it is picked (in
+        float32 they may come out at 1e-7, which would order them by weight after the
+        rest is covered)."""
         rep = self.of.get(i)
-        if rep is None:
+        return np.empty(0, np.int64) if rep is None else self.groups[rep][self.groups[rep] != i]
+
+    def resolve(self, i: int, picked, prio: float) -> int:
+        """i: the argmax, of priority `prio`; picked(rows) -> bool mask."""
+        rep = self.of.get(i)
+        if rep is None or prio <= 0:
             return i
         free = self.groups[rep][~picked(self.groups[rep])]
         return int(free[0] if self.w is None else free[np.argmax(self.w[free])])
@@ -101,8 +110,9 @@ def lazy_loop(lazy, tr: Trace, t: int, budget: int, give_up: float | None, stats
         if t > t_start and not weighted:  # the covering radius after the last pick: this max
             tr.radius[t - 1] = max(float(lazy.dp[i]), 0.0)
         if dups.groups:
-            row = dups.resolve(int(lazy.perm[i]), lambda rows: lazy.applied[pos[rows]] == DONE)
+            row = dups.resolve(int(lazy.perm[i]), lambda rows: lazy.applied[pos[rows]] == DONE, float(lazy.pp[i]))
             row, prio, dist = lazy.pick(int(pos[row]), d_at=float(lazy.dp[i]))
+            lazy.cover(pos[dups.copies(row)])
         else:
             row, prio, dist = lazy.pick(i)
         tr.put(t, row, prio, dist, float(lazy.dp[lazy.top(False)]) if weighted else np.nan)
@@ -143,7 +153,7 @@ def plain_loop(x, inv, d, w, tr: Trace, t: int, budget: int, max_bytes: int, blo
         prio[tr.picks[:t]] = -np.inf
         i = int(np.argmax(prio))
         d_i = float(d[i])
-        i = dups.resolve(i, picked.__getitem__)
+        i = dups.resolve(i, picked.__getitem__, float(prio[i]))
         prio_i = d_i if w is None else float(w[i] * np.float32(d_i))
         picked[i] = True
         p = X[i].copy() if X is not None else unit_rows(x, inv, np.array([i]))[0]
@@ -156,5 +166,6 @@ def plain_loop(x, inv, d, w, tr: Trace, t: int, budget: int, max_bytes: int, blo
         np.maximum(nd, 0, out=nd)
         np.minimum(d, nd, out=d)
         d[i] = 0.0
+        d[dups.copies(i)] = 0.0
         tr.put(t, i, prio_i, d_i, float(d.max()))
         t += 1

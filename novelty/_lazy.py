@@ -139,6 +139,17 @@ class LazyGreedy:
         self.dmax[c], self.darg[c] = self._seg_max(self.dp, c)
         return row, prio, d
 
+    def cover(self, positions: np.ndarray) -> None:
+        """Rows known to be at distance 0 from the last pick (identical to it): d and
+        priority 0 now, and their clusters' maxima again."""
+        live = positions[self.applied[positions] != DONE]
+        if not len(live):
+            return
+        self.dp[live], self.pp[live] = 0.0, 0.0
+        c = np.unique(np.searchsorted(self.starts, live, side="right") - 1)
+        self.pmax[c], self.parg[c] = self._seg_max(self.pp, c)
+        self.dmax[c], self.darg[c] = self._seg_max(self.dp, c)
+
     def exact_d(self) -> np.ndarray:
         """Bring every row up to date; -> d [n] in pool order (picked rows: 0)."""
         for c0, c1 in cluster_chunks(self.starts, 4096):

@@ -240,7 +240,7 @@ def kcenter_torch(pool: np.ndarray, labeled: np.ndarray, budget: int, weights: n
                 prio[picked] = -float("inf")
                 i = int(torch.argmax(prio))  # first max: the lower index
                 d_i = float(d[i])
-                i = dups.resolve(i, lambda rows: picked[torch.from_numpy(rows).to(dev)].cpu().numpy())
+                i = dups.resolve(i, lambda rows: picked[torch.from_numpy(rows).to(dev)].cpu().numpy(), float(prio[i]))
                 prio_i = d_i if w is None else float(w[i] * np.float32(d_i))
             else:
                 prio_i = d_i = float("inf")
@@ -248,6 +248,7 @@ def kcenter_torch(pool: np.ndarray, labeled: np.ndarray, budget: int, weights: n
             for s in range(0, n, block):
                 torch.minimum(d[s:s + block], torch.clamp(1.0 - rows(s, s + block) @ p, min=0.0), out=d[s:s + block])
             d[i] = 0.0
+            d[torch.from_numpy(dups.copies(i)).to(dev)] = 0.0
             picked[i] = True
             tr.put(t, i, prio_i, d_i, float(d.max()))
             t += 1

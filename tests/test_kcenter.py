@@ -40,7 +40,7 @@ def brute(pool, labeled, budget, w=None, first=None):
         picks.append(p)
         scores.append(s)
         d = np.minimum(d, np.maximum(1 - P @ P[p], 0))
-        d[p] = 0
+        d[(P == P[p]).all(axis=1)] = 0  # the row and its copies: exactly, where the products may leave 1e-16
         radii.append(d.max())
     return np.array(picks), np.array(radii), scores
 
@@ -226,6 +226,25 @@ def test_duplicate_rows_tie_to_the_lower_index():
     w[205] = 2.0  # row 205 copies row 5: with a larger weight it goes before it
     res = kcenter_greedy(pool, lab, 260, w, cfg=KCenterCfg(method="pruned", cluster_size=16))
     assert list(res.picks).index(205) < list(res.picks).index(5)
+
+
+def test_copies_left_when_all_is_covered_go_by_the_lower_index():
+    """Picking the whole pool: once every row left is covered (priority 0), all tie and
+    the lower index goes first, also within a group of identical rows of unequal weight
+    (which went by weight, though w * 0 ties)."""
+    base = clustered(40, 8, 3, 12)
+    pool = np.concatenate([base, base[[2, 2, 5]]])  # rows 40, 41 copy row 2; row 42 copies row 5
+    lab = clustered(10, 8, 3, 13)
+    w = np.random.default_rng(14).uniform(0.1, 1, len(pool)).astype(np.float32)
+    w[41] = 5.0  # the heaviest copy: first of its group while it is uncovered, not once all is
+    for impl in ("pruned", "plain", "torch"):
+        res = (kcenter_torch(pool, lab, len(pool), w) if impl == "torch"
+               else kcenter_greedy(pool, lab, len(pool), w, cfg=KCenterCfg(method=impl, cluster_size=8)))
+        want, radii, scores = brute(pool, lab, len(pool), w)
+        covered = [t for t, s in enumerate(scores) if s.max() == 0]
+        assert covered and want[covered[0]:].tolist() == sorted(want[covered[0]:].tolist())  # the brute force's rule
+        assert res.picks[covered[0] + 1:].tolist() == want[covered[0] + 1:].tolist(), impl
+        compare(res, want, radii, scores)
 
 
 def test_zero_weights():
