@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -141,7 +140,7 @@ def main():
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(f"model {args.model}  device {name}  batch {args.batch_size}  workers {args.workers}  images {args.width}x{args.height} JPEG"
           + ("" if args.mmap_threshold is None else f"  M_MMAP_THRESHOLD {args.mmap_threshold:g} MB"))
-    print(f"| stage | images/s |\n|---|---|")
+    print("| stage | images/s |\n|---|---|")
     print(f"| decode only | {dec:.0f} |\n| encode only | {enc:.1f} |\n| end to end (n={args.n}) | {e2e:.1f} |\n| end to end (n={2 * args.n}) | {e2e2:.1f} |")
     if not args.skip:
         print(f"end to end / min(decode, encode) = {e2e / min(dec, enc):.2f}  (target >= 0.85)")

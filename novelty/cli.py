@@ -605,7 +605,8 @@ def duplicates(
     typer.echo(f"  unlabeled        {100 * s['pool_in_groups']:.1f}% of {s['pool']} unlabeled images are in groups "
                f"(excluded ones included)")
     if s["pool_represented"] is not None:
-        typer.echo(f"  already labeled  {100 * s['pool_represented']:.1f}% of them are a near-copy of a labeled image")
+        typer.echo(f"  already labeled  {100 * s['pool_represented']:.1f}% of the {s['pool']} unlabeled images share a group "
+                   f"with a labeled image")
     if html is not None:
         typer.echo(f"  page             {s['html_groups']} of {s['groups']} group(s) as thumbnails -> {html}")
 

@@ -61,9 +61,17 @@ def write_jsonl(path: Path, rows: Rows) -> None:
                          for r in rows).encode())
 
 
+# Parquet's types, fixed: inferred from the values, a column with none (no uncertainty, no
+# labeled set, random's priority) came out as type null, and files of two rounds would not concatenate
+TYPES = {"rank": "int64", "id": "string", "path": "string", "priority": "float64", "novelty": "float64",
+         "uncertainty": "float64", "nearest_labeled_id": "string", "nearest_labeled_distance": "float64",
+         "labeled_neighbors": "int64", "distance_at_pick": "float64"}
+
+
 def write_parquet(path: Path, rows: Rows) -> None:
     pa, pq = _pyarrow()
-    table = pa.Table.from_pylist([{k: _clean(r.get(k)) for k in COLUMNS} for r in rows])
+    schema = pa.schema([(k, getattr(pa, TYPES[k])()) for k in COLUMNS])
+    table = pa.Table.from_pylist([{k: _clean(r.get(k)) for k in COLUMNS} for r in rows], schema=schema)
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
     _write(path, buf.getvalue().to_pybytes())

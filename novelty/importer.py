@@ -57,17 +57,23 @@ def load_vectors(path: Path) -> np.ndarray:
 
 
 def normalised_blocks(X: np.ndarray, block: int = BLOCK) -> Iterator[np.ndarray]:
-    """Unit-norm float32 blocks; InputError on a row with NaN/inf or zero norm."""
+    """Unit-norm float32 blocks; InputError on a row with NaN/inf or zero norm. Each row
+    is divided by its largest magnitude first, in float64, so the norm of a row of huge
+    (3e38) or tiny (1e-30) values neither overflows to a row of zeros nor underflows to
+    'all zeros'."""
     for s in range(0, len(X), block):
-        B = np.asarray(X[s:s + block], dtype=np.float32)  # [b, d]
+        B = np.asarray(X[s:s + block])
         bad = ~np.isfinite(B).all(axis=1)
         if bad.any():
             rows = np.flatnonzero(bad) + s
             raise InputError(f"{len(rows)}+ row(s) hold NaN or inf, first at row {rows[0]}; nothing was imported")
-        norms = np.linalg.norm(B, axis=1, keepdims=True)
-        if (norms == 0).any():
-            raise InputError(f"row {int(np.flatnonzero(norms[:, 0] == 0)[0]) + s} is all zeros; nothing was imported")
-        yield B / norms
+        B = B.astype(np.float64)  # [b, d]
+        top = np.abs(B).max(axis=1, keepdims=True) if B.shape[1] else np.zeros((len(B), 1))
+        if (top == 0).any():
+            raise InputError(f"row {int(np.flatnonzero(top[:, 0] == 0)[0]) + s} is all zeros; nothing was imported")
+        B /= top
+        B /= np.linalg.norm(B, axis=1, keepdims=True)
+        yield B.astype(np.float32)
 
 
 def kept_blocks(blocks: Iterator[np.ndarray], keep: np.ndarray, block: int = BLOCK) -> Iterator[np.ndarray]:

@@ -333,7 +333,8 @@ def find_duplicates(store: Store, cfg: DuplicatesCfg, progress: Progress | None 
         "largest": int(size.max()) if len(group_roots) else 0,
         "pool": n_pool,
         "pool_in_groups": float((member & pool).sum() / n_pool) if n_pool else 0.0,
-        # unlabeled images with a labeled near-copy: labeling them again adds little
+        # share of the unlabeled images in a group with a labeled image (linked by a chain of near-copies): labeling
+        # them adds little
         "pool_represented": float((member & pool & has_labeled[roots]).sum() / n_pool) if n_pool and split is None else None,
     }
     return DuplicateGroups(ids[pos], number[roots[pos]], summary)

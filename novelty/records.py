@@ -65,7 +65,12 @@ def read_uncertainty_csv(store: Store, path: Path) -> tuple[np.ndarray, np.ndarr
             if reader.fieldnames is None or not {"id", "uncertainty"} <= set(reader.fieldnames):
                 raise InputError(f"{path} must have the columns id,uncertainty (got {reader.fieldnames})")
             for line, rec in enumerate(reader, start=2):
+                if None in rec:  # more fields than the header: an id with a comma, unquoted, or columns shifted
+                    raise InputError(f"{path}:{line}: {len(reader.fieldnames) + len(rec[None])} fields, the header has "
+                                     f"{len(reader.fieldnames)}; quote an id that holds a comma")
                 try:
+                    if "_" in (rec["uncertainty"] or ""):  # Python's float() reads 1_000, which no CSV writer means
+                        raise ValueError
                     v = float(rec["uncertainty"])
                 except (TypeError, ValueError):
                     raise InputError(f"{path}:{line}: uncertainty {rec['uncertainty']!r} is not a number") from None

@@ -5,7 +5,9 @@ from the network and there is no script. Every id and path is HTML-escaped.
 The page shows the index as it was when the selection was made: the pool is the
 unlabeled images (less those `exclude` keeps out of selection) plus the selected ones,
 the labeled set leaves the selected ones out (so a report still makes sense after
-`mark-labeled`).
+`mark-labeled`). The covering-radius curve is the one the run recorded while that pool
+and labeled set count what the run's did; once images were excluded, added or labeled
+since, it is computed on the pool shown, so every plot describes the same pool.
 """
 from __future__ import annotations
 
@@ -138,7 +140,9 @@ def collect(store: Store, rows: list[dict], cfg: ReportCfg) -> ReportData:
         radii = [r for (r,) in store.db.execute("SELECT radius FROM picks WHERE run=? ORDER BY rank", (run,))]
         summary = json.loads(store.db.execute("SELECT summary FROM runs WHERE id=?", (run,)).fetchone()[0] or "{}")
         before = summary.get("covering_radius_before")  # inf (Infinity) when nothing was labeled
-        if radii and all(r is not None for r in radii) and before is not None:
+        # the run's trace is of its pool: not this one once images were excluded, added or labeled since
+        same = summary.get("pool") == len(pool) and summary.get("labeled") == len(labeled)
+        if radii and all(r is not None for r in radii) and before is not None and same:
             radius, source = np.array([before, *radii], dtype=np.float64), f"run #{run}"
     if radius is None:
         radius = covering_curve(store, pool, image)

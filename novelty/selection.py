@@ -119,6 +119,9 @@ def select(root: Path, cfg: SelectCfg, progress_factory: Callable[..., Callable[
         measured = None if u is None else ~np.isnan(u)  # [n] images with a score of their own
         if u is not None:
             u = filled_uncertainty(u, name, warnings)
+        if name == "novelty" and not len(lab_ids):
+            warnings.append("no labeled image: no image has a distance to the labeled set, so novelty ranks nothing "
+                            "and takes the first images by id; kcenter covers the pool instead")
         radius = cfg.radius if cfg.radius is not None else scores.default_radius(labeled)
         t1 = time.monotonic()
         first_bar = progress_factory(len(pool_ids), "nearest-labeled", "img") if progress_factory and len(lab_ids) else None

@@ -849,7 +849,9 @@ class Store:
 
         A key is looked up as an imported id, then as a catalog id, then as a path
         (absolute, or relative to the current directory): as written, then without
-        the spaces around it (a file name may start or end with a space).
+        the spaces around it (a file name may start or end with a space). A catalog id
+        names only an image shown by it (one without an imported id): in an index of
+        imported ids 1000.., "5" is unknown, not the fifth row.
         """
         found, unknown = [], []
         for given in keys:
@@ -857,7 +859,7 @@ class Store:
             for key in dict.fromkeys((given, given.strip())):
                 row = self.db.execute("SELECT id FROM images WHERE ext_id=?", (text_key(key),)).fetchone()
                 if row is None and key.isdigit():
-                    row = self.db.execute("SELECT id FROM images WHERE id=?", (int(key),)).fetchone()
+                    row = self.db.execute("SELECT id FROM images WHERE id=? AND ext_id IS NULL", (int(key),)).fetchone()
                 if row is None and key:
                     row = self.db.execute("SELECT id FROM images WHERE path=?", (text_key(os.path.abspath(key)),)).fetchone()
                 if row is not None:

@@ -32,7 +32,7 @@ class SelectionInput:
 @dataclass
 class Selection:
     picks: np.ndarray  # [B] int64 indices into the pool, in pick order
-    priority: np.ndarray  # [B] float32: what the strategy maximised at each pick
+    priority: np.ndarray  # [B] what the strategy maximised at each pick (float64 for scores as given)
     radius_trace: np.ndarray | None = None  # [B] covering radius after each pick (k-center)
     dist_at_pick: np.ndarray | None = None  # [B] distance to the nearest labeled-or-picked at pick time
 
@@ -83,7 +83,7 @@ def novelty(x: SelectionInput) -> Selection:
 def uncertainty(x: SelectionInput) -> Selection:
     u = _need_uncertainty(x, "uncertainty")
     picks = top(u, x.budget)
-    return Selection(picks, u[picks].astype(np.float32))
+    return Selection(picks, u[picks].astype(np.float64))  # the score as given: 0.9, not float32's 0.8999999761581421
 
 
 def random(x: SelectionInput) -> Selection:

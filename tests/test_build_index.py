@@ -569,3 +569,28 @@ def test_skip_existing_says_when_skipped_rows_differ_from_the_index(tmp_path):
     unit = W[3:] / np.linalg.norm(W[3:], axis=1, keepdims=True)
     brute = sum(not np.allclose(x.astype(np.float32), w, atol=2e-3) for x, w in zip(X, unit))
     assert brute == 4 and set(counts.values()) == {(brute, 0)}, counts
+
+
+def test_imported_rows_of_huge_or_tiny_values_are_normalised_not_zeroed(tmp_path):
+    """A float32 row of 3e38 overflowed its norm to inf and went in as a row of zeros (at
+    distance 1 from everything, so picked first); a row of 1e-30 was refused as 'all
+    zeros'. Both are directions like any other."""
+    from novelty.importer import normalised_blocks
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(5, 16)).astype(np.float32)
+    X[1] *= np.float32(1e37)
+    X[2] *= np.float32(1e-31)
+    X[3] = np.float32(3e38)
+    with np.errstate(all="raise"):  # no overflow warning leaks to the user either
+        (B,) = normalised_blocks(X)
+    X64 = X.astype(np.float64)  # in float64 these norms neither overflow nor underflow
+    np.testing.assert_allclose(B, X64 / np.linalg.norm(X64, axis=1, keepdims=True), rtol=1e-6, atol=1e-7)
+    np.save(tmp_path / "v.npy", X)
+    (tmp_path / "ids.txt").write_text("".join(f"x{i}\n" for i in range(5)))
+    r = run("import-embeddings", tmp_path / "v.npy", "--ids", tmp_path / "ids.txt", "--split", "unlabeled",
+            "--index", tmp_path / "idx")
+    assert r.exit_code == 0 and "Warning" not in r.output, r.output
+    with open_store(tmp_path / "idx") as st:
+        _, V = st.vectors()
+        np.testing.assert_allclose(V.astype(np.float32), B, atol=1e-3)

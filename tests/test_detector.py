@@ -48,8 +48,7 @@ def test_uncertainty_then_hybrid_select(index, tmp_path):
     r = run("select", "--budget", 10, "--index", index, "--out", out)
     assert r.exit_code == 0 and "with hybrid" in r.output, r.output
     rows = list(csv.DictReader(open(out)))
-    with open_store(index) as st:
-        by_id = {str(i): v for i, v in first.items()}
+    by_id = {str(i): v for i, v in first.items()}
     assert all(float(x["uncertainty"]) == pytest.approx(by_id[x["id"]]) for x in rows)
 
 
@@ -139,6 +138,45 @@ def test_segmentation_kind(index):
     assert r.exit_code == 0, r.output
     assert len(scores(index)) == 73
     assert "mean of the top 5% of pixels" in r.output and "aggregation" not in r.output
+
+
+def test_a_nan_or_inf_score_is_a_failure_with_its_reason(index, tmp_path):
+    """A model whose outputs are NaN or inf for some images: those images are failed,
+    "non-finite score", not stored as scores of nothing (SQLite keeps NaN as NULL), which
+    were counted as scored, never retried, and filled with the mean by select."""
+    f = tmp_path / "nanseg.py"
+    f.write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class Seg(nn.Module):
+            def __init__(self, bad):
+                super().__init__()
+                self.c1, self.d, self.c2, self.bad = nn.Conv2d(3, 4, 3, padding=1), nn.Dropout(0.5), nn.Conv2d(4, 3, 1), bad
+            def forward(self, x):
+                y = self.c2(self.d(self.c1(x)))
+                some = x.mean(dim=(1, 2, 3)) > 0.45
+                return torch.where(some[:, None, None, None], torch.full_like(y, self.bad), y)
+
+        def nan():
+            torch.manual_seed(0)
+            return Seg(float("nan"))
+
+        def inf():
+            torch.manual_seed(0)
+            return Seg(float("inf"))
+    """))
+    for kind in ("nan", "inf"):
+        r = run("uncertainty", "--detector", f"{f}:{kind}", "--kind", "segmentation", "--passes", 3, "--image-size", 32,
+                "--index", index, "--workers", 0)
+        got = scores(index)
+        bad = [i for i, v in got.items() if v is None]
+        assert r.exit_code == 0 and 0 < len(bad) < len(got) == 73, (kind, r.output)
+        assert f"{len(bad)} failed" in r.output and f"failed: non-finite score: {len(bad)}" in r.output, r.output
+        with open_store(index) as st:
+            reasons = {x for (x,) in st.db.execute("SELECT reason FROM uncertainty WHERE value IS NULL AND run = "
+                                                   "(SELECT MAX(id) FROM runs WHERE kind='uncertainty')")}
+        assert reasons == {"non-finite score: the model's outputs gave NaN or inf for this image"}
 
 
 def test_run_that_scores_nothing_fails_and_select_ignores_it(index, sample_dir, tmp_path):

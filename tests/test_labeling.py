@@ -97,7 +97,9 @@ def test_undo_moves_back_only_what_mark_labeled_moved(index, tmp_path):
     rid, picked, _ = record_selection(index, 10, first)
     before = run("select", "--budget", 10, "--index", index, "--out", tmp_path / "a.csv")
     assert run("mark-labeled", "--selection", first, "--index", index).exit_code == 0
-    (tmp_path / "list.txt").write_text("\n".join(["l000", "l001", *[str(i) for i in picked[:4]]]) + "\n")  # 2 from the sources
+    with open_store(index) as st:  # the ids users see: imported ids (a catalog id names only an image without one)
+        shown = [st.describe([i])[int(i)][0] for i in picked[:4]]
+    (tmp_path / "list.txt").write_text("\n".join(["l000", "l001", *shown]) + "\n")  # 2 from the sources
     r = run("mark-labeled", "--undo", tmp_path / "list.txt", "--index", index)
     assert r.exit_code == 0 and "moved 4 image(s) back to unlabeled; 0 already were" in r.output, r.output
     assert "warning: 2 image(s) are labeled because a --labeled source lists them and stay labeled" in r.output

@@ -36,6 +36,21 @@ def test_non_finite_values_are_missing_in_every_format(tmp_path):
     assert all(got[0][k] is None for k in NON_FINITE) and got[1]["priority"] == 0.5
 
 
+def test_parquet_columns_keep_their_types_when_every_value_is_missing(tmp_path):
+    """A round without scores or a labeled set writes all-missing columns; they were
+    typed null, so two rounds' files had different schemas and would not concatenate."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    empty = {**ROW, "priority": None, "uncertainty": None, "distance_at_pick": None, "labeled_neighbors": None}
+    export.write_parquet(tmp_path / "a.parquet", [empty])
+    export.write_parquet(tmp_path / "b.parquet", [{**ROW, "rank": 2, "novelty": 0.3, "uncertainty": 0.7,
+                                                   "nearest_labeled_id": "L1", "nearest_labeled_distance": 0.3}])
+    a, b = pq.read_table(tmp_path / "a.parquet"), pq.read_table(tmp_path / "b.parquet")
+    assert a.schema == b.schema and pa.types.is_float64(a.schema.field("uncertainty").type)
+    both = pa.concat_tables([a, b]).to_pylist()
+    assert [r["uncertainty"] for r in both] == [None, 0.7] and both[1]["nearest_labeled_id"] == "L1"
+
+
 SURE = """
 import torch
 from torch import nn

@@ -135,6 +135,19 @@ def test_excluded_images_leave_the_report_pool_but_picks_stay(vec_index, tmp_pat
         after = collect(st, rows, ReportCfg(k=1, sample=10 ** 6))
     assert after.counts["pool"] == before.counts["pool"] - 7 and after.counts["picks"] == 5
     assert len(after.pool_novelty) == len(before.pool_novelty) - 7
+    # the run's recorded curve is of its own pool: this one is computed, and matches numpy on the pool shown
+    assert before.radius_source == f"run #{rid}" and after.radius_source == "computed"
+    with open_store(vec_index) as st:
+        pool = np.union1d(st.pool_ids()[0], picked)
+        X = unit(st.vectors(ids=pool)[1])
+        lid, L = st.vectors("labeled")
+    L = unit(L[~np.isin(lid, picked)])
+    cover = (1 - X @ L.T).min(axis=1)
+    curve = [cover.max()]
+    for i in picked:
+        cover = np.minimum(cover, 1 - X @ X[np.searchsorted(pool, i)])
+        curve.append(max(cover.max(), 0.0))
+    np.testing.assert_allclose(after.radius, curve, atol=1e-5)
 
 
 def test_the_embedding_map_is_numpys_pca_of_the_same_rows(vec_index, tmp_path):

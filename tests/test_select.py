@@ -214,6 +214,8 @@ def test_no_labeled_images_first_pick_is_deterministic(tmp_path):
         ("id,uncertainty\np001,-1\n", "finite and >= 0"),
         ("id,uncertainty\np001,nan\n", "finite and >= 0"),
         ("id,uncertainty\np001,abc\n", "is not a number"),
+        ("id,uncertainty\np001,1_000\n", "is not a number"),  # float() reads it; no CSV writer means it
+        ("id,uncertainty\np001,0.3,7\n", "3 fields, the header has 2"),
         ("name,score\np001,1\n", "must have the columns id,uncertainty"),
         ("id,uncertainty\np001,1\np001,2\n", "twice"),
     ],
@@ -254,6 +256,7 @@ def test_no_labeled_images_write_valid_json_and_say_so(no_labeled_index, tmp_pat
     assert rows[0]["priority"] is None and tasks[0]["meta"]["priority"] is None and tasks[0]["data"]["novelty_priority"] is None
     if strategy == "kcenter":
         assert rows[0]["distance_at_pick"] is None and rows[1]["distance_at_pick"] > 0  # later picks have a finite distance
+    assert ("novelty ranks nothing and takes the first images by id" in r.output) == (strategy == "novelty"), r.output
     assert "no labeled image yet" in r.output and "inf" not in r.output
     assert run("select", "--budget", 4, "--strategy", strategy, "--index", no_labeled_index, "--out", tmp_path / "s.csv").exit_code == 0
     assert read(tmp_path / "s.csv")[0]["priority"] == ""  # empty, as `export` of the run writes it

@@ -108,7 +108,13 @@ def test_imported_is_all_or_nothing(tmp_path):
         assert list((tmp_path / "idx" / "shards").iterdir()) == []
         st.add_imported(["a", "b"], iter([unit(2, 8)]), "labeled")
         ids, unknown = st.resolve(["a", "zz", "2"])
-        assert unknown == ["zz"] and len(ids) == 2
+        assert unknown == ["zz", "2"] and len(ids) == 1  # "2": b's catalog id, which nobody is shown for an imported row
+        st.add_imported(["1000", "1001", "1002"], iter([unit(3, 8)]), "unlabeled")
+        ids, unknown = st.resolve(["1001", "5", "4"])
+        assert unknown == ["5", "4"] and st.describe(ids)[int(ids[0])][0] == "1001"
+        st.sync_sources(records(tmp_path, 1))  # a file's image is shown, and named, by its catalog id
+        (file_id,) = st.pending_ids().tolist()
+        assert st.resolve([str(file_id)])[0].tolist() == [file_id]
 
 
 def test_catalog_survives_a_reader_while_writing(tmp_path):

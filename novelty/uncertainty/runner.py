@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -187,6 +188,17 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
+NON_FINITE = "non-finite score: the model's outputs gave NaN or inf for this image"
+
+
+def _finite(r: ImageResult) -> ImageResult:
+    """A NaN or inf score is a failure with its reason, not a score: stored, it would read
+    as a score of nothing (SQLite keeps NaN as NULL), counted as scored and never retried."""
+    if r.score is not None and not math.isfinite(r.score):
+        return ImageResult(r.key, None, NON_FINITE, r.details)
+    return r
+
+
 def prepare_model(model: nn.Module, cfg: UncertaintyCfg) -> nn.Module:
     """Inject dropout when asked and move the model to the device (in place)."""
     if cfg.inject_dropout > 0:
@@ -225,6 +237,6 @@ def score_batches(model: nn.Module, batches: Iterable[tuple[Sequence[Hashable], 
                             raise
                         except Exception as e1:
                             results.append(ImageResult(key, None, _reason(e1)))
-            yield from results
+            yield from map(_finite, results)
             if progress is not None:
                 progress(n)
