@@ -79,6 +79,26 @@ def not_embedded(store, warnings: list[str]) -> None:
         warnings.append("; ".join(parts) + "; re-run build-index to embed them")
 
 
+def blind_to_novelty(store, pool_ids: np.ndarray, dist: np.ndarray, u: np.ndarray, beta: float, picks: np.ndarray,
+                     warnings: list[str]) -> None:
+    """Warn when hybrid passed over many of the images farthest from the labeled set
+    because they have the pool's lowest score: u is min-max scaled, so those weigh 0 and
+    are never picked while anything else is uncovered. A detector blind in a new domain
+    gives all its images that score (no box in any pass scores 0), which is just where
+    coverage matters; kcenter picks by distance alone."""
+    b = len(picks)
+    if beta == 0 or b == 0 or not np.isfinite(dist).all() or u.max() == u.min():
+        return
+    far = np.argpartition(-dist, b - 1)[:b] if b < len(dist) else np.arange(len(dist))  # the b most novel
+    blind = far[(u[far] == u.min()) & ~np.isin(far, picks)]
+    if len(blind) >= max(2, b // 20):
+        example = store.describe([int(pool_ids[blind[0]])])[int(pool_ids[blind[0]])]
+        warnings.append(f"{len(blind)} of the {b} unlabeled images farthest from the labeled set have the pool's lowest "
+                        f"uncertainty ({u.min():.4g}), so hybrid weighs them 0 and did not pick them (e.g. "
+                        f"{example[1] or example[0]}); a detector blind to a new domain scores its images that low "
+                        f"(no box in any pass is 0): compare with --strategy kcenter, which picks by distance alone")
+
+
 def select(root: Path, cfg: SelectCfg, progress_factory: Callable[..., Callable[[int], object]] | None = None) -> SelectResult:
     """Pick cfg.budget images and record the run. progress_factory(total, desc, unit), when
     given, returns a function told the work just done: pool rows ("nearest-labeled", "img")
@@ -141,6 +161,8 @@ def select(root: Path, cfg: SelectCfg, progress_factory: Callable[..., Callable[
         x = strategies.SelectionInput(pool, labeled, budget, nearest, u, cfg.beta, cfg.seed, KCenterCfg(device=cfg.device),
                                       progress=tick if progress_factory else None)
         sel = strategies.get_strategy(name)(x)
+        if name == "hybrid":
+            blind_to_novelty(store, pool_ids, nearest.dist, u, cfg.beta, sel.picks, warnings)
         if progress_factory and bar["done"] < len(sel.picks):
             tick(len(sel.picks) - bar["done"])  # strategies that pick all at once
         t3 = time.monotonic()

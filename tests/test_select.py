@@ -374,3 +374,32 @@ def test_select_export_and_neighbors_give_one_distance(index, tmp_path):
         r = run("neighbors", a["id"], "--split", "labeled", "--k", 1, "--index", idx, "--json")
         hit = json.loads(r.output)["neighbors"][0]
         assert hit["id"] == a["nearest_labeled_id"] and hit["distance"] == pytest.approx(float(a["novelty"]), abs=1e-6)
+
+
+def test_hybrid_says_when_it_passed_over_the_most_novel_images_for_their_zero_score(index, tmp_path):
+    """The images farthest from the labeled set, scored the pool's lowest (a detector
+    blind to their domain: no box in any pass scores 0), weigh 0 under hybrid and are not
+    picked: select says so and points at kcenter, which picks them."""
+    idx, P, L = index
+    d = (1 - unit32(P) @ unit32(L).T).min(axis=1)
+    far = np.argsort(-d)[:40]
+    u = np.random.default_rng(0).uniform(0.2, 1.0, len(P))
+    u[far] = 0.0
+    with open(tmp_path / "u.csv", "w") as f:
+        f.write("id,uncertainty\n" + "".join(f"p{i:03d},{v}\n" for i, v in enumerate(u)))
+    assert run("import-uncertainty", tmp_path / "u.csv", "--index", idx).exit_code == 0
+    r = run("select", "--budget", 20, "--index", idx, "--out", tmp_path / "h.csv")
+    picked = {int(row["id"][1:]) for row in csv.DictReader(open(tmp_path / "h.csv"))}
+    top20 = set(np.argsort(-d)[:20].tolist())
+    assert r.exit_code == 0 and "with hybrid" in r.output and not picked & top20, r.output
+    assert "20 of the 20 unlabeled images farthest from the labeled set have the pool's lowest uncertainty (0)" in r.output
+    r = run("select", "--budget", 20, "--strategy", "kcenter", "--index", idx, "--out", tmp_path / "k.csv")
+    assert r.exit_code == 0 and "farthest from the labeled set" not in r.output, r.output
+    assert {int(row["id"][1:]) for row in csv.DictReader(open(tmp_path / "k.csv"))} & top20
+    u[far] = 0.1  # scored low, not lowest: weighed, and no warning (one image, p000, holds the pool's minimum)
+    u[0] = 0.0
+    with open(tmp_path / "u.csv", "w") as f:
+        f.write("id,uncertainty\n" + "".join(f"p{i:03d},{v}\n" for i, v in enumerate(u)))
+    assert run("import-uncertainty", tmp_path / "u.csv", "--index", idx).exit_code == 0
+    r = run("select", "--budget", 20, "--index", idx, "--out", tmp_path / "h2.csv")
+    assert r.exit_code == 0 and "farthest from the labeled set" not in r.output, r.output
