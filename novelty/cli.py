@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 import re
 import signal
 import sqlite3
@@ -154,11 +155,14 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)  # a scheduler's stop: cleaned up and said, like Ctrl-C
     # force: bind the handler to this invocation's stderr, not to the first one seen
-    logging.basicConfig(format="novelty: %(message)s", level=logging.WARNING, stream=sys.stderr, force=True)
+    logging.basicConfig(format="novelty: %(message)s", level=logging.WARNING, handlers=[_BarSafe(sys.stderr)], force=True)
     logging.getLogger("novelty").setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:
         for h in logging.getLogger().handlers:
             h.addFilter(_only_novelty)
+        # huggingface_hub logs through a handler of its own (a line for each retry of a fetch): errors only, read when
+        # it is imported, so set before open_clip loads it
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
 
 
 _running = False  # a command is at work: SIGTERM stops it; once it returned, its work is done
@@ -177,6 +181,21 @@ def _terminated(signum, frame) -> None:
     # the command has finished and written what it had to: a TERM while the interpreter shuts down is let
     # go (the next one acts as usual), rather than raised inside an atexit hook or turned into exit 143
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class _BarSafe(logging.StreamHandler):
+    """Log lines through tqdm.write once tqdm is loaded (a bar may be open): the bar is
+    cleared, the line printed on its own, the bar drawn again below it. Written straight
+    to the stream, a warning landed at the end of the bar's line and was easy to miss."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tq = sys.modules.get("tqdm")
+        if tq is None:
+            return super().emit(record)
+        try:
+            tq.tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
 
 
 def _only_novelty(record: logging.LogRecord) -> bool:
@@ -219,15 +238,15 @@ def fmt_bytes(n: float) -> str:
 # ---------------------------------------------------------------------------- index
 @command
 def build_index(
-    labeled: Annotated[Optional[list[Path]], typer.Option("--labeled", help="Labeled images: a directory or a list file. Repeatable.")] = None,
-    unlabeled: Annotated[Optional[list[Path]], typer.Option("--unlabeled", help="Unlabeled images: a directory or a list file. Repeatable.")] = None,
+    labeled: Annotated[Optional[list[Path]], typer.Option("--labeled", metavar="SRC", help="Labeled images: a directory or a list file. Repeatable.")] = None,
+    unlabeled: Annotated[Optional[list[Path]], typer.Option("--unlabeled", metavar="SRC", help="Unlabeled images: a directory or a list file. Repeatable.")] = None,
     index: IndexOpt = DEFAULT_INDEX,
     model: Annotated[str, typer.Option(help="open_clip model name, or a model config .json.")] = DEFAULT_MODEL,
     pretrained: Annotated[str, typer.Option(help="'auto' (a LAION tag), an open_clip tag, a local weights file, or 'none' (random).")] = "auto",
     device: Annotated[Device, typer.Option(help="Where the encoder runs; cuda uses half precision.")] = Device.auto,
     batch_size: Annotated[int, typer.Option(min=1, max=1 << 20)] = 32,
     workers: Annotated[int, typer.Option(help="Decode worker processes; -1 chooses from the device.", min=-1)] = -1,
-    shard_size: Annotated[int, typer.Option(help="Images per shard (the unit of work and of loss on a crash).", min=1)] = 4096,
+    shard_size: Annotated[int, typer.Option(help="Images per shard (the unit of work and of loss on a crash); a shard closes at the end of the batch that reaches it, so it holds whole batches.", min=1)] = 4096,
     retry_failed: Annotated[bool, typer.Option(help="Try images that failed before again.")] = False,
     part: Annotated[Optional[str], typer.Option(metavar="K/N", help="Only part K of N of the images (split by a hash of the path), into this machine's own --index; `novelty merge` joins the parts.")] = None,
 ):
@@ -251,13 +270,19 @@ def build_index(
     finally:
         bar.close()
     typer.echo(f"index {index}{f' (part {part})' if part else ''}: {s.scanned} images scanned, {s.new} new, {s.changed} changed, {s.unchanged} unchanged"
+               + (f", {s.retried} failed before and tried again (--retry-failed)" if s.retried else "")
+               + (f", {s.requeued} from missing or damaged shards" if s.requeued else "")
                + (f", {s.resumed} resumed from an interrupted run" if s.resumed else ""))
-    typer.echo(f"  embedded  {s.embedded} in {s.embed_seconds:.1f}s ({s.rate:.1f} img/s), {s.shards} shard(s); run took {s.seconds:.1f}s")
+    rate = f" ({s.rate:.1f} img/s)" if s.embedded else ""
+    typer.echo(f"  embedded  {s.embedded} in {s.embed_seconds:.1f}s{rate}, {s.shards} shard(s); run took {s.seconds:.1f}s")
     typer.echo(f"  skipped   {s.unchanged} unchanged" + (f", {s.moved} moved to another split" if s.moved else "")
                + (f", {s.kept_labeled} kept labeled (mark-labeled)" if s.kept_labeled else ""))
     if s.gone:
         typer.echo(f"  gone      {s.gone} unlabeled image(s) deleted from their folder since indexed: out of the pool"
                    + (f" ({s.gone_elsewhere} in a folder or list not given this time)" if s.gone_elsewhere else ""))
+    if s.labeled_missing:
+        typer.echo(f"  missing   {s.labeled_missing} labeled image(s) are not in their folder any more: still centers, "
+                   f"from their vectors")
     if s.lost_shards:
         typer.echo(f"  requeued  {s.requeued} image(s) of {len(s.lost_shards)} missing or damaged shard(s): embedded again")
     reasons = ", ".join(f"{k}: {v}" for k, v in s.failed_by_reason.items())
@@ -335,7 +360,7 @@ def merge(
 
 @command
 def import_embeddings(
-    vectors_file: Annotated[Path, typer.Argument(metavar="VECTORS.npy", exists=True, dir_okay=False, help="float array [n, d].")],
+    vectors_file: Annotated[Path, typer.Argument(metavar="VECTORS.npy", exists=True, dir_okay=False, help="A float array of n rows of d values.")],
     ids: Annotated[Path, typer.Option("--ids", exists=True, dir_okay=False, help="One id per line, in row order.")],
     split: Annotated[Split, typer.Option(help="Which split the vectors belong to.")],
     paths: Annotated[bool, typer.Option("--paths", help="The ids are image paths (relative ones read against the list's folder, as build-index reads a list): stored as paths, so uncertainty, report and mark-labeled by path open the images.")] = False,
@@ -380,6 +405,9 @@ def sample(
         raise ConfigError(f"cannot write into {out}: {e.strerror or e}") from None
     extra = f"{c['copies']} exact copy of a labeled image" + (f" and {c['broken']} broken files" if c.get("broken") else "")
     typer.echo(f"wrote {c['labeled']} labeled and {c['unlabeled']} unlabeled images to {out}, plus, in unlabeled/, {extra}")
+    if c["replaced"]:
+        err(f"note: {c['replaced']} files of an earlier sample in {out} were removed first; an index built on them "
+            f"finds them gone (or changed) at its next build-index")
 
 
 # --------------------------------------------------------------------------- select
@@ -437,7 +465,10 @@ def select(
                f"-> {out}, {ls}")
     before = f"{s['covering_radius_before']:.4f} before" if s["labeled"] else "no labeled image yet"
     typer.echo(f"  covering radius  {before}, {s['covering_radius_after']:.4f} after (cosine distance)")
-    typer.echo(f"  redundant        {100 * s['redundant_share']:.1f}% of the pool has a labeled image within r = {s['radius']:.4f}")
+    if s["labeled"] < 2 and radius is None:  # no labeled pair to measure the default radius on
+        typer.echo("  redundant        - (the default radius needs 2 labeled images; give --radius)")
+    else:
+        typer.echo(f"  redundant        {100 * s['redundant_share']:.1f}% of the pool has a labeled image within r = {s['radius']:.4f}")
     t = s["seconds"]
     typer.echo(f"  time             {t['total']:.1f}s (load {t['load']:.1f}s, nearest-labeled {t['first_pass']:.1f}s, selection {t['select']:.1f}s)")
 
@@ -491,6 +522,9 @@ def uncertainty(
                   f"in all)" if s.resumed else ""))
     if s.failed_by_reason:
         typer.echo("  failed: " + ", ".join(f"{k}: {v}" for k, v in s.failed_by_reason.items()))
+        for what, reason in s.failed_example.items():
+            if reason != what and what not in ("too large", "not found"):  # the kind says it all for those
+                typer.echo(f"    e.g. {reason[:300]}")
     if s.failed_by_reason.get("too large"):
         typer.echo(f"  too large: over --max-pixels {max_pixels} (or PIL's bomb limit), not scored; "
                    "use --image-size S or raise --max-pixels")
@@ -540,6 +574,7 @@ def neighbors(
     k: Annotated[int, typer.Option("--k", help="How many neighbours.")] = 10,
     split: Annotated[Scope, typer.Option(help="Where to look.")] = Scope.all,
     model: Annotated[Optional[str], typer.Option(help="The model config .json, when the index was built from one.")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="The index's weights file, moved or copied since build-index (its SHA-256 must match).")] = None,
     device: Annotated[Device, typer.Option(help="Where a text or new-image query is embedded.")] = Device.auto,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     html: Annotated[Optional[Path], typer.Option(help="Also write an HTML page of the query and its neighbours as thumbnails.", dir_okay=False)] = None,
@@ -555,7 +590,8 @@ def neighbors(
         from .export import check_page_out
 
         check_page_out(html)
-    r = find_neighbors(index, NeighborsCfg(query=query, text=text, k=k, split=split.value, model=model, device=device.value))
+    r = find_neighbors(index, NeighborsCfg(query=query, text=text, k=k, split=split.value, model=model, device=device.value,
+                                          pretrained=pretrained))
     if html is not None:
         from .gallery import write_neighbors
 
@@ -653,6 +689,10 @@ def mark_labeled(
         return
     by = f" from select run #{r.labeled_by}" if r.labeled_by else ""
     typer.echo(f"marked {r.moved} image(s) labeled{by}; {r.already} already were (run #{r.run})")
+    if r.no_vector:
+        err(f"warning: {r.no_vector} of them {'has' if r.no_vector == 1 else 'have'} no vector now (e.g. "
+            f"{r.no_vector_example}): marked, but not a center of select until build-index embeds "
+            f"{'it' if r.no_vector == 1 else 'them'} again")
 
 
 @command
@@ -720,8 +760,8 @@ def info(index: IndexOpt = DEFAULT_INDEX):
         for split in ("labeled", "unlabeled"):
             parts = {st: n for (sp, st), n in c["by_split_status"].items() if sp == split}
             typer.echo(f"{split:<10} {parts.get('embedded', 0)} embedded, {parts.get('failed', 0)} failed, {parts.get('pending', 0)} pending")
-        for reason, n in c["failed_by_reason"].items():
-            typer.echo(f"  failed: {reason}: {n}")
+        if c["failed_by_reason"]:  # both splits': printed after the split lines, not as the unlabeled line's
+            typer.echo("failed     " + ", ".join(f"{reason}: {n}" for reason, n in c["failed_by_reason"].items()))
         excluded = excluded_by_reason(store)
         if excluded:
             why = ", ".join(f"{r or 'no reason given'}: {n}" for r, n in excluded.items())

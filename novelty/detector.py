@@ -72,6 +72,7 @@ class UncertaintySummary:
     resumed: int = 0
     skipped_no_image: int = 0
     failed_by_reason: dict = field(default_factory=dict)
+    failed_example: dict = field(default_factory=dict)  # kind -> the first whole reason of that kind
     mean: float = 0.0
     with_score: int = 0  # images of the run (this call and before an interruption) that have a score
     without_score: int = 0  # and those that failed
@@ -214,6 +215,7 @@ def score_index(root: Path, cfg: DetectorCfg, progress_factory: Callable[[int], 
                 for reason in [r.error for r in pending if r.score is None] + [reason for _, reason in decode_failures]:
                     kind = reason_kind(reason)
                     s.failed_by_reason[kind] = s.failed_by_reason.get(kind, 0) + 1
+                    s.failed_example.setdefault(kind, reason)
                 s.scored += sum(r.score is not None for r in pending)
                 s.failed += sum(r.score is None for r in pending) + len(decode_failures)
                 pending.clear(), decode_failures.clear()

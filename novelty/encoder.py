@@ -162,21 +162,33 @@ def hub_unreachable(timeout: float = 3.0) -> bool:
     """True when the Hugging Face hub, where pretrained tags come from, cannot be reached;
     huggingface_hub is then put in offline mode, so weights already in its cache still
     load and others fail at once. Without this, a machine with no network waits about a
-    minute while the hub library retries and logs each try. No probe when a proxy is set
-    (a direct connection says nothing then) or offline mode is already on."""
+    minute while the hub library retries and logs each try. With a proxy set, the proxy
+    is what is probed (a direct connection says nothing then); none when offline mode is
+    already on."""
     try:
         from huggingface_hub import constants
     except ImportError:
         return False
-    if constants.HF_HUB_OFFLINE or any(os.environ.get(k) for k in _PROXIES):
+    if constants.HF_HUB_OFFLINE:
         return False
-    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    proxy = next((os.environ[k] for k in _PROXIES if os.environ.get(k)), None)
+    if proxy is not None:
+        url = urllib.parse.urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        try:
+            host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+        except ValueError:  # a port that is not a number: let the hub library say what is wrong
+            return False
+    else:
+        host, port = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co", 443
+    if not host:
+        return False
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((host, port), timeout=timeout).close()
         return False
     except OSError:
         constants.HF_HUB_OFFLINE = True
-        log.info("cannot reach %s: the Hugging Face hub is used offline (cached weights only)", host)
+        log.info("cannot reach %s%s: the Hugging Face hub is used offline (cached weights only)",
+                 "the proxy " if proxy else "", f"{host}:{port}")
         return True
 
 

@@ -66,7 +66,7 @@ def normalised_blocks(X: np.ndarray, block: int = BLOCK) -> Iterator[np.ndarray]
         bad = ~np.isfinite(B).all(axis=1)
         if bad.any():
             rows = np.flatnonzero(bad) + s
-            raise InputError(f"{len(rows)}+ row(s) hold NaN or inf, first at row {rows[0]}; nothing was imported")
+            raise InputError(f"{len(rows)}{'+' if s + block < len(X) else ''} row(s) hold NaN or inf, first at row {rows[0]}; nothing was imported")
         B = B.astype(np.float64)  # [b, d]
         top = np.abs(B).max(axis=1, keepdims=True) if B.shape[1] else np.zeros((len(B), 1))
         if (top == 0).any():

@@ -33,10 +33,12 @@ class BuildSummary:
     scanned: int = 0
     new: int = 0
     changed: int = 0
+    retried: int = 0  # failed before, unchanged since, tried again (--retry-failed)
     moved: int = 0
     kept_labeled: int = 0  # marked labeled by mark-labeled, scanned under --unlabeled again: they stay labeled
     gone: int = 0  # unlabeled images deleted from their folder: recorded as failed, out of the pool
     gone_elsewhere: int = 0  # of those, images in a folder or list not given this time (Store.sync_sources)
+    labeled_missing: int = 0  # labeled images whose file is not in its scanned folder now: centers still
     lost_shards: list = field(default_factory=list)  # shards found missing or damaged, taken out of the catalog
     requeued: int = 0  # their images, pending again and embedded again by this run (their imported vectors: failed)
     resumed: int = 0
@@ -138,15 +140,17 @@ def _scan_and_embed(store, encoder, labeled, unlabeled, cfg: BuildCfg, progress_
     folders = [os.path.abspath(p) for p in unlabeled if Path(p).is_dir()]  # where a missing image was deleted
     unlisted: list[str] = []  # folders the scan could not list: what they hold is unknown, not gone
     counts = store.sync_sources(sources.scan(labeled, unlabeled, cfg.part, unlisted), retry_failed=cfg.retry_failed,
-                                folders=folders, keep=lambda p: sources.was_listed(p, cfg.part, unlisted))
+                                folders=folders, keep=lambda p: sources.was_listed(p, cfg.part, unlisted),
+                                labeled_folders=[os.path.abspath(p) for p in labeled if Path(p).is_dir()])
     pending = store.pending_ids()
-    s = BuildSummary(scanned=counts["scanned"], new=counts["new"], changed=counts["changed"], moved=counts["moved"],
+    s = BuildSummary(scanned=counts["scanned"], new=counts["new"], changed=counts["changed"], retried=counts["retried"],
+                     moved=counts["moved"],
                      kept_labeled=counts["kept_labeled"], gone=counts["gone"],
-                     gone_elsewhere=counts["gone_elsewhere"], lost_shards=list(lost.names),
+                     gone_elsewhere=counts["gone_elsewhere"], labeled_missing=counts["labeled_missing"], lost_shards=list(lost.names),
                      requeued=lost.requeued)
     s.content.add(counts["content"])  # marks of an image reached through a link, kept at the path indexed
-    s.resumed = max(0, len(pending) - s.new - s.changed - s.requeued)  # left pending by an interrupted run
-    s.unchanged = max(0, s.scanned - s.new - s.changed - s.resumed - s.requeued)
+    s.resumed = max(0, len(pending) - s.new - s.changed - s.retried - s.requeued)  # left pending by an interrupted run
+    s.unchanged = max(0, s.scanned - s.new - s.changed - s.retried - s.resumed - s.requeued)
     log.info("%d images scanned: %d new, %d changed, %d to embed", s.scanned, s.new, s.changed, len(pending))
     progress = progress_factory(len(pending)) if progress_factory and len(pending) else None
     t1 = time.monotonic()

@@ -92,6 +92,7 @@ class NeighborsCfg:
     split: str | None = None  # None: both splits
     model: str | None = None  # the model config .json, when the index was built from one
     device: str = "auto"
+    pretrained: str | None = None  # the index's weights file at a new place (its SHA-256 must match)
 
 
 @dataclass
@@ -110,8 +111,10 @@ class NeighborsResult:
     neighbors: list[Neighbor] = field(default_factory=list)
 
 
-def query_encoder(store: Store, model: str | None = None, device: str = "auto"):
-    """Rebuild the index's own encoder from its manifest; refuse another model."""
+def query_encoder(store: Store, model: str | None = None, device: str = "auto", pretrained: str | None = None):
+    """Rebuild the index's own encoder from its manifest; refuse another model. The
+    weights are the file or tag build-index recorded, or `pretrained`: the same file
+    moved or copied (an index copied to another machine), checked by its SHA-256."""
     from .encoder import create_encoder, register_model_config
 
     enc = store.manifest.get("encoder")
@@ -127,7 +130,11 @@ def query_encoder(store: Store, model: str | None = None, device: str = "auto"):
     if not name.endswith(".json") and register_model_config(name) not in import_open_clip().list_models():
         raise EncoderError(f"the index was built with model {name!r}, which open_clip does not know; "
                            "if it came from a model config file, pass --model PATH.json")
-    encoder = create_encoder(EncoderCfg(model=name, pretrained=str(enc.get("pretrained", "none")), device=device))
+    weights = pretrained or str(enc.get("pretrained", "none"))
+    if pretrained is None and enc.get("weights_sha256") and not Path(weights).is_file():
+        raise ConfigError(f"the index's weights file {weights} is not there any more; pass --pretrained with its new "
+                          f"path (the same file: its SHA-256 is checked)")
+    encoder = create_encoder(EncoderCfg(model=name, pretrained=weights, device=device))
     store.check_encoder(encoder.info, encoder.dim)  # IndexMismatchError naming both models
     return encoder
 
@@ -151,7 +158,7 @@ def query_vector(store: Store, cfg: NeighborsCfg) -> tuple[np.ndarray, int | Non
     if cfg.text is not None:
         if not cfg.text.strip():
             raise ConfigError("--text is empty")
-        return query_encoder(store, cfg.model, cfg.device).encode_text([cfg.text])[0], None, {"kind": "text", "text": cfg.text}
+        return query_encoder(store, cfg.model, cfg.device, cfg.pretrained).encode_text([cfg.text])[0], None, {"kind": "text", "text": cfg.text}
     found, _ = store.resolve([cfg.query])
     if len(found):
         found, moved = store.follow_moves(found)
@@ -169,7 +176,7 @@ def query_vector(store: Store, cfg: NeighborsCfg) -> tuple[np.ndarray, int | Non
     elif not os.path.isfile(cfg.query):
         raise InputError(f"{cfg.query!r} is neither an id or path in the index nor an image file")
     path = os.path.abspath(cfg.query) if image is None else path
-    xq = embed_image_file(query_encoder(store, cfg.model, cfg.device), path)
+    xq = embed_image_file(query_encoder(store, cfg.model, cfg.device, cfg.pretrained), path)
     return xq, image, {"kind": "image" if image is None else "indexed", "path": path}
 
 

@@ -79,6 +79,8 @@ def read_list(path: Path, indexed: Callable[[str], bool]) -> list[str]:
     # comments are skipped, unless `indexed(line)` says the line as written names an
     image (a file name may start with # or a space)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give a list file of ids or paths, one a line")
     if not path.is_file():
         raise InputError(f"list file {path} does not exist")
     try:
@@ -87,6 +89,9 @@ def read_list(path: Path, indexed: Callable[[str], bool]) -> list[str]:
         raise InputError(f"list file {path} is not UTF-8 text") from None
     if not keys:
         raise InputError(f"list file {path} holds no ids")
+    head = [k.strip().lower() for k in keys[0].split(",")]
+    if "," in keys[0] and {"id", "path"} & set(head) and not indexed(keys[0]):  # a CSV header, not an id
+        raise InputError(f"{path} is a selection file (its first line is a CSV header); pass it as --selection {path}")
     return keys
 
 
@@ -190,6 +195,8 @@ class MarkResult:
     already: int  # labeled before (with undo: unlabeled before)
     labeled_by: int | None  # the select run they came from
     from_sources: int = 0  # with undo: labeled because a --labeled source lists them, left labeled
+    no_vector: int = 0  # of those marked, images with no vector now (deleted or failed): no center until embedded
+    no_vector_example: str | None = None  # one of them: "path: reason"
 
 
 def mark_labeled(root: Path, list_file: Path | None = None, selection: Path | None = None, undo: bool = False) -> MarkResult:
@@ -219,6 +226,9 @@ def mark_labeled(root: Path, list_file: Path | None = None, selection: Path | No
             else:
                 moved = db.execute("UPDATE images SET split='labeled', labeled_at=?, labeled_by=? "
                                    "WHERE split='unlabeled' AND id IN (SELECT image FROM chosen_ids)", (now, by)).rowcount
+            blind = [] if undo else db.execute(
+                "SELECT COALESCE(path, ext_id), reason FROM images WHERE status != 'embedded' "
+                "AND id IN (SELECT image FROM chosen_ids) ORDER BY id").fetchall()
             db.execute("DELETE FROM chosen_ids")
             already = len(distinct) - moved - from_sources
             summary = {"requested": len(distinct), "moved": moved, "already": already, "labeled_by": by,
@@ -227,7 +237,8 @@ def mark_labeled(root: Path, list_file: Path | None = None, selection: Path | No
                              ("unmark" if undo else "mark-labeled", json.dumps(source, sort_keys=True), json.dumps(summary),
                               now, time.time())).lastrowid
     log.info("%s %d image(s) (%d already were)", "moved back" if undo else "marked", moved, already)
-    return MarkResult(run, len(distinct), moved, already, by, from_sources)
+    return MarkResult(run, len(distinct), moved, already, by, from_sources, len(blind),
+                      f"{blind[0][0]}: {blind[0][1] or 'not embedded yet'}" if blind else None)
 
 
 # --------------------------------------------------------------------------- exclude

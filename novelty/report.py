@@ -24,7 +24,7 @@ import numpy as np
 
 from ._files import atomic_write_text
 from .config import ReaderCfg
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 from .export import COLUMNS
 from .inspect import knn_blocks, unit32
 from .labeling import match_select_run, read_selection, selection_ids
@@ -118,9 +118,19 @@ def collect(store: Store, rows: list[dict], cfg: ReportCfg) -> ReportData:
     repeated = len(image) - len(keep)
     if repeated:
         rows, image = [rows[i] for i in keep], image[keep]
+    has = np.isin(image, store.embedded().ids)  # a pick deleted (or failed) since: no vector to measure
+    if not has.all():
+        lost = store.describe(image[~has].tolist())
+        example = next(iter(lost.values()))
+        if not has.any():
+            raise InputError(f"none of the {len(image)} picks has a vector now (deleted or failed since the selection, "
+                             f"e.g. {example[1] or example[0]}); build-index records why (`novelty info`)")
+        log.warning("%d of the %d picks have no vector now (deleted or failed since the selection, e.g. %s): left out "
+                    "of the report", int((~has).sum()), len(image), example[1] or example[0])
+        rows, image = [r for r, h in zip(rows, has) if h], image[has]
     lab_all = store.embedded("labeled").ids
     labeled = lab_all[~np.isin(lab_all, image)]
-    pool = np.union1d(store.pool_ids()[0], image[np.isin(image, store.embedded().ids)])  # select's pool, and the picks
+    pool = np.union1d(store.pool_ids()[0], image)  # select's pool, and the picks
     sel_ids, X = store.vectors(ids=np.unique(image))
     D, I, _ = knn_blocks(store, X, max(cfg.k, 1), "labeled", exclude=image)  # the first column is the pick's novelty
     order = np.searchsorted(sel_ids, image)

@@ -413,6 +413,11 @@ class Store:
         old, new = _describe(m["encoder"], m["dim"]), _describe(encoder, dim)
         if m["dim"] != dim or not same_encoder(m["encoder"], encoder):
             raise IndexMismatchError(f"index {self.root} holds vectors from {old}; refusing vectors from {new}")
+        moved = {k: encoder[k] for k in ("pretrained", "model_config") if encoder.get(k) != m["encoder"].get(k)
+                 and m["encoder"].get(k) is not None and encoder.get(k) is not None}
+        if moved and self.writable:  # the same weights or config file at a new path (same SHA-256): recorded there now,
+            m["encoder"].update(moved)  # so neighbors finds it
+            self.write_manifest(m)
 
     @property
     def dim(self) -> int | None:
@@ -435,7 +440,7 @@ class Store:
         return int(self.meta_get("vectors_version", "0"))
 
     def sync_sources(self, records: Iterable[ImageRecord], retry_failed: bool = False, folders: Sequence[str] = (),
-                     keep: Callable[[str], bool] | None = None) -> dict:
+                     keep: Callable[[str], bool] | None = None, labeled_folders: Sequence[str] = ()) -> dict:
         """Merge a source scan into the catalog, in one transaction.
 
         New paths are added as pending; paths whose size or mtime changed go back to
@@ -445,7 +450,8 @@ class Store:
         unlabeled again. An unlabeled image under one of `folders` (the scanned folders,
         absolute) that the scan no longer found, and for which `keep(path)` holds (this
         part's paths), was deleted: it is recorded as failed ("gone") and leaves the
-        pool; a labeled one stays, as a center. So does one the scan did not reach (its
+        pool; a labeled one stays, as a center, and is counted (labeled_missing; also
+        under `labeled_folders`). So does one the scan did not reach (its
         folder or list not given this time) whose folder now lists without it
         (gone_from). Returns counts.
         """
@@ -473,6 +479,9 @@ class Store:
                 "s.reason, ? FROM scan s WHERE NOT EXISTS (SELECT 1 FROM images i WHERE i.path = s.path)",
                 (now,),
             ).rowcount
+            retried = db.execute(  # failed before and not changed since: tried again (--retry-failed), not "changed"
+                "SELECT COUNT(*) FROM images i JOIN scan s ON i.path = s.path WHERE i.status = 'failed' "
+                "AND i.size IS s.size AND i.mtime IS s.mtime").fetchone()[0] if retry_failed else 0
             changed = db.execute(
                 "UPDATE images SET status = CASE WHEN s.reason IS NULL THEN 'pending' ELSE 'failed' END, "
                 "reason = s.reason, size = s.size, mtime = s.mtime, shard = NULL, row = NULL "  # hash: what it held (_content)
@@ -480,7 +489,7 @@ class Store:
                 + ("OR images.status = 'failed'" if retry_failed else "")
                 + ")"
             ).rowcount
-            counts["changed"] = changed
+            counts["changed"], counts["retried"] = changed - retried, retried
             counts["kept_labeled"] = db.execute(
                 "SELECT COUNT(*) FROM images i JOIN scan s ON i.path = s.path "
                 "WHERE i.split = 'labeled' AND s.split = 'unlabeled' AND i.labeled_at IS NOT NULL"
@@ -496,6 +505,13 @@ class Store:
                     "SELECT id, path FROM images i WHERE split = 'unlabeled' AND status != 'failed' AND path IS NOT NULL "
                     "AND substr(path, 1, ?) = ? AND NOT EXISTS (SELECT 1 FROM scan s WHERE s.path = i.path)",
                     (len(prefix), prefix)) if keep is None or keep(p)]
+            counts["labeled_missing"] = 0  # labeled images whose file left a scanned folder: centers still, said each run
+            for folder in (*folders, *labeled_folders):
+                prefix = folder.rstrip(os.sep) + os.sep
+                counts["labeled_missing"] += sum(keep is None or keep(p) for (p,) in db.execute(
+                    "SELECT path FROM images i WHERE split = 'labeled' AND status = 'embedded' AND path IS NOT NULL "
+                    "AND substr(path, 1, ?) = ? AND NOT EXISTS (SELECT 1 FROM scan s WHERE s.path = i.path)",
+                    (len(prefix), prefix)))
             # elsewhere: an image the scan did not reach (its folder or list not given this time) whose folder
             # now lists without it was deleted too; gone_from answers only for folders that list and still hold one of them
             prefixes = [f.rstrip(os.sep) + os.sep for f in folders]
@@ -1053,9 +1069,9 @@ def same_encoder(a: dict, b: dict) -> bool:
 
 
 def _describe(enc: dict, dim: int) -> str:
-    weights = enc.get("pretrained")
+    weights = f"weights {enc['pretrained']!r}, " if enc.get("pretrained") is not None else ""
     config = f"config sha256 {enc['config_sha256'][:12]}, " if enc.get("config_sha256") else ""
-    return f"{enc.get('kind')} model {enc.get('model')!r} ({config}weights {weights!r}, dim {dim})"
+    return f"{enc.get('kind')} model {enc.get('model')!r} ({config}{weights}dim {dim})"
 
 
 def create_store(root: Path) -> Store:

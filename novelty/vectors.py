@@ -9,6 +9,7 @@ distance is reported as 1 - inner product.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,8 @@ def build(store: Store):
         index.add_with_ids(np.ascontiguousarray(block, dtype=np.float32), ids)
     tmp = store.root / f".{FAISS_FILE}.tmp"
     faiss.write_index(index, str(tmp))
+    with open(tmp, "rb") as f:  # on disk before it takes the name, as every other file here
+        os.fsync(f.fileno())
     tmp.replace(store.root / FAISS_FILE)
     m = store.manifest
     m["faiss"] = {"file": FAISS_FILE, "ntotal": int(index.ntotal), "vectors_version": version, "type": "IDMap2,SQfp16,IP"}
@@ -57,13 +60,16 @@ def load(store: Store, gpu: bool | None = None):
     if not is_current(store):
         if store.writable:
             return _maybe_gpu(build(store), gpu)
-        log.warning("the FAISS index is older than the catalog; searching the shards directly")
+        why = "is older than the catalog" if (store.root / FAISS_FILE).exists() else "is missing"
+        log.warning("%s %s; searching the shards directly (the next build-index or merge, or an import-embeddings that adds vectors, rebuilds it)",
+                    FAISS_FILE, why)
         return _maybe_gpu(_in_memory(store), gpu)
     try:
         index = faiss.read_index(str(store.root / FAISS_FILE))
     except RuntimeError as e:  # faiss raises RuntimeError on a truncated or foreign file
         raise IndexDamagedError(f"{store.root / FAISS_FILE} is damaged ({str(e).strip().splitlines()[-1]}); delete it: "
-                                "the shards hold every vector, and the next writing command rebuilds it from them") from None
+                                "the shards hold every vector: reading commands search them meanwhile, and the next build-index, "
+                                "merge, or an import-embeddings that adds vectors, rebuilds it from them") from None
     return _maybe_gpu(index, gpu)
 
 

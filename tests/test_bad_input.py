@@ -65,7 +65,8 @@ def test_sample_never_writes_among_a_users_own_images(tmp_path):
         r = run("sample", tmp_path / "s", "--n-labeled", 2, "--n-unlabeled", 3)
         assert r.exit_code == 0, r.output
     r = run("sample", tmp_path / "s", "--n-labeled", 1, "--n-unlabeled", 2)  # smaller: nothing stale stays
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 0 and f"note: {2 + 3 + 1 + 3} files of an earlier sample in {tmp_path / 's'} were removed" \
+        in r.output, r.output
     assert sorted(p.name for p in (tmp_path / "s" / "labeled").iterdir()) == ["labeled_00000.jpg"]
     unl = sorted(p.name for p in (tmp_path / "s" / "unlabeled").iterdir())
     assert [n for n in unl if n.startswith("unlabeled_")] == ["unlabeled_00000.jpg", "unlabeled_00001.jpg"]

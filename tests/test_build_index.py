@@ -92,6 +92,8 @@ def test_odd_and_broken_images_are_recorded_and_the_run_goes_on(tmp_path, odd_di
     r = build(idx, ("unlabeled", listing), extra=("--retry-failed",))  # every failure tried again, and counted again
     not_found = sum(status == "failed" and reason.startswith("not found") for status, reason in rows.values())
     assert r.exit_code == 0 and f"failed    {failed} (" in r.output and f"not found: {not_found}" in r.output, r.output
+    assert f"0 new, 0 changed, {len(rows) - failed} unchanged, {failed} failed before and tried again" in r.output, r.output
+    assert "embedded  0 in" in r.output and "img/s" not in r.output.split("embedded  0 in")[1].splitlines()[0]
 
 
 def test_list_file_paths_are_relative_to_the_list(tmp_path, sample_dir):
@@ -211,6 +213,21 @@ def test_local_weights_file_loads(tmp_path, sample_dir):
     model2 = oc.create_model(register_model_config(TINY), pretrained=str(tmp_path / "w.pt"))
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
         assert torch.equal(a, b)
+    # the weights file moved (or the index copied to another machine): text queries say how to go on, and do
+    (tmp_path / "models").mkdir()
+    shutil.move(tmp_path / "w.pt", tmp_path / "models" / "w.pt")
+    r = run("neighbors", "--text", "a dog", "--index", idx, "--k", 2)
+    assert r.exit_code == 2 and f"weights file {tmp_path / 'w.pt'} is not there any more; pass --pretrained" in r.output
+    torch.save({k: v + 1 for k, v in model.state_dict().items()}, tmp_path / "other.pt")
+    r = run("neighbors", "--text", "a dog", "--index", idx, "--k", 2, "--pretrained", tmp_path / "other.pt")
+    assert r.exit_code == 3 and "refusing vectors from" in r.output, r.output  # other weights: refused
+    r = run("neighbors", "--text", "a dog", "--index", idx, "--k", 2, "--pretrained", tmp_path / "models" / "w.pt")
+    assert r.exit_code == 0 and len([x for x in r.output.splitlines() if x.strip()[:1].isdigit()]) == 2, r.output
+    # build-index given the file at its new place records it there: later queries need no option
+    r = run("build-index", "--index", idx, "--model", TINY, "--pretrained", tmp_path / "models" / "w.pt",
+            "--labeled", sample_dir / "labeled")
+    assert r.exit_code == 0 and "embedded  0" in r.output, r.output
+    assert run("neighbors", "--text", "a dog", "--index", idx, "--k", 2).exit_code == 0
 
 
 def test_import_embeddings(tmp_path):
@@ -357,6 +374,7 @@ def test_an_image_deleted_from_a_scanned_folder_leaves_the_pool_and_comes_back(t
     gone.unlink(), gone_lab.unlink()
     r = build(idx, ("labeled", lab), ("unlabeled", unl))
     assert r.exit_code == 0 and "gone      1 unlabeled image(s)" in r.output, r.output
+    assert "missing   1 labeled image(s) are not in their folder any more: still centers" in r.output, r.output
     cat = catalog(idx)
     assert cat[str(gone)][1:] == ("failed", "not found: deleted from its folder since it was indexed")
     assert cat[str(gone_lab)][:2] == ("labeled", "embedded")  # a labeled image stays a center

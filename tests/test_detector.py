@@ -179,6 +179,34 @@ def test_a_nan_or_inf_score_is_a_failure_with_its_reason(index, tmp_path):
         assert reasons == {"non-finite score: the model's outputs gave NaN or inf for this image"}
 
 
+def test_a_model_that_fails_on_every_batch_warns_three_times_and_names_the_error(index, tmp_path):
+    """A forward that raises: each batch is retried image by image, as before, but only
+    the first 3 batches are warned about (a million images made 125,000 lines), and the
+    summary shows the whole error once, not only its type."""
+    f = tmp_path / "broken.py"
+    f.write_text(textwrap.dedent("""
+        from torch import nn
+
+        class Broken(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.d = nn.Dropout(0.5)
+            def forward(self, x):
+                raise RuntimeError("Couldn't load custom C++ ops. This can happen if your torch and torchvision differ")
+
+        def build():
+            return Broken()
+    """))
+    r = run("uncertainty", "--detector", f"{f}:build", "--kind", "segmentation", "--passes", 3, "--image-size", 32,
+            "--batch-size", 8, "--index", index, "--workers", 0)
+    assert r.exit_code == 1 and "0 images scored, 73 failed" in r.output, r.output
+    assert r.output.count("retrying image by image") == 3, r.output
+    bar_and_warning = [x for x in r.output.replace("\r", "\n").splitlines() if "img/s" in x and "novelty:" in x]
+    assert not bar_and_warning, bar_and_warning  # each warning on its own line, not at the end of the bar's
+    assert "further failing batches are retried without a warning each" in r.output
+    assert "failed: RuntimeError: 73" in r.output and "e.g. RuntimeError: Couldn't load custom C++ ops." in r.output
+
+
 def test_run_that_scores_nothing_fails_and_select_ignores_it(index, sample_dir, tmp_path):
     # the images were moved after indexing: every one fails, the run says so and exits non-zero
     moved = tmp_path / "moved"
@@ -211,7 +239,7 @@ def test_run_that_scores_nothing_fails_and_select_ignores_it(index, sample_dir, 
     [
         (["--detector", "nocolon", "--kind", "detection"], "expected 'package.module:factory'"),
         (["--detector", "tests._tiny_models:make_plain_cnn", "--kind", "detection"], "dropout"),
-        (["--detector", SPEC, "--kind", "detection", "--passes", "1"], "passes must be >= 2"),
+        (["--detector", SPEC, "--kind", "detection", "--passes", "1"], "passes (--passes) must be >= 2"),
         (["--detector", SPEC, "--kind", "detection", "--aggregation", "median"], "median"),
         (["--detector", SPEC, "--kind", "detection", "--device", "cpu", "--precision", "fp16"], "fp16 runs on CUDA only"),
         (["--detector", SPEC, "--kind", "detection", "--precision", "fp8"], "fp8"),

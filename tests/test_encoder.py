@@ -60,9 +60,21 @@ def test_an_unreachable_hub_turns_offline_mode_on(unreachable_hub, monkeypatch):
     t = time.monotonic()
     assert hub_unreachable(timeout=0.5) and unreachable_hub.HF_HUB_OFFLINE is True
     assert time.monotonic() - t < 5
-    monkeypatch.setattr(unreachable_hub, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # a direct probe says nothing behind a proxy
-    assert not hub_unreachable(timeout=0.5) and unreachable_hub.HF_HUB_OFFLINE is False
+    # behind a proxy, the proxy is probed: one that answers may reach the hub, so no offline mode...
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    try:
+        monkeypatch.setattr(unreachable_hub, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{listener.getsockname()[1]}")
+        assert not hub_unreachable(timeout=0.5) and unreachable_hub.HF_HUB_OFFLINE is False
+    finally:
+        listener.close()
+    # ...and one that does not answer is offline mode at once (the hub library retried for 50 s, a line each try)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # the discard port: nothing listens
+    assert hub_unreachable(timeout=0.5) and unreachable_hub.HF_HUB_OFFLINE is True
 
 
 def test_a_tag_without_network_fails_fast_in_one_line(unreachable_hub):

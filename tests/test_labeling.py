@@ -189,10 +189,14 @@ def test_mark_by_path_relative_to_the_list(tmp_path, sample_dir):
         (["LIST_EMPTY"], "holds no ids"),
         (["--selection", "SEL_BAD"], "needs an id or a path column"),
         (["--selection", "x.xlsx"], "selection file x.xlsx does not exist"),
+        (["SEL_AS_LIST"], "SEL_AS_LIST is a selection file (its first line is a CSV header); pass it as --selection"),
+        (["A_FOLDER"], "A_FOLDER is a folder; give a list file of ids or paths"),
     ],
 )
 def test_bad_mark_input_changes_nothing(index, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "SEL_AS_LIST").write_text("rank,id,path,priority\n1,p001,,0.5\n")
+    (tmp_path / "A_FOLDER").mkdir()
     (tmp_path / "LIST_UNKNOWN").write_text("p001\nzzz\np002\nnope.jpg\n")
     (tmp_path / "LIST_OK").write_text("p001\n")
     (tmp_path / "LIST_EMPTY").write_text("# nothing\n\n")

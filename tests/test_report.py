@@ -1,6 +1,7 @@
 """The HTML report: its numbers against brute-force numpy, escaping of hostile file
 names, self-containment, and (when chromium is on PATH) a headless render."""
 import csv
+import os
 import shutil
 
 import numpy as np
@@ -58,6 +59,29 @@ def test_report_escapes_names_and_is_self_contained(image_index, tmp_path):
         assert external not in page
     assert page.count("<svg") == 5 and page.count("<tr>") == 5  # 3 histograms, the covering curve, the map
     assert page.index(f">{evil_id}<") < page.index(f">{picks[1]}<")  # file order
+
+
+def test_a_pick_deleted_since_the_selection_is_left_out_with_a_warning(tmp_path, sample_dir):
+    """A picked file deleted, then build-index: the report is written on the other picks
+    and says which was left out (it stopped with 'id N has no vector'); mark-labeled
+    marks it, and warns that it cannot be a center until its file is back."""
+    lab, unl = copy_samples(tmp_path, sample_dir, 4, 8)
+    idx = tmp_path / "idx"
+    build = ("build-index", "--index", idx, "--model", TINY, "--pretrained", "none", "--device", "cpu",
+             "--labeled", lab, "--unlabeled", unl)
+    assert run(*build).exit_code == 0
+    assert run("select", "--budget", 3, "--index", idx, "--out", tmp_path / "s.csv").exit_code == 0
+    rows = list(csv.DictReader(open(tmp_path / "s.csv")))
+    os.unlink(rows[1]["path"])
+    assert run(*build).exit_code == 0
+    r = run("report", "--selection", tmp_path / "s.csv", "--out", tmp_path / "r.html", "--index", idx)
+    assert r.exit_code == 0 and "report on 2 picks" in r.output, r.output
+    assert f"1 of the 3 picks have no vector now (deleted or failed since the selection, e.g. {rows[1]['path']})" in r.output
+    page = (tmp_path / "r.html").read_text()
+    assert rows[0]["path"] in page and rows[1]["path"] not in page
+    r = run("mark-labeled", "--selection", tmp_path / "s.csv", "--index", idx)
+    assert r.exit_code == 0 and "marked 3 image(s) labeled" in r.output, r.output
+    assert f"1 of them has no vector now (e.g. {rows[1]['path']}: not found" in r.output, r.output
 
 
 @pytest.fixture

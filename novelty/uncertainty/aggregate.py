@@ -58,5 +58,5 @@ def get_aggregation(name: str, k: int = 3) -> Aggregation:
     if name not in _AGGREGATIONS:
         raise ConfigError(f"unknown aggregation {name!r}; valid: {', '.join(_AGGREGATIONS)}")
     if not isinstance(k, int) or k < 1:
-        raise ConfigError(f"topk must be a positive integer, got {k!r}")
+        raise ConfigError(f"topk (--topk) must be a positive integer, got {k!r}")
     return _AGGREGATIONS[name](k)

@@ -60,13 +60,13 @@ class UncertaintyCfg:
         if self.kind not in KINDS:
             raise ConfigError(f"unknown kind {self.kind!r}; valid: {', '.join(KINDS)}")
         if self.passes < 2:
-            raise ConfigError(f"passes must be >= 2 for passes to disagree, got {self.passes}")
+            raise ConfigError(f"passes (--passes) must be >= 2 for passes to disagree, got {self.passes}")
         if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+            raise ConfigError(f"seed (--seed) must be >= 0, got {self.seed}")
         if self.max_batch is not None and self.max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
         if not 0.0 <= self.inject_dropout < 1.0:
-            raise ConfigError(f"inject_dropout must be in [0, 1), got {self.inject_dropout}")
+            raise ConfigError(f"inject_dropout (--inject-dropout) must be in [0, 1), got {self.inject_dropout}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
 
@@ -189,6 +189,7 @@ def _reason(e: BaseException) -> str:
 
 
 NON_FINITE = "non-finite score: the model's outputs gave NaN or inf for this image"
+WARN_BATCHES = 3  # failing batches warned about one by one; on a million images a broken model would print 100k lines
 
 
 def _finite(r: ImageResult) -> ImageResult:
@@ -215,6 +216,7 @@ def score_batches(model: nn.Module, batches: Iterable[tuple[Sequence[Hashable], 
     device = resolve_device(cfg.device)
     autocast_dtype(cfg.precision, device)  # a precision the device cannot run fails before any work
     prepare_model(model, cfg)
+    failing = 0  # batches that failed whole: the first few are warned about, the rest are counted by the caller
     with MCDropout(model, cfg.seed, cfg.max_batch, cfg.share_trunk) as mc:
         for keys, images in batches:
             _check_images(images)
@@ -228,7 +230,11 @@ def score_batches(model: nn.Module, batches: Iterable[tuple[Sequence[Hashable], 
                 if n == 1:
                     results = [ImageResult(keys[0], None, _reason(e))]
                 else:
-                    log.warning("a batch of %d images failed (%s); retrying image by image", n, _reason(e))
+                    failing += 1
+                    if failing <= WARN_BATCHES:
+                        log.warning("a batch of %d images failed (%s); retrying image by image%s", n, _reason(e),
+                                    "; further failing batches are retried without a warning each"
+                                    if failing == WARN_BATCHES else "")
                     results = []
                     for i, key in enumerate(keys):
                         try:

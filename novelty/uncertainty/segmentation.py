@@ -40,7 +40,7 @@ class SegmentationCfg:
         if self.measure not in MEASURES:
             raise ConfigError(f"unknown segmentation measure {self.measure!r}; valid: {', '.join(MEASURES)}")
         if not 0.0 < self.top_percent <= 100.0:
-            raise ConfigError(f"top_percent must be in (0, 100], got {self.top_percent}")
+            raise ConfigError(f"top_percent (--top-percent) must be in (0, 100], got {self.top_percent}")
 
 
 def probs_from_logits(logits, class_axis: int = 1):
