@@ -604,8 +604,9 @@ def neighbors(
     typer.echo(f"query  {q['kind']}: " + "  ".join(str(q[f]) for f in ("id", "path", "text", "split") if q.get(f)))
     if not r.neighbors:
         typer.echo(f"  no embedded images in split {split.value}")
-    w = max([2, *(len(n.id) for n in r.neighbors)])
-    typer.echo(f"{'rank':>4}  {'distance':>8}  {'split':<9}  {'id':<{w}}  path")
+    else:
+        w = max([2, *(len(n.id) for n in r.neighbors)])
+        typer.echo(f"{'rank':>4}  {'distance':>8}  {'split':<9}  {'id':<{w}}  path")
     for n in r.neighbors:
         typer.echo(f"{n.rank:>4}  {n.distance:>8.4f}  {n.split:<9}  {n.id:<{w}}  {n.path or '-'}")
     if html is not None:

@@ -292,3 +292,13 @@ def test_duplicates_without_index(tmp_path):
     r = run("duplicates", "--index", tmp_path / "none")
     assert r.exit_code == 3 and "no index at" in r.output
 
+
+
+def test_neighbors_in_an_empty_split_says_so_without_a_table(tmp_path):
+    np.save(tmp_path / "l.npy", np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32))
+    (tmp_path / "l.txt").write_text("a\nb\nc\n")
+    idx = tmp_path / "idx"
+    assert run("import-embeddings", tmp_path / "l.npy", "--ids", tmp_path / "l.txt", "--split", "labeled",
+               "--index", idx).exit_code == 0
+    r = run("neighbors", "a", "--split", "unlabeled", "--index", idx)
+    assert r.exit_code == 0 and "no embedded images in split unlabeled" in r.output and "rank" not in r.output, r.output
