@@ -139,6 +139,16 @@ class LazyGreedy:
         self.dmax[c], self.darg[c] = self._seg_max(self.dp, c)
         return row, prio, d
 
+    def done(self, row: int) -> None:
+        """Pool row `row` was picked before this loop (the first pick without labeled rows,
+        whose distances are in d0): never a candidate again. Left as it was, its priority
+        0 tied with every covered row, and it was picked a second time once all was covered."""
+        i = int(np.flatnonzero(self.perm == row)[0])
+        self.pp[i], self.dp[i], self.applied[i] = -np.inf, 0.0, DONE
+        c = np.array([np.searchsorted(self.starts, i, side="right") - 1])
+        self.pmax[c], self.parg[c] = self._seg_max(self.pp, c)
+        self.dmax[c], self.darg[c] = self._seg_max(self.dp, c)
+
     def cover(self, positions: np.ndarray) -> None:
         """Rows known to be at distance 0 from the last pick (identical to it): d and
         priority 0 now, and their clusters' maxima again."""

@@ -127,12 +127,14 @@ def _loops(pool, inv, labeled, d, w, budget, cfg, method, clusters, progress=Non
     tr = Trace(budget, progress)
     t = 0
     centers = None
+    dups = Dups(pool, w)
     if len(labeled) == 0:
         with torch_threads(1):
             i = first_pick(pool, inv, w)
             centers = unit_rows(pool, inv, np.array([i]))
             d = dist_to(pool, inv, centers[0])
         d[i] = 0.0
+        d[dups.copies(i)] = 0.0  # exactly, as for every later pick
         tr.put(0, i, np.inf, np.inf, float(d.max()))
         t = 1
     stats = {"method": method}
@@ -141,9 +143,11 @@ def _loops(pool, inv, labeled, d, w, budget, cfg, method, clusters, progress=Non
             clusters = cluster_pool(pool, inv, cfg.cluster_size, seed=cfg.seed)
         ensure_stats(clusters, pool, inv)
         lazy = LazyGreedy(pool, inv, clusters, d, w, budget, centers)
+        if t:
+            lazy.done(int(tr.picks[0]))
         with blas_threads(1), torch_threads(1):  # small products: one thread is faster
             give_up = cfg.give_up if cfg.method == "auto" else None
-            t = lazy_loop(lazy, tr, t, budget, give_up, stats, centers is not None, Dups(pool, w))
+            t = lazy_loop(lazy, tr, t, budget, give_up, stats, centers is not None, dups)
             stats.update(work_share=lazy.work / max(1, n * t), refreshes_per_pick=lazy.refreshes / max(1, t))
             if t < budget:
                 d = lazy.exact_d()
@@ -183,6 +187,7 @@ def _kcenter_plain(pool, labeled, budget, weights, max_elems, max_bytes) -> KCen
         i = first_pick(pool, inv, w)
         d = dist_to(pool, inv, unit_rows(pool, inv, np.array([i]))[0])
         d[i] = 0.0
+        d[Dups(pool, w).copies(i)] = 0.0
         tr.put(0, i, np.inf, np.inf, float(d.max()))
         t = 1
     radius_before = float(nearest.dist.max()) if len(labeled) else float("inf")

@@ -247,6 +247,23 @@ def test_copies_left_when_all_is_covered_go_by_the_lower_index():
         compare(res, want, radii, scores)
 
 
+@pytest.mark.parametrize("weights", ["none", "zeros"])
+def test_no_labeled_rows_never_pick_the_first_pick_again(weights):
+    """Without labeled rows, the pruned loop took the first pick's distances but not its
+    'done' mark: once the pool was covered (copies, or weights of 0), it picked it again.
+    QA 14c: img960 at ranks 1 and 1001 of 1,200, one budget slot lost."""
+    base = clustered(1000, 16, 20, 0, spread=0.05)
+    pool = np.concatenate([base, base[:300]])
+    w = None
+    if weights == "zeros":
+        w = np.zeros(len(pool), np.float32)
+        w[np.random.default_rng(1).choice(len(pool), 40, replace=False)] = 1.0
+    for impl in ("pruned", "plain", "torch"):
+        res = (kcenter_torch(pool, pool[:0], 1200, w) if impl == "torch"
+               else kcenter_greedy(pool, pool[:0], 1200, w, cfg=KCenterCfg(method=impl, cluster_size=32)))
+        assert len(np.unique(res.picks)) == 1200, (impl, len(np.unique(res.picks)))
+
+
 def test_zero_weights():
     pool, lab = clustered(400, 16, 4, 10), clustered(20, 16, 4, 11)
     w = np.zeros(400, np.float32)
