@@ -906,7 +906,9 @@ class Store:
             for i, (reason, h) in where.items():
                 path = next(reason[len(p):] for p in prefixes if reason.startswith(p))
                 row = self.db.execute("SELECT id, hash FROM images WHERE path = ?", (path,)).fetchone()
-                if row is not None and row[1] == h and row[0] != i:
+                # a path linked on its first scan was never read, so holds no hash: it is the file the other path reads
+                same = row is not None and (row[1] == h or (h is None and reason.startswith(_content.LINKED_PREFIX)))
+                if same and row[0] != i:
                     to[i] = row[0]
             if not to:
                 break

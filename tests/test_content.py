@@ -318,3 +318,28 @@ def test_a_file_indexed_under_two_paths_keeps_its_marks_at_the_path_kept(tmp_pat
     assert row(idx, link)[4] == "blank" and str(link) not in pool(idx) and str(f) not in pool(idx)
     r = run("exclude", tmp_path / "x.txt", "--undo", "--index", idx)  # names the dropped path: followed
     assert r.exit_code == 0 and str(link) in pool(idx), r.output
+
+
+def test_a_path_linked_from_its_first_scan_is_followed_by_marks(tmp_path, sample_dir):
+    """A hard link met after the file it links (so never read, no hash): mark-labeled and
+    exclude given that path act on the image, and their undos too (they marked the dead
+    row, and select picked the image; QA 14c D2)."""
+    lab, unl = copy_samples(tmp_path, sample_dir, n_lab=2, n_unl=4)
+    files = sorted(unl.iterdir())
+    hard = tmp_path / "zz_hard"
+    hard.mkdir()
+    for f in files[:2]:
+        os.link(f, hard / f.name)
+    idx = tmp_path / "idx"
+    r = build_srcs(idx, ("labeled", lab), ("unlabeled", unl), ("unlabeled", hard))
+    assert r.exit_code == 0 and "linked: 2" in r.output, r.output
+    (tmp_path / "m.txt").write_text(f"{hard / files[0].name}\n")
+    (tmp_path / "x.txt").write_text(f"{hard / files[1].name}\n")
+    r = run("mark-labeled", tmp_path / "m.txt", "--index", idx)
+    assert r.exit_code == 0 and "marked 1 image(s) labeled" in r.output and "no vector" not in r.output, r.output
+    assert run("exclude", tmp_path / "x.txt", "--reason", "blank", "--index", idx).exit_code == 0
+    assert row(idx, files[0])[0] == "labeled" and row(idx, files[1])[4] == "blank"
+    assert pool(idx) == {str(f) for f in files[2:]}
+    assert run("mark-labeled", tmp_path / "m.txt", "--undo", "--index", idx).exit_code == 0
+    assert run("exclude", tmp_path / "x.txt", "--undo", "--index", idx).exit_code == 0
+    assert pool(idx) == {str(f) for f in files}
