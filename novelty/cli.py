@@ -280,6 +280,9 @@ def build_index(
     if s.gone:
         typer.echo(f"  gone      {s.gone} unlabeled image(s) deleted from their folder since indexed: out of the pool"
                    + (f" ({s.gone_elsewhere} in a folder or list not given this time)" if s.gone_elsewhere else ""))
+    if s.linked:
+        typer.echo(f"  linked    {s.linked} path(s) reach a file indexed under another path (a symlink or hard link): "
+                   f"one image each")
     if s.labeled_missing:
         typer.echo(f"  missing   {s.labeled_missing} labeled image(s) are not in their folder any more: still centers, "
                    f"from their vectors")

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import sources, vectors
 from ._compat import bounded_heap
-from ._content import ContentChanges
+from ._content import LINKED, ContentChanges
 from .config import BuildCfg
 from .encoder import Encoder, create_encoder, library_versions
 from .errors import reason_kind
@@ -39,6 +39,7 @@ class BuildSummary:
     gone: int = 0  # unlabeled images deleted from their folder: recorded as failed, out of the pool
     gone_elsewhere: int = 0  # of those, images in a folder or list not given this time (Store.sync_sources)
     labeled_missing: int = 0  # labeled images whose file is not in its scanned folder now: centers still
+    linked: int = 0  # paths first met this run that reach a file indexed under another path (not failures)
     lost_shards: list = field(default_factory=list)  # shards found missing or damaged, taken out of the catalog
     requeued: int = 0  # their images, pending again and embedded again by this run (their imported vectors: failed)
     resumed: int = 0
@@ -159,7 +160,9 @@ def _scan_and_embed(store, encoder, labeled, unlabeled, cfg: BuildCfg, progress_
     if s.content.moved and s.gone:  # those found at a new path were moved, not deleted
         s.gone = store.still_gone(counts["gone_ids"])
         s.gone_elsewhere = min(s.gone_elsewhere, s.gone)
-    failed.update(reason_kind(r) for r in counts["failed_at_scan"])  # missing, unreadable
+    at_scan = Counter(reason_kind(r) for r in counts["failed_at_scan"])  # missing, unreadable; and links, said apart
+    s.linked = at_scan.pop(reason_kind(LINKED), 0)
+    failed.update(at_scan)
     if lost.lost:
         failed[reason_kind(VECTOR_LOST)] += lost.lost
     s.failed_by_reason = dict(failed.most_common())

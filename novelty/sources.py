@@ -36,10 +36,8 @@ def record(path: str, split: str) -> ImageRecord:
 def _walk(root: Path, unlisted: list[str] | None = None, seen: set[tuple[int, int]] | None = None) -> Iterator[str]:
     """Image files under `root`, in sorted order. Symlinked folders are followed (a
     dataset laid out with links is scanned whole); a folder reached twice, through a
-    link or a loop, is scanned once, and so is one that an earlier walk sharing `seen`
-    reached (a link from the unlabeled folder into the labeled one adds no unlabeled
-    copies of labeled images). Folders that cannot be listed are warned about and
-    appended to `unlisted`: their images are unknown, not gone."""
+    link or a loop, is scanned once (`seen`: the folders walked). Folders that cannot be
+    listed are warned about and appended to `unlisted`: their images are unknown, not gone."""
     def cannot_list(e: OSError) -> None:
         log.warning("cannot list %s: %s", e.filename, e)
         if unlisted is not None and e.filename:
@@ -141,13 +139,15 @@ def scan(labeled: Sequence[Path], unlabeled: Sequence[Path], part: tuple[int, in
          unlisted: list[str] | None = None) -> Iterator[ImageRecord]:
     """Records for every source of both splits (with `part`, of that part only); the
     folders that could not be listed are appended to `unlisted`. Labeled sources go
-    first and every folder is walked once, so a folder reached from both splits (nested,
-    or through a link) is labeled."""
-    seen: set[tuple[int, int]] = set()
+    first. Each source walks a folder once (links and loops inside it); a folder two
+    sources reach (nested, or a link to it) is walked by each, so every path a user gave
+    is met, and the catalog keeps one image per file (Store.sync_sources: the labeled
+    path, else the one indexed before, else the first met; a path met under both splits
+    is labeled)."""
     for src in labeled:
-        yield from iter_source(src, "labeled", part, unlisted, seen)
+        yield from iter_source(src, "labeled", part, unlisted, set())
     for src in unlabeled:
-        yield from iter_source(src, "unlabeled", part, unlisted, seen)
+        yield from iter_source(src, "unlabeled", part, unlisted, set())
 
 
 def was_listed(path: str, part: tuple[int, int] | None, unlisted: Sequence[str]) -> bool:

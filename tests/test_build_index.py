@@ -483,14 +483,36 @@ def test_a_link_into_the_labeled_folder_adds_no_unlabeled_copies(tmp_path, sampl
     shutil.copy(next(lab.glob("*.jpg")), unl / "nested" / "own.jpg")  # a real unlabeled image beside it
     idx = tmp_path / "idx"
     r = build(idx, ("labeled", lab), ("unlabeled", unl))
-    assert r.exit_code == 0 and "8 images scanned" in r.output, r.output
+    assert r.exit_code == 0 and "11 images scanned" in r.output and "linked    3 path(s)" in r.output, r.output
     rows = catalog(idx)
-    assert not [p for p in rows if "lab_link" in p]  # the labeled images once, as labeled
-    assert sorted(os.path.basename(p) for p, (split, _, _) in rows.items() if split == "labeled") == \
-        sorted(f.name for f in lab.glob("*.jpg"))
-    assert sum(split == "unlabeled" for split, _, _ in rows.values()) == 5
+    linked = {p: v for p, v in rows.items() if "lab_link" in p}  # the labeled images once, as labeled
+    assert len(linked) == 3 and all(status == "failed" and reason.startswith("linked: the same file is indexed at "
+                                                                             + str(lab)) for _, status, reason in linked.values())
+    assert sorted(os.path.basename(p) for p, (split, status, _) in rows.items()
+                  if split == "labeled" and status == "embedded") == sorted(f.name for f in lab.glob("*.jpg"))
+    assert sum(split == "unlabeled" and status == "embedded" for split, status, _ in rows.values()) == 5
     r = build(idx, ("labeled", lab), ("unlabeled", unl))  # a rebuild marks nothing gone
-    assert r.exit_code == 0 and "gone" not in r.output and "8 unchanged" in r.output, r.output
+    assert r.exit_code == 0 and "gone" not in r.output and "11 unchanged" in r.output and "linked" not in r.output, r.output
+
+
+def test_a_folder_given_with_a_link_to_it_is_indexed_once_under_the_paths_it_had(tmp_path, sample_dir):
+    """A folder indexed through a link to it, then given with the link: the paths indexed
+    first stay (nothing embedded again, nothing 'moved'), whichever source comes first;
+    the same for a labeled folder, whose images are not doubled nor called missing (QA 14c D4)."""
+    lab, unl = copy_samples(tmp_path, sample_dir, n_lab=3, n_unl=4)
+    (tmp_path / "LU").symlink_to(unl, target_is_directory=True)
+    (tmp_path / "LL").symlink_to(lab, target_is_directory=True)
+    idx = tmp_path / "idx"
+    assert build(idx, ("labeled", tmp_path / "LL"), ("unlabeled", tmp_path / "LU")).exit_code == 0
+    for order in ((unl, tmp_path / "LU"), (tmp_path / "LU", unl)):
+        r = build(idx, ("labeled", lab), ("labeled", tmp_path / "LL"), *[("unlabeled", u) for u in order])
+        assert r.exit_code == 0 and "embedded  0" in r.output and "moved" not in r.output, r.output
+        assert "missing" not in r.output and "gone" not in r.output and "duplicates" not in r.output, r.output
+    with open_store(idx) as st:
+        c = st.counts()["by_split_status"]
+        assert c[("labeled", "embedded")] == 3 and c[("unlabeled", "embedded")] == 4
+        paths = [p for (p,) in st.db.execute("SELECT path FROM images WHERE status = 'embedded'")]
+    assert all(p.startswith((str(tmp_path / "LL"), str(tmp_path / "LU"))) for p in paths)
 
 
 def test_a_folder_that_cannot_be_listed_hides_nothing_as_gone(tmp_path):

@@ -284,7 +284,7 @@ def test_one_file_reached_through_two_paths_is_one_image(tmp_path, sample_dir):
     (lab / "lab_link.jpg").symlink_to(files[4])  # labeled wins, wherever it is met
     idx = tmp_path / "idx"
     r = build_srcs(idx, ("labeled", lab), ("unlabeled", unl), ("unlabeled", tmp_path / "list.txt"))
-    assert r.exit_code == 0 and "linked: 5" in r.output and "duplicates" not in r.output, r.output
+    assert r.exit_code == 0 and "linked    5 path(s)" in r.output and "duplicates" not in r.output, r.output
     for f in files[:3]:
         assert row(idx, f)[:2] == ("unlabeled", "embedded")
         assert row(idx, links / f.name)[1:3] == ("failed", f"linked: the same file is indexed at {f}")
@@ -313,7 +313,7 @@ def test_a_file_indexed_under_two_paths_keeps_its_marks_at_the_path_kept(tmp_pat
     r = build_srcs(idx, ("unlabeled", lst))
     assert r.exit_code == 0 and "duplicates 2 images" in r.output and str(link) in pool(idx), r.output  # met apart: two
     r = build_srcs(idx, ("labeled", lab), ("unlabeled", lst), ("unlabeled", unl))  # both met: the list's is first
-    assert r.exit_code == 0 and "linked: 1" in r.output and "1 excluded" in r.output, r.output
+    assert r.exit_code == 0 and "linked    1 path(s)" in r.output and "1 excluded" in r.output, r.output
     assert row(idx, f)[1:3] == ("failed", f"linked: the same file is indexed at {link}")
     assert row(idx, link)[4] == "blank" and str(link) not in pool(idx) and str(f) not in pool(idx)
     r = run("exclude", tmp_path / "x.txt", "--undo", "--index", idx)  # names the dropped path: followed
@@ -332,7 +332,7 @@ def test_a_path_linked_from_its_first_scan_is_followed_by_marks(tmp_path, sample
         os.link(f, hard / f.name)
     idx = tmp_path / "idx"
     r = build_srcs(idx, ("labeled", lab), ("unlabeled", unl), ("unlabeled", hard))
-    assert r.exit_code == 0 and "linked: 2" in r.output, r.output
+    assert r.exit_code == 0 and "linked    2 path(s)" in r.output, r.output
     (tmp_path / "m.txt").write_text(f"{hard / files[0].name}\n")
     (tmp_path / "x.txt").write_text(f"{hard / files[1].name}\n")
     r = run("mark-labeled", tmp_path / "m.txt", "--index", idx)
