@@ -180,9 +180,12 @@ def _one_path_a_file(db) -> dict[str, str]:
 
 def gone_from(paths: Iterable[str]) -> set[str]:
     """Those of `paths` (absolute) whose folder now lists without them: deleted. A
-    folder answers only when it can be listed and still holds at least one of them, so a
-    drive not mounted (an empty mount point), a share that is down, or a folder renamed
-    or emptied says nothing: what it held is unknown, not gone. One listing a folder."""
+    folder answers only when it can be listed and still holds an image file (one of
+    these, or another: with --part, the others may be another part's), so a drive not
+    mounted (an empty mount point), a share that is down, or a folder renamed or emptied
+    says nothing: what it held is unknown, not gone. One listing a folder."""
+    from .config import IMAGE_EXTENSIONS
+
     by_folder: dict[str, list[str]] = {}
     for p in paths:
         by_folder.setdefault(os.path.dirname(p), []).append(p)
@@ -193,7 +196,7 @@ def gone_from(paths: Iterable[str]) -> set[str]:
         except (OSError, ValueError):
             continue
         missing = [p for p in ps if os.path.basename(p) not in names]
-        if len(missing) < len(ps):
+        if len(missing) < len(ps) or any(n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".") for n in names):
             out.update(missing)
     return out
 

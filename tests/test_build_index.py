@@ -428,6 +428,11 @@ def test_a_part_never_marks_the_other_parts_images_gone(tmp_path, sample_dir):
     _, unl = copy_samples(tmp_path, sample_dir, n_lab=0, n_unl=12)
     from novelty.sources import in_part
 
+    for k in range(50):  # the split goes by a hash of the path: a folder name where each part has 2 or more
+        names = [str(tmp_path / f"u{k}" / f.name) for f in unl.glob("*.jpg")]
+        if 2 <= sum(in_part(n, (1, 2)) for n in names) <= len(names) - 2:
+            unl = unl.rename(tmp_path / f"u{k}")
+            break
     idx = tmp_path / "part1"
     assert build(idx, ("unlabeled", unl), extra=("--part", "1/2")).exit_code == 0
     files = sorted(unl.glob("*.jpg"))
@@ -440,6 +445,16 @@ def test_a_part_never_marks_the_other_parts_images_gone(tmp_path, sample_dir):
     mine[0].unlink()
     r = build(idx, ("unlabeled", unl), extra=("--part", "1/2"))
     assert "gone      1 unlabeled" in r.output and catalog(idx)[str(mine[0])][1] == "failed", r.output
+    # the folder not given the next time: all this part's images in it deleted, the other part's still there;
+    # the folder answers by any image it holds, not only by this part's (QA 14c D5)
+    for f in mine[1:]:
+        f.unlink()
+    other_batch = tmp_path / "batch2"
+    other_batch.mkdir()
+    shutil.copy(other[1], other_batch / "x.jpg")
+    r = build(idx, ("unlabeled", other_batch), extra=("--part", "1/2"))
+    assert r.exit_code == 0 and f"gone      {len(mine) - 1} unlabeled" in r.output, r.output
+    assert all(catalog(idx)[str(f)][1] == "failed" for f in mine)
 
 
 @pytest.mark.parametrize("kind", ["empty folder", "folder of other files", "script", "list of missing files"])
