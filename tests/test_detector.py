@@ -179,6 +179,38 @@ def test_a_nan_or_inf_score_is_a_failure_with_its_reason(index, tmp_path):
         assert reasons == {"non-finite score: the model's outputs gave NaN or inf for this image"}
 
 
+@pytest.mark.parametrize("field", ["scores", "boxes", "probs"])
+def test_a_detector_giving_nan_is_failed_not_scored(index, tmp_path, field):
+    """NaN scores passed no threshold and scored 0 (the pool's 'blind detector' score),
+    NaN boxes matched nothing and scored 1; both were stored as scores (QA 14c D7)."""
+    f = tmp_path / "nandet.py"
+    f.write_text(textwrap.dedent(f"""
+        import torch
+        from tests._tiny_models import make_detector
+
+        class NaNs(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = make_detector()
+            def forward(self, images):
+                out = self.inner(images)
+                x = torch.stack(list(images)) if isinstance(images, (list, tuple)) else images
+                for d, img in zip(out, x):
+                    if img.mean() > 0.45:
+                        d[{field!r}] = torch.full_like(d[{field!r}], float("nan"))
+                return out
+
+        def build():
+            return NaNs()
+    """))
+    r = run("uncertainty", "--detector", f"{f}:build", "--kind", "detection", "--passes", 3, "--image-size", 32,
+            "--index", index, "--workers", 0)
+    got = scores(index)
+    bad = [i for i, v in got.items() if v is None]
+    assert r.exit_code == 0 and 0 < len(bad) < len(got) == 73, r.output
+    assert f"failed: non-finite score: {len(bad)}" in r.output, r.output
+
+
 def test_a_model_that_fails_on_every_batch_warns_three_times_and_names_the_error(index, tmp_path):
     """A forward that raises: each batch is retried image by image, as before, but only
     the first 3 batches are warned about (a million images made 125,000 lines), and the

@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -164,6 +165,9 @@ def _score_batch(mc: MCDropout, keys: Sequence, images, cfg: UncertaintyCfg, dev
             raise ModelError("a detection model must return a list of dicts (one per image), got a tensor")
         out = []
         for key, passes in zip(keys, per_image([_detections(r) for r in rows], T, n)):
+            if not all(np.isfinite(p[k]).all() for p in passes for k in ("boxes", "scores", "probs") if k in p):
+                out.append(ImageResult(key, None, NON_FINITE))  # NaN scores pass no threshold (0), NaN boxes match none (1)
+                continue
             obj = detection_objects(passes, cfg.detection)
             details = {"objects": int(obj.score.shape[0])}
             for name, v in (("presence", obj.presence), ("class", obj.class_bald), ("localisation", obj.localisation)):
