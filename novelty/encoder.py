@@ -155,9 +155,6 @@ def reparameterize(model) -> bool:
     return True
 
 
-_PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-
-
 def hub_unreachable(timeout: float = 3.0) -> bool:
     """True when the Hugging Face hub, where pretrained tags come from, cannot be reached;
     huggingface_hub is then put in offline mode, so weights already in its cache still
@@ -171,15 +168,20 @@ def hub_unreachable(timeout: float = 3.0) -> bool:
         return False
     if constants.HF_HUB_OFFLINE:
         return False
-    proxy = next((os.environ[k] for k in _PROXIES if os.environ.get(k)), None)
+    import urllib.request
+
+    hub = urllib.parse.urlparse(constants.ENDPOINT)
+    hub_host = hub.hostname or "huggingface.co"
+    proxies = urllib.request.getproxies()  # the *_proxy variables, as requests reads them
+    proxy = None if urllib.request.proxy_bypass(hub_host) else (proxies.get(hub.scheme or "https") or proxies.get("all"))
     if proxy is not None:
         url = urllib.parse.urlparse(proxy if "://" in proxy else f"http://{proxy}")
         try:
-            host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+            host, port = url.hostname, url.port or {"https": 443, "socks5": 1080, "socks5h": 1080, "socks4": 1080}.get(url.scheme, 80)
         except ValueError:  # a port that is not a number: let the hub library say what is wrong
             return False
     else:
-        host, port = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co", 443
+        host, port = hub_host, hub.port or 443
     if not host:
         return False
     try:

@@ -47,7 +47,7 @@ def unreachable_hub(monkeypatch):
 
     monkeypatch.setattr(constants, "ENDPOINT", "https://192.0.2.1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+    for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
         monkeypatch.delenv(k, raising=False)
     return constants
 
@@ -75,6 +75,20 @@ def test_an_unreachable_hub_turns_offline_mode_on(unreachable_hub, monkeypatch):
     # ...and one that does not answer is offline mode at once (the hub library retried for 50 s, a line each try)
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # the discard port: nothing listens
     assert hub_unreachable(timeout=0.5) and unreachable_hub.HF_HUB_OFFLINE is True
+    # the proxy the hub's requests would take, as requests picks it: none for a host NO_PROXY names, and an
+    # http:// one only for an http:// hub (QA 14c D8); then the hub itself is probed
+    hub = socket.socket()
+    hub.bind(("127.0.0.1", 0))
+    hub.listen(1)
+    try:
+        monkeypatch.setattr(unreachable_hub, "ENDPOINT", f"https://127.0.0.1:{hub.getsockname()[1]}")
+        for env in ({"NO_PROXY": "127.0.0.1"}, {"HTTPS_PROXY": None, "HTTP_PROXY": "http://127.0.0.1:9"}):
+            for k, v in env.items():
+                monkeypatch.delenv(k, raising=False) if v is None else monkeypatch.setenv(k, v)
+            monkeypatch.setattr(unreachable_hub, "HF_HUB_OFFLINE", False)
+            assert not hub_unreachable(timeout=0.5) and unreachable_hub.HF_HUB_OFFLINE is False, env
+    finally:
+        hub.close()
 
 
 def test_a_tag_without_network_fails_fast_in_one_line(unreachable_hub):
