@@ -251,8 +251,12 @@ def build_index(
     part: Annotated[Optional[str], typer.Option(metavar="K/N", help="Only part K of N of the images (split by a hash of the path), into this machine's own --index; `novelty merge` joins the parts.")] = None,
 ):
     """Embed labeled and unlabeled images into the index. Re-run to resume or to add sources."""
-    from .indexer import build_index as run
-    from .sources import parse_part
+    try:
+        from .indexer import build_index as run  # torch and open_clip: seconds, and nothing written yet
+        from .sources import parse_part
+    except KeyboardInterrupt as e:
+        e.kept = "nothing was written"
+        raise
 
     if not labeled and not unlabeled:
         raise ConfigError("give at least one --labeled or --unlabeled source")

@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,8 +169,6 @@ def hub_unreachable(timeout: float = 3.0) -> bool:
         return False
     if constants.HF_HUB_OFFLINE:
         return False
-    import urllib.request
-
     hub = urllib.parse.urlparse(constants.ENDPOINT)
     hub_host = hub.hostname or "huggingface.co"
     proxies = urllib.request.getproxies()  # the *_proxy variables, as requests reads them

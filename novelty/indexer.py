@@ -121,8 +121,12 @@ def build_index(
 
 def _build_index(root, labeled, unlabeled, cfg: BuildCfg, progress_factory) -> BuildSummary:
     t0 = time.monotonic()
-    sources.check_sources(labeled, unlabeled)
-    encoder = create_encoder(cfg.encoder)  # fails fast on a bad model or weights, before any write
+    try:
+        sources.check_sources(labeled, unlabeled)
+        encoder = create_encoder(cfg.encoder)  # fails fast on a bad model or weights, before any write
+    except KeyboardInterrupt as e:  # stopped before the index was opened: the CLI says so, not "shards are kept"
+        e.kept = "nothing was written"
+        raise
     with create_store(root) as store:
         store.check_encoder(encoder.info, encoder.dim)
         store.update_manifest(versions=library_versions())
@@ -147,7 +151,7 @@ def _scan_and_embed(store, encoder, labeled, unlabeled, cfg: BuildCfg, progress_
     s = BuildSummary(scanned=counts["scanned"], new=counts["new"], changed=counts["changed"], retried=counts["retried"],
                      moved=counts["moved"],
                      kept_labeled=counts["kept_labeled"], gone=counts["gone"],
-                     gone_elsewhere=counts["gone_elsewhere"], labeled_missing=counts["labeled_missing"], lost_shards=list(lost.names),
+                     gone_elsewhere=counts["gone_elsewhere"], lost_shards=list(lost.names),
                      requeued=lost.requeued)
     s.content.add(counts["content"])  # marks of an image reached through a link, kept at the path indexed
     s.resumed = max(0, len(pending) - s.new - s.changed - s.retried - s.requeued)  # left pending by an interrupted run
@@ -160,6 +164,7 @@ def _scan_and_embed(store, encoder, labeled, unlabeled, cfg: BuildCfg, progress_
     if s.content.moved and s.gone:  # those found at a new path were moved, not deleted
         s.gone = store.still_gone(counts["gone_ids"])
         s.gone_elsewhere = min(s.gone_elsewhere, s.gone)
+    s.labeled_missing = store.still_embedded(counts["labeled_missing_ids"])  # those found moved are not missing
     at_scan = Counter(reason_kind(r) for r in counts["failed_at_scan"])  # missing, unreadable; and links, said apart
     s.linked = at_scan.pop(reason_kind(LINKED), 0)
     failed.update(at_scan)

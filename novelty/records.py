@@ -68,11 +68,15 @@ def read_uncertainty_csv(store: Store, path: Path) -> tuple[np.ndarray, np.ndarr
                 if None in rec:  # more fields than the header: an id with a comma, unquoted, or columns shifted
                     raise InputError(f"{path}:{line}: {len(reader.fieldnames) + len(rec[None])} fields, the header has "
                                      f"{len(reader.fieldnames)}; quote an id that holds a comma")
+                if rec["uncertainty"] is None:
+                    raise InputError(f"{path}:{line}: {len(rec) - sum(v is None for v in rec.values())} field(s), the "
+                                     f"header has {len(reader.fieldnames)}: no uncertainty")
                 try:
-                    if "_" in (rec["uncertainty"] or ""):  # Python's float() reads 1_000, which no CSV writer means
+                    text = rec["uncertainty"]
+                    if "_" in text or not text.isascii():  # float() reads 1_000 and full-width digits; no CSV writer means them
                         raise ValueError
-                    v = float(rec["uncertainty"])
-                except (TypeError, ValueError):
+                    v = float(text)
+                except ValueError:
                     raise InputError(f"{path}:{line}: uncertainty {rec['uncertainty']!r} is not a number") from None
                 if not math.isfinite(v) or v < 0:
                     raise InputError(f"{path}:{line}: uncertainty must be finite and >= 0, got {v}")

@@ -453,8 +453,8 @@ class Store:
         unlabeled again. An unlabeled image under one of `folders` (the scanned folders,
         absolute) that the scan no longer found, and for which `keep(path)` holds (this
         part's paths), was deleted: it is recorded as failed ("gone") and leaves the
-        pool; a labeled one stays, as a center, and is counted (labeled_missing; also
-        under `labeled_folders`). So does one the scan did not reach (its
+        pool; a labeled one stays, as a center, and is counted (labeled_missing_ids;
+        also under `labeled_folders`). So does one the scan did not reach (its
         folder or list not given this time) whose folder now lists without it
         (gone_from). Returns counts.
         """
@@ -482,9 +482,12 @@ class Store:
                 "s.reason, ? FROM scan s WHERE NOT EXISTS (SELECT 1 FROM images i WHERE i.path = s.path)",
                 (now,),
             ).rowcount
-            retried = db.execute(  # failed before and not changed since: tried again (--retry-failed), not "changed"
-                "SELECT COUNT(*) FROM images i JOIN scan s ON i.path = s.path WHERE i.status = 'failed' "
-                "AND i.size IS s.size AND i.mtime IS s.mtime").fetchone()[0] if retry_failed else 0
+            # failed before and not changed since (--retry-failed): updated, but not "changed"; tried again, but for
+            # a path linked to another (not a failure: it stays linked)
+            refailed, retried = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(s.reason IS NULL OR s.reason NOT LIKE ?), 0) FROM images i "
+                "JOIN scan s ON i.path = s.path WHERE i.status = 'failed' AND i.size IS s.size AND i.mtime IS s.mtime",
+                (_content.LINKED_PREFIX + "%",)).fetchone() if retry_failed else (0, 0)
             changed = db.execute(
                 "UPDATE images SET status = CASE WHEN s.reason IS NULL THEN 'pending' ELSE 'failed' END, "
                 "reason = s.reason, size = s.size, mtime = s.mtime, shard = NULL, row = NULL "  # hash: what it held (_content)
@@ -492,7 +495,7 @@ class Store:
                 + ("OR images.status = 'failed'" if retry_failed else "")
                 + ")"
             ).rowcount
-            counts["changed"], counts["retried"] = changed - retried, retried
+            counts["changed"], counts["retried"] = changed - refailed, retried
             counts["kept_labeled"] = db.execute(
                 "SELECT COUNT(*) FROM images i JOIN scan s ON i.path = s.path "
                 "WHERE i.split = 'labeled' AND s.split = 'unlabeled' AND i.labeled_at IS NOT NULL"
@@ -508,13 +511,14 @@ class Store:
                     "SELECT id, path FROM images i WHERE split = 'unlabeled' AND status != 'failed' AND path IS NOT NULL "
                     "AND substr(path, 1, ?) = ? AND NOT EXISTS (SELECT 1 FROM scan s WHERE s.path = i.path)",
                     (len(prefix), prefix)) if keep is None or keep(p)]
-            counts["labeled_missing"] = 0  # labeled images whose file left a scanned folder: centers still, said each run
+            missing = set()  # labeled images whose file left a scanned folder: centers still, said each run
             for folder in (*folders, *labeled_folders):
                 prefix = folder.rstrip(os.sep) + os.sep
-                counts["labeled_missing"] += sum(keep is None or keep(p) for (p,) in db.execute(
-                    "SELECT path FROM images i WHERE split = 'labeled' AND status = 'embedded' AND path IS NOT NULL "
+                missing.update(i for i, p in db.execute(
+                    "SELECT id, path FROM images i WHERE split = 'labeled' AND status = 'embedded' AND path IS NOT NULL "
                     "AND substr(path, 1, ?) = ? AND NOT EXISTS (SELECT 1 FROM scan s WHERE s.path = i.path)",
-                    (len(prefix), prefix)))
+                    (len(prefix), prefix)) if keep is None or keep(p))
+            counts["labeled_missing_ids"] = sorted(missing)
             # elsewhere: an image the scan did not reach (its folder or list not given this time) whose folder
             # now lists without it was deleted too; gone_from answers only for folders that list and still hold one of them
             prefixes = [f.rstrip(os.sep) + os.sep for f in folders]
@@ -532,6 +536,11 @@ class Store:
                 self._bump_version()
             db.execute("DELETE FROM scan")
         return counts
+
+    def still_embedded(self, ids: Sequence[int]) -> int:
+        """How many of `ids` are still embedded (a labeled image found moved is not)."""
+        return sum(self.db.execute(f"SELECT COUNT(*) FROM images WHERE status = 'embedded' AND id IN ({marks})",
+                                   chunk).fetchone()[0] for chunk, marks in in_chunks(ids))
 
     def still_gone(self, ids: Sequence[int]) -> int:
         """How many of `ids` are still recorded as deleted (GONE), not since found moved."""

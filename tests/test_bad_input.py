@@ -294,6 +294,19 @@ def test_a_first_build_stopped_while_it_creates_the_catalog_leaves_nothing(tmp_p
     assert not user.exists() if made else list(user.iterdir()) == []
 
 
+def test_a_build_stopped_while_the_model_loads_says_nothing_was_written(tmp_path, sample_dir, monkeypatch):
+    import novelty.indexer as indexer
+
+    def stopped(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(indexer, "create_encoder", stopped)
+    r = run("build-index", "--unlabeled", sample_dir / "unlabeled", "--model", TINY, "--pretrained", "none",
+            "--index", tmp_path / "idx")
+    assert r.exit_code == 130 and "interrupted; nothing was written" in r.output, r.output  # not "finished shards"
+    assert not (tmp_path / "idx").exists()
+
+
 def test_a_refused_import_into_an_index_leaves_no_history_line(tmp_path):
     rng = np.random.default_rng(0)
     np.save(tmp_path / "v.npy", rng.normal(size=(2, 8)).astype(np.float32))

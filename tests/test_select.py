@@ -216,6 +216,8 @@ def test_no_labeled_images_first_pick_is_deterministic(tmp_path):
         ("id,uncertainty\np001,abc\n", "is not a number"),
         ("id,uncertainty\np001,1_000\n", "is not a number"),  # float() reads it; no CSV writer means it
         ("id,uncertainty\np001,0.3,7\n", "3 fields, the header has 2"),
+        ("id,uncertainty\np001,\uff11\uff12\n", "is not a number"),  # full-width digits
+        ("id,uncertainty\np001\n", "1 field(s), the header has 2: no uncertainty"),
         ("name,score\np001,1\n", "must have the columns id,uncertainty"),
         ("id,uncertainty\np001,1\np001,2\n", "twice"),
     ],
