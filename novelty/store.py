@@ -173,9 +173,26 @@ def _one_path_a_file(db) -> dict[str, str]:
     for rows in groups.values():
         first = max(rows)[3]
         linked.update((r[3], first) for r in rows if r[3] != first)
+    # a path linked by an earlier run and met alone now (its partner's folder not given) stays linked while it is
+    # still the same file as the path indexed: re-read, it would be a second row of one image
+    for path, reason, split, to_split in db.execute(
+            "SELECT s.path, i.reason, s.split, t.split FROM scan s JOIN images i ON i.path = s.path "
+            "JOIN images t ON t.path = substr(i.reason, ?) AND t.status != 'failed' "
+            "WHERE i.status = 'failed' AND i.reason LIKE ? AND s.reason IS NULL",
+            (len(_content.LINKED_PREFIX) + 1, _content.LINKED_PREFIX + "%")).fetchall():
+        to = reason[len(_content.LINKED_PREFIX):]
+        if path not in linked and not (split == "labeled" and to_split == "unlabeled") and _same_file(path, to):
+            linked[path] = to
     db.executemany("UPDATE scan SET size = -1, mtime = 0.0, reason = ? WHERE path = ?",
                    ((_content.LINKED.format(to), path) for path, to in linked.items()))
     return linked
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
 
 
 def gone_from(paths: Iterable[str]) -> set[str]:

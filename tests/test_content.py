@@ -343,3 +343,26 @@ def test_a_path_linked_from_its_first_scan_is_followed_by_marks(tmp_path, sample
     assert run("mark-labeled", tmp_path / "m.txt", "--undo", "--index", idx).exit_code == 0
     assert run("exclude", tmp_path / "x.txt", "--undo", "--index", idx).exit_code == 0
     assert pool(idx) == {str(f) for f in files}
+
+
+def test_a_linked_path_met_alone_later_stays_linked(tmp_path, sample_dir):
+    """A folder indexed with a link to it, then only the link given: the linked rows were
+    read again as 'changed' and every image was in the pool twice, the excluded ones too
+    (QA 14d D1). Also a link from the unlabeled folder into the labeled one, met alone."""
+    lab, unl = copy_samples(tmp_path, sample_dir, n_lab=2, n_unl=5)
+    (tmp_path / "UL").symlink_to(unl, target_is_directory=True)
+    (unl / "Lk").symlink_to(lab, target_is_directory=True)
+    idx = tmp_path / "idx"
+    assert build_srcs(idx, ("labeled", lab), ("unlabeled", unl), ("unlabeled", tmp_path / "UL")).exit_code == 0
+    files = sorted(unl.glob("*.jpg"))
+    (tmp_path / "x.txt").write_text("".join(f"{f}\n" for f in files[:3]))
+    assert run("exclude", tmp_path / "x.txt", "--index", idx).exit_code == 0
+    before = pool(idx)
+    assert before == {str(f) for f in files[3:]}
+    for srcs in ((("labeled", lab), ("unlabeled", tmp_path / "UL")), (("unlabeled", unl),)):
+        r = build_srcs(idx, *srcs)
+        assert r.exit_code == 0 and "embedded  0" in r.output and "duplicates" not in r.output, r.output
+        assert pool(idx) == before, srcs
+    with open_store(idx) as st:
+        c = st.counts()["by_split_status"]
+    assert c[("labeled", "embedded")] == 2 and c[("unlabeled", "embedded")] == 5
