@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from ._sql import in_chunks
 
 GONE = "not found: deleted from its folder since it was indexed"
+NOT_FOUND = "not found"  # a path a scan met but could not stat: a list's line, or a symlink whose target went
 MOVED = "moved: its bytes are now at {}"
 MOVED_PREFIX = MOVED.split("{}")[0]
 LINKED = "linked: the same file is indexed at {}"  # one file reached through two paths (Store.sync_sources)
@@ -109,7 +110,7 @@ def after_commit(db: sqlite3.Connection, new_hash: dict[int, str]) -> ContentCha
     for n in new.values():
         # an unlabeled row, or one mark-labeled moved; a --labeled source's image stays a center wherever it went
         olds = [o for o in by_hash.get(n[3], ()) if (o[2] == "unlabeled" or o[6] is not None)
-                and ((o[4] == "failed" and (o[5] == GONE or (o[5] or "").startswith(MOVED_PREFIX)))
+                and ((o[4] == "failed" and (o[5] in (GONE, NOT_FOUND) or (o[5] or "").startswith(MOVED_PREFIX)))
                      or (o[4] == "embedded" and not os.path.exists(o[1])))]
         if olds:
             _carry(db, n, olds, c, done)
@@ -170,7 +171,7 @@ def _carry(db: sqlite3.Connection, n: tuple, olds: list[tuple], c: ContentChange
     i, ids = n[0], [o[0] for o in olds]
     marks = ",".join("?" * len(ids))
     for o in olds:
-        if o[0] not in done and (o[4] == "embedded" or o[5] == GONE):
+        if o[0] not in done and (o[4] == "embedded" or o[5] in (GONE, NOT_FOUND)):
             db.execute("UPDATE images SET status='failed', reason=?, size=-1, mtime=NULL, shard=NULL, row=NULL "
                        "WHERE id=?", (MOVED.format(n[1]), o[0]))  # as record_gone: a file that comes back is read again
             done.add(o[0])

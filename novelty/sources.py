@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+from ._content import NOT_FOUND
 from .config import IMAGE_EXTENSIONS
 from .errors import ConfigError, SourceError
 from .store import ImageRecord, text_key
@@ -23,7 +24,7 @@ def record(path: str, split: str) -> ImageRecord:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        return ImageRecord(path, split, -1, 0.0, "not found")
+        return ImageRecord(path, split, -1, 0.0, NOT_FOUND)
     except OSError as e:
         return ImageRecord(path, split, -1, 0.0, f"unreadable: {type(e).__name__}: {e.strerror or e}")
     except ValueError:  # a NUL byte in a list file's line

@@ -366,3 +366,31 @@ def test_a_linked_path_met_alone_later_stays_linked(tmp_path, sample_dir):
     with open_store(idx) as st:
         c = st.counts()["by_split_status"]
     assert c[("labeled", "embedded")] == 2 and c[("unlabeled", "embedded")] == 5
+
+
+def test_marks_kept_on_a_symlink_follow_its_target_when_that_is_renamed(tmp_path, sample_dir):
+    """The link met first is the path kept, with the marks; its target renamed leaves it
+    broken ('not found'), and the marks went nowhere: the image came back unlabeled, or
+    included (QA 14d D2). They now follow the bytes, as for a plain rename."""
+    _, unl = copy_samples(tmp_path, sample_dir, n_lab=0, n_unl=3)
+    files = sorted(unl.glob("*.jpg"))
+    (unl / "a_link.jpg").symlink_to(files[1].name)
+    (unl / "a_link2.jpg").symlink_to(files[2].name)
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    shutil.copy(sample_dir / "labeled" / sorted(p.name for p in (sample_dir / "labeled").glob("*.jpg"))[0], lab / "l.jpg")
+    idx = tmp_path / "idx"
+    r = build(idx, lab, unl)
+    assert r.exit_code == 0 and row(idx, files[1])[2] == f"linked: the same file is indexed at {unl / 'a_link.jpg'}"
+    (tmp_path / "m.txt").write_text(f"{files[1]}\n")
+    (tmp_path / "x.txt").write_text(f"{files[2]}\n")
+    assert run("mark-labeled", tmp_path / "m.txt", "--index", idx).exit_code == 0
+    assert run("exclude", tmp_path / "x.txt", "--index", idx).exit_code == 0
+    files[1].rename(unl / "renamed.jpg")
+    files[2].rename(unl / "z0.jpg")
+    r = build(idx, lab, unl)
+    assert r.exit_code == 0, r.output
+    assert row(idx, unl / "renamed.jpg")[:2] == ("labeled", "embedded")
+    assert str(unl / "z0.jpg") not in pool(idx) and pool(idx) == {str(files[0])}  # excluded where it went
+    r = run("exclude", tmp_path / "x.txt", "--undo", "--index", idx)  # the old path still names the image
+    assert r.exit_code == 0 and str(unl / "z0.jpg") in pool(idx), r.output
