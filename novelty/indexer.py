@@ -40,6 +40,7 @@ class BuildSummary:
     gone_elsewhere: int = 0  # of those, images in a folder or list not given this time (Store.sync_sources)
     labeled_missing: int = 0  # labeled images whose file is not in its scanned folder now: centers still
     linked: int = 0  # paths first met this run that reach a file indexed under another path (not failures)
+    unlabeled_as_labeled: list = field(default_factory=list)  # of those, paths given under --unlabeled of labeled files
     lost_shards: list = field(default_factory=list)  # shards found missing or damaged, taken out of the catalog
     requeued: int = 0  # their images, pending again and embedded again by this run (their imported vectors: failed)
     resumed: int = 0
@@ -153,6 +154,7 @@ def _scan_and_embed(store, encoder, labeled, unlabeled, cfg: BuildCfg, progress_
                      kept_labeled=counts["kept_labeled"], gone=counts["gone"],
                      gone_elsewhere=counts["gone_elsewhere"], lost_shards=list(lost.names),
                      requeued=lost.requeued)
+    s.unlabeled_as_labeled = counts["unlabeled_as_labeled"]
     s.content.add(counts["content"])  # marks of an image reached through a link, kept at the path indexed
     s.resumed = max(0, len(pending) - s.new - s.changed - s.retried - s.requeued)  # left pending by an interrupted run
     s.unchanged = max(0, s.scanned - s.new - s.changed - s.retried - s.resumed - s.requeued)

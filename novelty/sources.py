@@ -34,27 +34,30 @@ def record(path: str, split: str) -> ImageRecord:
     return ImageRecord(path, split, st.st_size, st.st_mtime, file=f"{st.st_dev}:{st.st_ino}" if st.st_ino else None)
 
 
-def _walk(root: Path, unlisted: list[str] | None = None, seen: set[tuple[int, int]] | None = None) -> Iterator[str]:
+def _walk(root: Path, unlisted: list[str] | None = None) -> Iterator[str]:
     """Image files under `root`, in sorted order. Symlinked folders are followed (a
-    dataset laid out with links is scanned whole); a folder reached twice, through a
-    link or a loop, is scanned once (`seen`: the folders walked). Folders that cannot be
-    listed are warned about and appended to `unlisted`: their images are unknown, not gone."""
+    dataset laid out with links is scanned whole), except a link back to a folder above
+    it (a loop). A folder reached twice otherwise (a folder and a link to it) is walked
+    under both paths: Store.sync_sources keeps one image per file, under the path
+    indexed before. Folders that cannot be listed are warned about and appended to
+    `unlisted`: their images are unknown, not gone."""
     def cannot_list(e: OSError) -> None:
         log.warning("cannot list %s: %s", e.filename, e)
         if unlisted is not None and e.filename:
             unlisted.append(os.path.abspath(e.filename))
 
-    seen = set() if seen is None else seen
+    above: dict[str, frozenset] = {}  # a folder's path -> the folders on its way down from root, itself included
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=cannot_list):
         try:
             st = os.stat(dirpath)
         except OSError:
             dirnames[:] = []
             continue
-        if (st.st_dev, st.st_ino) in seen:
+        up = above.get(os.path.dirname(dirpath), frozenset()) if dirpath != str(root) else frozenset()
+        if (st.st_dev, st.st_ino) in up:  # a loop
             dirnames[:] = []
             continue
-        seen.add((st.st_dev, st.st_ino))
+        above[dirpath] = up | {(st.st_dev, st.st_ino)}
         dirnames.sort()
         for name in sorted(filenames):
             if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
@@ -117,7 +120,7 @@ def in_part(path: str, part: tuple[int, int] | None) -> bool:
 
 
 def iter_source(src: Path, split: str, part: tuple[int, int] | None = None,
-                unlisted: list[str] | None = None, seen: set[tuple[int, int]] | None = None) -> Iterator[ImageRecord]:
+                unlisted: list[str] | None = None) -> Iterator[ImageRecord]:
     """Records for one SRC (with `part`, only the paths in it: the others are not even
     stat'ed). Raises SourceError when it is missing; check_sources, run before any
     scan, refuses one that holds no image."""
@@ -125,7 +128,7 @@ def iter_source(src: Path, split: str, part: tuple[int, int] | None = None,
     if not src.exists():
         raise SourceError(f"source {src} does not exist")
     if src.is_dir():
-        paths: Iterator[str] = _walk(src, unlisted, seen)
+        paths: Iterator[str] = _walk(src, unlisted)
     elif src.suffix.lower() in IMAGE_EXTENSIONS:
         paths = iter([str(src)])
     else:
@@ -140,15 +143,14 @@ def scan(labeled: Sequence[Path], unlabeled: Sequence[Path], part: tuple[int, in
          unlisted: list[str] | None = None) -> Iterator[ImageRecord]:
     """Records for every source of both splits (with `part`, of that part only); the
     folders that could not be listed are appended to `unlisted`. Labeled sources go
-    first. Each source walks a folder once (links and loops inside it); a folder two
-    sources reach (nested, or a link to it) is walked by each, so every path a user gave
-    is met, and the catalog keeps one image per file (Store.sync_sources: the labeled
+    first. Every path to a file is met (a folder and a link to it, in one source or two;
+    only loops are cut), and the catalog keeps one image per file (Store.sync_sources: the labeled
     path, else the one indexed before, else the first met; a path met under both splits
     is labeled)."""
     for src in labeled:
-        yield from iter_source(src, "labeled", part, unlisted, set())
+        yield from iter_source(src, "labeled", part, unlisted)
     for src in unlabeled:
-        yield from iter_source(src, "unlabeled", part, unlisted, set())
+        yield from iter_source(src, "unlabeled", part, unlisted)
 
 
 def was_listed(path: str, part: tuple[int, int] | None, unlisted: Sequence[str]) -> bool:

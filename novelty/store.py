@@ -158,6 +158,21 @@ def record_gone(db, ids: Iterable[int]) -> None:
                    "row = NULL WHERE id = ?", ((GONE, int(i)) for i in ids))
 
 
+def _labeled_over_unlabeled(db, linked: dict[str, str]) -> list[str]:
+    """Paths given under --unlabeled, newly linked to a labeled path: labeled images, as
+    the rule says, but a link in the labeled folder to the unlabeled one makes the whole
+    pool labeled, so the build says so."""
+    out = []
+    for chunk, marks in in_chunks(sorted(linked)):
+        out += [p for p, in db.execute(
+            f"SELECT s.path FROM scan s WHERE s.split = 'unlabeled' AND s.path IN ({marks}) AND NOT EXISTS "
+            f"(SELECT 1 FROM images i WHERE i.path = s.path AND i.status = 'failed' AND i.reason = s.reason)", chunk)]
+    labeled = set()
+    for chunk, marks in in_chunks(sorted({linked[p] for p in out})):
+        labeled.update(p for p, in db.execute(f"SELECT path FROM scan WHERE split = 'labeled' AND path IN ({marks})", chunk))
+    return [p for p in out if linked[p] in labeled]
+
+
 def _one_path_a_file(db) -> dict[str, str]:
     """One file reached through several paths in a scan (a symlink, a hard link, a folder
     of links beside the folder they point into) is one image: the labeled path wins, then
@@ -487,6 +502,7 @@ class Store:
                 ((r.path, r.split, r.size, r.mtime, r.reason, r.file) for r in records),
             )
             linked = _one_path_a_file(db)
+            as_labeled = _labeled_over_unlabeled(db, linked)  # before the rows below take the scan's word
             counts = {"scanned": db.execute("SELECT COUNT(*) FROM scan").fetchone()[0]}
             counts["failed_at_scan"] = [r for (r,) in db.execute(
                 "SELECT s.reason FROM scan s LEFT JOIN images i ON i.path = s.path WHERE s.reason IS NOT NULL "
@@ -548,6 +564,7 @@ class Store:
             gone = sorted(set(gone) | {i for i, p in outside if p in deleted})
             record_gone(db, gone)
             counts["linked"], counts["content"] = len(linked), _content.carry_to(db, linked)
+            counts["unlabeled_as_labeled"] = as_labeled
             counts["gone"], counts["gone_ids"] = len(gone), gone
             if changed or gone:
                 self._bump_version()

@@ -486,9 +486,32 @@ def test_symlinked_folders_are_followed_once(tmp_path, sample_dir):
     (src / "b").symlink_to(unl, target_is_directory=True)  # the same folder twice
     (src / "a_loop").symlink_to(src, target_is_directory=True)  # and a loop
     idx = tmp_path / "idx"
+    r = build(idx, ("unlabeled", src))  # the loop is cut; the two links to one folder are one image a file
+    assert r.exit_code == 0 and "8 images scanned" in r.output and "linked    4 path(s)" in r.output, r.output
+    assert "embedded  4 " in r.output, r.output
+    embedded = [p for p, (_, status, _) in catalog(idx).items() if status == "embedded"]
+    assert sorted(os.path.basename(p) for p in embedded) == sorted(f.name for f in unl.glob("*.jpg"))
+    assert all(p.startswith(str(src / "a") + os.sep) for p in embedded)  # the first met
     r = build(idx, ("unlabeled", src))
-    assert r.exit_code == 0 and "4 images scanned" in r.output, r.output
-    assert sorted(os.path.basename(p) for p in catalog(idx)) == sorted(f.name for f in unl.glob("*.jpg"))
+    assert r.exit_code == 0 and "embedded  0" in r.output and "linked    " not in r.output, r.output
+
+
+def test_a_folder_and_a_link_to_it_inside_one_source_keep_the_path_indexed_first(tmp_path, sample_dir):
+    """Indexed as L/b, then L given, where L/a -> b sorts first: the walk met only the
+    link (a folder seen once), so b's images were embedded again under a/ and called
+    missing (QA 14d D3)."""
+    lab, unl = copy_samples(tmp_path, sample_dir, n_lab=3, n_unl=3)
+    L = tmp_path / "L"
+    L.mkdir()
+    lab.rename(L / "b")
+    (L / "a").symlink_to("b", target_is_directory=True)
+    idx = tmp_path / "idx"
+    assert build(idx, ("labeled", L / "b"), ("unlabeled", unl)).exit_code == 0
+    for _ in range(2):
+        r = build(idx, ("labeled", L), ("unlabeled", unl))
+        assert r.exit_code == 0 and "embedded  0" in r.output and "missing" not in r.output, r.output
+    with open_store(idx) as st:
+        assert st.counts()["by_split_status"][("labeled", "embedded")] == 3
 
 
 def test_a_link_into_the_labeled_folder_adds_no_unlabeled_copies(tmp_path, sample_dir):
@@ -507,7 +530,7 @@ def test_a_link_into_the_labeled_folder_adds_no_unlabeled_copies(tmp_path, sampl
                   if split == "labeled" and status == "embedded") == sorted(f.name for f in lab.glob("*.jpg"))
     assert sum(split == "unlabeled" and status == "embedded" for split, status, _ in rows.values()) == 5
     r = build(idx, ("labeled", lab), ("unlabeled", unl))  # a rebuild marks nothing gone
-    assert r.exit_code == 0 and "gone" not in r.output and "11 unchanged" in r.output and "linked" not in r.output, r.output
+    assert r.exit_code == 0 and "gone" not in r.output and "11 unchanged" in r.output and "linked    " not in r.output, r.output
 
 
 def test_a_folder_given_with_a_link_to_it_is_indexed_once_under_the_paths_it_had(tmp_path, sample_dir):
@@ -649,3 +672,15 @@ def test_imported_rows_of_huge_or_tiny_values_are_normalised_not_zeroed(tmp_path
     with open_store(tmp_path / "idx") as st:
         _, V = st.vectors()
         np.testing.assert_allclose(V.astype(np.float32), B, atol=1e-3)
+
+
+def test_a_link_in_the_labeled_folder_to_the_unlabeled_one_is_said(tmp_path, sample_dir):
+    """A link inside the labeled folder to the unlabeled one made every image labeled,
+    and nothing said so (QA 14d D4): the build warns, once, naming a path."""
+    lab, unl = copy_samples(tmp_path, sample_dir, n_lab=2, n_unl=3)
+    (lab / "back").symlink_to(unl, target_is_directory=True)
+    idx = tmp_path / "idx"
+    r = build(idx, ("labeled", lab), ("unlabeled", unl))
+    assert r.exit_code == 0 and "warning: 3 path(s) given under --unlabeled reach files of a --labeled source" in r.output
+    r = build(idx, ("labeled", lab), ("unlabeled", unl))
+    assert r.exit_code == 0 and "given under --unlabeled" not in r.output, r.output  # said once
