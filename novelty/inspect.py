@@ -163,7 +163,8 @@ def query_vector(store: Store, cfg: NeighborsCfg) -> tuple[np.ndarray, int | Non
     if len(found):
         found, moved = store.follow_moves(found)
         if moved:
-            log.warning("%s has moved since it was indexed: its bytes are now at %s", cfg.query, store.path_of(int(found[0])))
+            log.warning("%s is indexed at %s (the file moved there, or the two paths reach one file)", cfg.query,
+                        store.path_of(int(found[0])))
     image = int(found[0]) if len(found) else None
     if image is not None:
         status, path = store.db.execute("SELECT status, path FROM images WHERE id=?", (image,)).fetchone()

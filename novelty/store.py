@@ -507,7 +507,7 @@ class Store:
             counts["failed_at_scan"] = [r for (r,) in db.execute(
                 "SELECT s.reason FROM scan s LEFT JOIN images i ON i.path = s.path WHERE s.reason IS NOT NULL "
                 "AND (i.id IS NULL OR i.size IS NOT s.size OR i.mtime IS NOT s.mtime"
-                + (" OR i.status = 'failed')" if retry_failed else ")")  # retried, and failed again
+                + (" OR (i.status = 'failed' AND s.reason NOT LIKE 'linked:%'))" if retry_failed else ")")  # retried, failed again
             )]
             counts["new"] = db.execute(
                 "INSERT INTO images(path, split, size, mtime, status, reason, added) "

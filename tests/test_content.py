@@ -237,7 +237,7 @@ def test_a_recorded_selection_is_read_at_the_paths_its_picks_have_now(indexed, t
     assert r.exit_code == 0 and "3 of the picks have moved since" in r.output, r.output
     old = next(p for p in csv.DictReader(open(sel)))["path"]
     r = run("neighbors", old, "--index", idx, "--k", 2)
-    assert r.exit_code == 0 and "has moved since it was indexed" in r.output, r.output
+    assert r.exit_code == 0 and f"{old} is indexed at " in r.output and "(the file moved there" in r.output, r.output
 
 
 def test_an_image_moved_into_the_labeled_folder_leaves_no_mark_behind(indexed, tmp_path):
@@ -265,8 +265,8 @@ def test_scores_imported_by_a_path_an_image_moved_from_go_to_it(indexed, tmp_pat
 
 def build_srcs(index, *srcs):
     args = ["build-index", "--index", index, "--model", TINY, "--pretrained", "none", "--device", "cpu", "--workers", 0]
-    for split, src in srcs:
-        args += [f"--{split}", src]
+    for src in srcs:
+        args += [src] if isinstance(src, str) else [f"--{src[0]}", src[1]]  # (split, source), or a flag
     return run(*args)
 
 
@@ -333,6 +333,8 @@ def test_a_path_linked_from_its_first_scan_is_followed_by_marks(tmp_path, sample
     idx = tmp_path / "idx"
     r = build_srcs(idx, ("labeled", lab), ("unlabeled", unl), ("unlabeled", hard))
     assert r.exit_code == 0 and "linked    2 path(s)" in r.output, r.output
+    r = build_srcs(idx, ("labeled", lab), ("unlabeled", unl), ("unlabeled", hard), "--retry-failed")
+    assert r.exit_code == 0 and "linked    " not in r.output and "tried again" not in r.output, r.output  # not failures
     (tmp_path / "m.txt").write_text(f"{hard / files[0].name}\n")
     (tmp_path / "x.txt").write_text(f"{hard / files[1].name}\n")
     r = run("mark-labeled", tmp_path / "m.txt", "--index", idx)
