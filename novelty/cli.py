@@ -288,9 +288,8 @@ def build_index(
         typer.echo(f"  linked    {s.linked} path(s) reach a file indexed under another path (a symlink or hard link): "
                    f"one image each")
     if s.unlabeled_as_labeled:
-        err(f"warning: {len(s.unlabeled_as_labeled)} path(s) given under --unlabeled reach files of a --labeled source, so "
-            f"those images are labeled (e.g. {s.unlabeled_as_labeled[0]}); if they are not, take the link to them out "
-            f"of the labeled folder")
+        err(f"note: {len(s.unlabeled_as_labeled)} path(s) given under --unlabeled reach files of a --labeled source, so "
+            f"those images are labeled (e.g. {s.unlabeled_as_labeled[0]})")
     if s.labeled_missing:
         typer.echo(f"  missing   {s.labeled_missing} labeled image(s) are not in their folder any more: still centers, "
                    f"from their vectors")

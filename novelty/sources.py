@@ -191,3 +191,34 @@ def check_sources(labeled: Sequence[Path], unlabeled: Sequence[Path]) -> None:
                 how = "is also given as --labeled" if ru == rl else f"lies inside --labeled {lab}"
                 raise SourceError(f"--unlabeled {u} {how}: every image in it would count as labeled; "
                                   f"give each folder to one split")
+    _check_no_link_into_unlabeled(labeled, unlabeled)
+
+
+def _check_no_link_into_unlabeled(labeled: Sequence[Path], unlabeled: Sequence[Path]) -> None:
+    """A link inside a labeled folder to an unlabeled one (or a folder above it) would
+    make every image there labeled, and taking the link out later would leave them as
+    labeled centers whose files left: refused, like an unlabeled folder inside a labeled
+    one. Walks the labeled folders' folders (one listing each)."""
+    def key(p) -> tuple[int, int] | None:
+        try:
+            st = os.stat(p)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    targets = {}
+    for u in unlabeled:
+        if Path(u).is_dir():
+            for d in (Path(u).resolve(), *Path(u).resolve().parents):
+                targets.setdefault(key(d), u)
+    targets.pop(None, None)
+    for lab in labeled:
+        if not Path(lab).is_dir():
+            continue
+        for dirpath, dirnames, _ in os.walk(lab, followlinks=False):
+            for name in dirnames:
+                link = os.path.join(dirpath, name)
+                if os.path.islink(link) and key(link) in targets:
+                    raise SourceError(f"--labeled {lab} links to --unlabeled {targets[key(link)]} at {link}: every "
+                                      f"image there would count as labeled; take the link out, or give that folder "
+                                      f"to one split")

@@ -75,6 +75,7 @@ CREATE TABLE IF NOT EXISTS images(
     added   REAL NOT NULL,        -- when the row came in (merge: when a part's new bytes last replaced its vector)
     labeled_at REAL,              -- when mark-labeled moved it
     labeled_by INTEGER,           -- the selection run it came from, if any
+    file    TEXT,                 -- "device:inode" when last scanned: one file met under another path in a later run
     CHECK ((path IS NULL) != (ext_id IS NULL))
 );
 CREATE INDEX IF NOT EXISTS images_split ON images(split, status);
@@ -158,6 +159,13 @@ def record_gone(db, ids: Iterable[int]) -> None:
                    "row = NULL WHERE id = ?", ((GONE, int(i)) for i in ids))
 
 
+def _add_columns(db) -> None:
+    """Columns added since a catalog was made (session 14: images.file), and their index."""
+    if "file" not in {r[1] for r in db.execute("PRAGMA table_info(images)")}:
+        db.execute("ALTER TABLE images ADD COLUMN file TEXT")
+    db.execute("CREATE INDEX IF NOT EXISTS images_file ON images(file)")
+
+
 def _labeled_over_unlabeled(db, linked: dict[str, str]) -> list[str]:
     """Paths given under --unlabeled, newly linked to a labeled path: labeled images, as
     the rule says, but a link in the labeled folder to the unlabeled one makes the whole
@@ -188,6 +196,16 @@ def _one_path_a_file(db) -> dict[str, str]:
     for rows in groups.values():
         first = max(rows)[3]
         linked.update((r[3], first) for r in rows if r[3] != first)
+    # a new path to a file an earlier run indexed under another path, not met this time (a link to a folder given
+    # before, a list of links): linked to it while that path is still the same file, so the image keeps its row and
+    # marks (as a labeled file, when it is one, though given under --unlabeled)
+    for path, split, to, to_split in db.execute(
+            "SELECT s.path, s.split, t.path, t.split FROM scan s JOIN images t ON t.file = s.file "
+            "WHERE s.file IS NOT NULL AND s.reason IS NULL AND t.path != s.path AND t.status != 'failed' "
+            "AND NOT EXISTS (SELECT 1 FROM scan o WHERE o.path = t.path) "
+            "AND NOT EXISTS (SELECT 1 FROM images i WHERE i.path = s.path AND i.status != 'failed')").fetchall():
+        if path not in linked and not (split == "labeled" and to_split == "unlabeled") and _same_file(path, to):
+            linked[path] = to
     # a path linked by an earlier run and met alone now (its partner's folder not given) stays linked while it is
     # still the same file as the path indexed: re-read, it would be a second row of one image
     for path, reason, split, to_split in db.execute(
@@ -286,6 +304,7 @@ class Store:
             self.db.execute("PRAGMA foreign_keys=ON")
             if writable:
                 self.db.executescript(_SCHEMA)
+                _add_columns(self.db)
                 self._remove_orphans()
             else:
                 self.db.execute("SELECT 1 FROM images LIMIT 1").fetchall()
@@ -529,6 +548,8 @@ class Store:
                 + ")"
             ).rowcount
             counts["changed"], counts["retried"] = changed - refailed, retried
+            db.execute("UPDATE images SET file = s.file FROM scan s WHERE images.path = s.path AND s.reason IS NULL "
+                       "AND images.file IS NOT s.file")  # each file's identity, for a later run's new paths
             counts["kept_labeled"] = db.execute(
                 "SELECT COUNT(*) FROM images i JOIN scan s ON i.path = s.path "
                 "WHERE i.split = 'labeled' AND s.split = 'unlabeled' AND i.labeled_at IS NOT NULL"

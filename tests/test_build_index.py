@@ -674,13 +674,23 @@ def test_imported_rows_of_huge_or_tiny_values_are_normalised_not_zeroed(tmp_path
         np.testing.assert_allclose(V.astype(np.float32), B, atol=1e-3)
 
 
-def test_a_link_in_the_labeled_folder_to_the_unlabeled_one_is_said(tmp_path, sample_dir):
-    """A link inside the labeled folder to the unlabeled one made every image labeled,
-    and nothing said so (QA 14d D4): the build warns, once, naming a path."""
+def test_a_link_in_the_labeled_folder_to_the_unlabeled_one_is_refused(tmp_path, sample_dir):
+    """A link inside the labeled folder to the unlabeled one (or above it) made every
+    image labeled, and nothing said so (QA 14d D4); taking it out later left them as
+    labeled centers of files gone (QA 14e D1). Refused before any work, like an unlabeled
+    folder inside a labeled one. A link the other way is fine: those are labeled images,
+    noted once."""
     lab, unl = copy_samples(tmp_path, sample_dir, n_lab=2, n_unl=3)
-    (lab / "back").symlink_to(unl, target_is_directory=True)
     idx = tmp_path / "idx"
+    for target in (unl, tmp_path):
+        (lab / "back").symlink_to(target, target_is_directory=True)
+        r = build(idx, ("labeled", lab), ("unlabeled", unl))
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+        assert f"--labeled {lab} links to --unlabeled {unl} at {lab / 'back'}" in r.output, r.output
+        assert not idx.exists()
+        (lab / "back").unlink()
+    (unl / "lab").symlink_to(lab, target_is_directory=True)
     r = build(idx, ("labeled", lab), ("unlabeled", unl))
-    assert r.exit_code == 0 and "warning: 3 path(s) given under --unlabeled reach files of a --labeled source" in r.output
+    assert r.exit_code == 0 and "note: 2 path(s) given under --unlabeled reach files of a --labeled source" in r.output
     r = build(idx, ("labeled", lab), ("unlabeled", unl))
     assert r.exit_code == 0 and "given under --unlabeled" not in r.output, r.output  # said once

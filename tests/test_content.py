@@ -297,8 +297,10 @@ def test_one_file_reached_through_two_paths_is_one_image(tmp_path, sample_dir):
 
 def test_a_file_indexed_under_two_paths_keeps_its_marks_at_the_path_kept(tmp_path, sample_dir):
     """Indexed twice by runs that each met one path (a folder, then a list of links to
-    it): a run that meets both keeps the first one scanned, and the marks of the other
-    go to it, as for a move; a list naming the dropped path is followed to it."""
+    it), in an index made before file identities were recorded (a later run now links
+    the second path at once: the test above): a run that meets both keeps the first one
+    scanned, and the marks of the other go to it, as for a move; a list naming the
+    dropped path is followed to it."""
     lab, unl = copy_samples(tmp_path, sample_dir, n_lab=2, n_unl=4)
     f = sorted(unl.iterdir())[0]
     link = tmp_path / "links" / "a.jpg"
@@ -310,6 +312,8 @@ def test_a_file_indexed_under_two_paths_keeps_its_marks_at_the_path_kept(tmp_pat
     assert build_srcs(idx, ("labeled", lab), ("unlabeled", unl)).exit_code == 0
     (tmp_path / "x.txt").write_text(f"{f}\n")
     assert run("exclude", tmp_path / "x.txt", "--reason", "blank", "--index", idx).exit_code == 0
+    with open_store(idx, writable=True) as st:
+        st.db.execute("UPDATE images SET file = NULL")  # as a catalog from before session 14 holds them
     r = build_srcs(idx, ("unlabeled", lst))
     assert r.exit_code == 0 and "duplicates 2 images" in r.output and str(link) in pool(idx), r.output  # met apart: two
     r = build_srcs(idx, ("labeled", lab), ("unlabeled", lst), ("unlabeled", unl))  # both met: the list's is first
@@ -396,3 +400,26 @@ def test_marks_kept_on_a_symlink_follow_its_target_when_that_is_renamed(tmp_path
     assert str(unl / "z0.jpg") not in pool(idx) and pool(idx) == {str(files[0])}  # excluded where it went
     r = run("exclude", tmp_path / "x.txt", "--undo", "--index", idx)  # the old path still names the image
     assert r.exit_code == 0 and str(unl / "z0.jpg") in pool(idx), r.output
+
+
+def test_a_link_met_in_a_later_run_is_linked_to_the_image_indexed_before(tmp_path, sample_dir):
+    """A folder indexed, images excluded and marked; then only a new folder of links to it
+    given: each link path is linked to the row indexed before, so the pool is not doubled
+    and the excluded and marked images are not picked under their new paths (QA 14e D2)."""
+    lab, unl = copy_samples(tmp_path, sample_dir, n_lab=2, n_unl=5)
+    idx = tmp_path / "idx"
+    assert build(idx, lab, unl).exit_code == 0
+    files = sorted(unl.glob("*.jpg"))
+    (tmp_path / "x.txt").write_text(f"{files[0]}\n")
+    (tmp_path / "m.txt").write_text(f"{files[1]}\n")
+    assert run("exclude", tmp_path / "x.txt", "--index", idx).exit_code == 0
+    assert run("mark-labeled", tmp_path / "m.txt", "--index", idx).exit_code == 0
+    before = pool(idx)
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "link").symlink_to(unl, target_is_directory=True)
+    r = build_srcs(idx, ("labeled", lab), ("unlabeled", tmp_path / "pool"))
+    assert r.exit_code == 0 and "embedded  0" in r.output and "linked    5 path(s)" in r.output, r.output
+    assert pool(idx) == before and len(before) == 3
+    r = build_srcs(idx, ("labeled", lab), ("unlabeled", tmp_path / "pool"))
+    assert r.exit_code == 0 and "embedded  0" in r.output and "linked    " not in r.output, r.output
+    assert pool(idx) == before

@@ -4,6 +4,7 @@ import sqlite3
 import numpy as np
 import pytest
 
+from novelty import sources
 from novelty.errors import IndexBusyError, IndexMismatchError, IndexMissingError, InputError
 from novelty.store import ImageRecord, create_store, open_store
 
@@ -188,3 +189,20 @@ def test_an_index_that_holds_no_vector_yet_takes_another_encoder(tmp_path):
     with create_store(tmp_path / "idx") as st:
         with pytest.raises(IndexMismatchError, match="dim 32.*dim 64"):
             st.check_encoder({"kind": "imported", "model": "imported", "pretrained": None}, 64)
+
+
+def test_a_catalog_from_before_file_identities_gets_the_column(tmp_path):
+    """images.file came in session 14: a catalog made before it gains the column (and its
+    index) when opened for writing, and a scan fills it."""
+    with create_store(tmp_path / "idx") as st:
+        st.db.execute("DROP INDEX images_file")
+        st.db.execute("ALTER TABLE images DROP COLUMN file")
+    with open_store(tmp_path / "idx") as st:  # read-only: the catalog as it is
+        assert "file" not in {r[1] for r in st.db.execute("PRAGMA table_info(images)")}
+    with open_store(tmp_path / "idx", writable=True) as st:
+        assert "file" in {r[1] for r in st.db.execute("PRAGMA table_info(images)")}
+        (tmp_path / "a.jpg").write_bytes(b"x")
+        st.sync_sources([sources.record(str(tmp_path / "a.jpg"), "unlabeled")])
+        (file,) = st.db.execute("SELECT file FROM images").fetchone()
+        stat = os.stat(tmp_path / "a.jpg")
+        assert file == f"{stat.st_dev}:{stat.st_ino}"
