@@ -93,7 +93,7 @@ def read_uncertainty_csv(store: Store, path: Path) -> tuple[np.ndarray, np.ndarr
         raise InputError(f"{path} scores some image twice")
     ids, moved = store.follow_moves(ids, said="images scored")  # a file written before images were renamed
     if moved and len(set(ids.tolist())) != len(ids):
-        raise InputError(f"{path} scores some image twice: once at a path it has moved from, once at its new path")
+        raise InputError(f"{path} scores some image twice: under two of its paths (one it moved from, or a link to it)")
     return ids, np.asarray(vals)
 
 

@@ -540,6 +540,9 @@ class Store:
                 "SELECT COUNT(*), COALESCE(SUM(s.reason IS NULL OR s.reason NOT LIKE ?), 0) FROM images i "
                 "JOIN scan s ON i.path = s.path WHERE i.status = 'failed' AND i.size IS s.size AND i.mtime IS s.mtime",
                 (_content.LINKED_PREFIX + "%",)).fetchone() if retry_failed else (0, 0)
+            relinked = db.execute(  # paths that become links to another: said on their own line, not "changed"
+                "SELECT COUNT(*) FROM images i JOIN scan s ON i.path = s.path WHERE s.reason LIKE ? "
+                "AND (i.size IS NOT s.size OR i.mtime IS NOT s.mtime)", (_content.LINKED_PREFIX + "%",)).fetchone()[0]
             changed = db.execute(
                 "UPDATE images SET status = CASE WHEN s.reason IS NULL THEN 'pending' ELSE 'failed' END, "
                 "reason = s.reason, size = s.size, mtime = s.mtime, shard = NULL, row = NULL "  # hash: what it held (_content)
@@ -547,7 +550,7 @@ class Store:
                 + ("OR images.status = 'failed'" if retry_failed else "")
                 + ")"
             ).rowcount
-            counts["changed"], counts["retried"] = changed - refailed, retried
+            counts["changed"], counts["retried"] = changed - refailed - relinked, retried
             db.execute("UPDATE images SET file = s.file FROM scan s WHERE images.path = s.path AND s.reason IS NULL "
                        "AND images.file IS NOT s.file")  # each file's identity, for a later run's new paths
             counts["kept_labeled"] = db.execute(

@@ -318,6 +318,7 @@ def test_a_file_indexed_under_two_paths_keeps_its_marks_at_the_path_kept(tmp_pat
     assert r.exit_code == 0 and "duplicates 2 images" in r.output and str(link) in pool(idx), r.output  # met apart: two
     r = build_srcs(idx, ("labeled", lab), ("unlabeled", lst), ("unlabeled", unl))  # both met: the list's is first
     assert r.exit_code == 0 and "linked    1 path(s)" in r.output and "1 excluded" in r.output, r.output
+    assert "0 changed" in r.output, r.output  # the path that became a link is on the linked line, not "changed"
     assert row(idx, f)[1:3] == ("failed", f"linked: the same file is indexed at {link}")
     assert row(idx, link)[4] == "blank" and str(link) not in pool(idx) and str(f) not in pool(idx)
     r = run("exclude", tmp_path / "x.txt", "--undo", "--index", idx)  # names the dropped path: followed
