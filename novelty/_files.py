@@ -39,21 +39,30 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_file(path: Path, mode: str = "wb", **open_kw) -> Iterator:
-    """A file object on a temporary name beside `path`: fsync'd and os.replace'd into
-    place when the block ends, removed when it raises (disk full, Ctrl-C), so `path`
-    is either the old file or the whole new one."""
+def atomic_path(path: Path, sync: bool = True, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary name beside `path`, for a writer that takes a file name (faiss):
+    fsync'd (with `sync`) and os.replace'd into place when the block ends, removed when
+    it raises (disk full, Ctrl-C), so `path` is either the old file or the whole new one."""
     path = Path(path)
-    tmp = temp_beside(path)
+    tmp = temp_beside(path, suffix)
     try:
-        with open(tmp, mode, **open_kw) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        if sync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "wb", **open_kw) -> Iterator:
+    """A file object on atomic_path's temporary name, fsync'd through itself."""
+    with atomic_path(path, sync=False) as tmp, open(tmp, mode, **open_kw) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

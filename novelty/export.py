@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import ConfigError
-from ._files import temp_beside
+from ._files import atomic_path
 
 COLUMNS = ["rank", "id", "path", "priority", "novelty", "uncertainty",
            "nearest_labeled_id", "nearest_labeled_distance", "labeled_neighbors", "distance_at_pick"]
@@ -37,8 +37,8 @@ def _pyarrow():
 
 
 def _write(path: Path, data: bytes) -> None:
-    """The writers' last step, on write_selection's temporary names (it renames them into
-    place, both or neither): written and fsync'd, not renamed again."""
+    """The writers' last step, on write_selection's temporary names: written and fsync'd
+    here, so both files are on disk before either is renamed into place."""
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
@@ -161,13 +161,8 @@ def write_selection(path: Path, rows: Rows, image_root: Path | None = None) -> t
     both or neither: each is written whole under a temporary name, then both are renamed.
     -> (that file, the number of images outside `image_root`)."""
     path, ls = Path(path), sidecar(path)
-    tmp = [temp_beside(p, ".part") for p in (path, ls)]
-    try:
-        get_writer(path)(tmp[0], rows)
-        outside = write_label_studio(tmp[1], rows, os.path.abspath(image_root) if image_root else None)
-        os.replace(tmp[1], ls)
-        os.replace(tmp[0], path)
-    finally:
-        for t in tmp:
-            t.unlink(missing_ok=True)
+    with atomic_path(path, sync=False, suffix=".part") as t0, atomic_path(ls, sync=False, suffix=".part") as t1:
+        # fsync'd by the writers (_write), renamed when both are written: ls, then path
+        get_writer(path)(t0, rows)
+        outside = write_label_studio(t1, rows, os.path.abspath(image_root) if image_root else None)
     return ls, outside

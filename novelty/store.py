@@ -196,24 +196,20 @@ def _one_path_a_file(db) -> dict[str, str]:
     for rows in groups.values():
         first = max(rows)[3]
         linked.update((r[3], first) for r in rows if r[3] != first)
-    # a new path to a file an earlier run indexed under another path, not met this time (a link to a folder given
-    # before, a list of links): linked to it while that path is still the same file, so the image keeps its row and
-    # marks (as a labeled file, when it is one, though given under --unlabeled)
-    for path, split, to, to_split in db.execute(
-            "SELECT s.path, s.split, t.path, t.split FROM scan s JOIN images t ON t.file = s.file "
-            "WHERE s.file IS NOT NULL AND s.reason IS NULL AND t.path != s.path AND t.status != 'failed' "
-            "AND NOT EXISTS (SELECT 1 FROM scan o WHERE o.path = t.path) "
-            "AND NOT EXISTS (SELECT 1 FROM images i WHERE i.path = s.path AND i.status != 'failed')").fetchall():
-        if path not in linked and not (split == "labeled" and to_split == "unlabeled") and _same_file(path, to):
-            linked[path] = to
-    # a path linked by an earlier run and met alone now (its partner's folder not given) stays linked while it is
-    # still the same file as the path indexed: re-read, it would be a second row of one image
-    for path, reason, split, to_split in db.execute(
-            "SELECT s.path, i.reason, s.split, t.split FROM scan s JOIN images i ON i.path = s.path "
-            "JOIN images t ON t.path = substr(i.reason, ?) AND t.status != 'failed' "
-            "WHERE i.status = 'failed' AND i.reason LIKE ? AND s.reason IS NULL",
-            (len(_content.LINKED_PREFIX) + 1, _content.LINKED_PREFIX + "%")).fetchall():
-        to = reason[len(_content.LINKED_PREFIX):]
+    # paths met alone that reach a file the catalog holds under another path, not met this time: linked to it while
+    # that path is still the same file, so the image keeps its row and marks (as a labeled file, when it is one, though
+    # given under --unlabeled). (s.path, s.split, the path indexed, its split) of
+    earlier = db.execute(  # a new path to a file an earlier run indexed (a link to a folder given before, a list of links)
+        "SELECT s.path, s.split, t.path, t.split FROM scan s JOIN images t ON t.file = s.file "
+        "WHERE s.file IS NOT NULL AND s.reason IS NULL AND t.path != s.path AND t.status != 'failed' "
+        "AND NOT EXISTS (SELECT 1 FROM scan o WHERE o.path = t.path) "
+        "AND NOT EXISTS (SELECT 1 FROM images i WHERE i.path = s.path AND i.status != 'failed')").fetchall()
+    relinked = db.execute(  # a path an earlier run linked (re-read, it would be a second row of one image)
+        "SELECT s.path, s.split, t.path, t.split FROM scan s JOIN images i ON i.path = s.path "
+        "JOIN images t ON t.path = substr(i.reason, ?) AND t.status != 'failed' "
+        "WHERE i.status = 'failed' AND i.reason LIKE ? AND s.reason IS NULL",
+        (len(_content.LINKED_PREFIX) + 1, _content.LINKED_PREFIX + "%")).fetchall()
+    for path, split, to, to_split in (*earlier, *relinked):
         if path not in linked and not (split == "labeled" and to_split == "unlabeled") and _same_file(path, to):
             linked[path] = to
     db.executemany("UPDATE scan SET size = -1, mtime = 0.0, reason = ? WHERE path = ?",
@@ -380,9 +376,7 @@ class Store:
             if f.name in own or f.name in (f"{CATALOG}-wal", f"{CATALOG}-shm") or f.name.startswith(tuple(f".{n}." for n in own)):
                 shutil.rmtree(f, ignore_errors=True) if f.is_dir() and not f.is_symlink() else f.unlink(missing_ok=True)
         (self.root / ".lock").unlink(missing_ok=True)
-        for d in self.made_dirs:
-            with contextlib.suppress(OSError):
-                d.rmdir()
+        _remove_made(self.made_dirs)
         self._release_lock()
 
     def discard_if_new(self) -> bool:
@@ -526,8 +520,8 @@ class Store:
             counts["failed_at_scan"] = [r for (r,) in db.execute(
                 "SELECT s.reason FROM scan s LEFT JOIN images i ON i.path = s.path WHERE s.reason IS NOT NULL "
                 "AND (i.id IS NULL OR i.size IS NOT s.size OR i.mtime IS NOT s.mtime"
-                + (" OR (i.status = 'failed' AND s.reason NOT LIKE 'linked:%'))" if retry_failed else ")")  # retried, failed again
-            )]
+                + (" OR (i.status = 'failed' AND s.reason NOT LIKE ?))" if retry_failed else ")"),  # retried, failed again
+                (_content.LINKED_PREFIX + "%",) if retry_failed else ())]
             counts["new"] = db.execute(
                 "INSERT INTO images(path, split, size, mtime, status, reason, added) "
                 "SELECT s.path, s.split, s.size, s.mtime, CASE WHEN s.reason IS NULL THEN 'pending' ELSE 'failed' END, "
@@ -561,31 +555,28 @@ class Store:
                 "UPDATE images SET split = s.split FROM scan s WHERE images.path = s.path AND images.split != s.split "
                 "AND NOT (images.labeled_at IS NOT NULL AND s.split = 'unlabeled')"  # mark-labeled's word stands
             ).rowcount
-            gone = []
-            for folder in folders:
-                prefix = folder.rstrip(os.sep) + os.sep
-                gone += [i for i, p in db.execute(
-                    "SELECT id, path FROM images i WHERE split = 'unlabeled' AND status != 'failed' AND path IS NOT NULL "
-                    "AND substr(path, 1, ?) = ? AND NOT EXISTS (SELECT 1 FROM scan s WHERE s.path = i.path)",
-                    (len(prefix), prefix)) if keep is None or keep(p)]
-            missing = set()  # labeled images whose file left a scanned folder: centers still, said each run
-            for folder in (*folders, *labeled_folders):
-                prefix = folder.rstrip(os.sep) + os.sep
-                missing.update(i for i, p in db.execute(
-                    "SELECT id, path FROM images i WHERE split = 'labeled' AND status = 'embedded' AND path IS NOT NULL "
-                    "AND substr(path, 1, ?) = ? AND NOT EXISTS (SELECT 1 FROM scan s WHERE s.path = i.path)",
-                    (len(prefix), prefix)) if keep is None or keep(p))
+            # rows the scan did not meet: under a scanned folder, deleted (unlabeled: out of the pool; labeled: a center
+            # still, said each run); elsewhere (a folder or list not given this time), deleted when its folder now lists
+            # without it (gone_from answers only for folders that list and still hold an image). One pass over them.
+            unl_prefixes = tuple(f.rstrip(os.sep) + os.sep for f in folders)
+            lab_prefixes = unl_prefixes + tuple(f.rstrip(os.sep) + os.sep for f in labeled_folders)
+            gone, missing, outside = [], [], []
+            for i, p, split in db.execute(
+                    "SELECT id, path, split FROM images i WHERE path IS NOT NULL AND (status = 'embedded' OR "
+                    "(split = 'unlabeled' AND status = 'pending')) AND NOT EXISTS (SELECT 1 FROM scan s WHERE s.path = i.path)"):
+                if keep is not None and not keep(p):
+                    continue
+                if split == "labeled":
+                    if p.startswith(lab_prefixes):
+                        missing.append(i)
+                elif p.startswith(unl_prefixes):
+                    gone.append(i)
+                else:
+                    outside.append((i, p))
             counts["labeled_missing_ids"] = sorted(missing)
-            # elsewhere: an image the scan did not reach (its folder or list not given this time) whose folder
-            # now lists without it was deleted too; gone_from answers only for folders that list and still hold one of them
-            prefixes = [f.rstrip(os.sep) + os.sep for f in folders]
-            outside = [(i, p) for i, p in db.execute(
-                "SELECT id, path FROM images i WHERE split = 'unlabeled' AND status != 'failed' AND path IS NOT NULL "
-                "AND NOT EXISTS (SELECT 1 FROM scan s WHERE s.path = i.path)")
-                if not p.startswith(tuple(prefixes)) and (keep is None or keep(p))]
             deleted = gone_from([p for _, p in outside])
             counts["gone_elsewhere"] = sum(p in deleted for _, p in outside)
-            gone = sorted(set(gone) | {i for i, p in outside if p in deleted})
+            gone = sorted(gone + [i for i, p in outside if p in deleted])
             record_gone(db, gone)
             counts["linked"], counts["content"] = len(linked), _content.carry_to(db, linked)
             counts["unlabeled_as_labeled"] = as_labeled
@@ -595,15 +586,17 @@ class Store:
             db.execute("DELETE FROM scan")
         return counts
 
+    def _count_among(self, ids: Sequence[int], where: str, params: tuple = ()) -> int:
+        return sum(self.db.execute(f"SELECT COUNT(*) FROM images WHERE {where} AND id IN ({marks})",
+                                   (*params, *chunk)).fetchone()[0] for chunk, marks in in_chunks(ids))
+
     def still_embedded(self, ids: Sequence[int]) -> int:
         """How many of `ids` are still embedded (a labeled image found moved is not)."""
-        return sum(self.db.execute(f"SELECT COUNT(*) FROM images WHERE status = 'embedded' AND id IN ({marks})",
-                                   chunk).fetchone()[0] for chunk, marks in in_chunks(ids))
+        return self._count_among(ids, "status = 'embedded'")
 
     def still_gone(self, ids: Sequence[int]) -> int:
         """How many of `ids` are still recorded as deleted (GONE), not since found moved."""
-        return sum(self.db.execute(f"SELECT COUNT(*) FROM images WHERE reason = ? AND id IN ({marks})", (GONE, *chunk)).fetchone()[0]
-                   for chunk, marks in in_chunks(ids))
+        return self._count_among(ids, "reason = ?", (GONE,))
 
     def pending_ids(self) -> np.ndarray:
         """Catalog ids still to embed, labeled first, then by id."""
@@ -1158,12 +1151,17 @@ def create_store(root: Path) -> Store:
     try:
         store = Store(root, writable=True, create=True)  # the lock first, then the catalog
     except BaseException:  # refused or stopped: the folders made for it go too, if nothing else is in them
-        for d in made:
-            with contextlib.suppress(OSError):
-                d.rmdir()
+        _remove_made(made)
         raise
     store.made_dirs = store.made_dirs or made
     return store
+
+
+def _remove_made(dirs: Sequence[Path]) -> None:
+    """The folders _make_dirs made (innermost first), those still empty."""
+    for d in dirs:
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
 
 def _make_dirs(root: Path) -> list[Path]:

@@ -9,11 +9,11 @@ distance is reported as 1 - inner product.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
+from ._files import atomic_path
 from .errors import IndexDamagedError
 from .store import FAISS_FILE, Store
 
@@ -35,11 +35,8 @@ def build(store: Store):
     version = store.vectors_version
     for ids, block in store.iter_blocks():
         index.add_with_ids(np.ascontiguousarray(block, dtype=np.float32), ids)
-    tmp = store.root / f".{FAISS_FILE}.tmp"
-    faiss.write_index(index, str(tmp))
-    with open(tmp, "rb") as f:  # on disk before it takes the name, as every other file here
-        os.fsync(f.fileno())
-    tmp.replace(store.root / FAISS_FILE)
+    with atomic_path(store.root / FAISS_FILE) as tmp:  # written whole, fsync'd, renamed: as every other file here
+        faiss.write_index(index, str(tmp))
     m = store.manifest
     m["faiss"] = {"file": FAISS_FILE, "ntotal": int(index.ntotal), "vectors_version": version, "type": "IDMap2,SQfp16,IP"}
     store.write_manifest(m)
